@@ -1,0 +1,10 @@
+//! ulan: a rootless network lab. One unprivileged process is a userspace
+//! Ethernet switch whose ports are Unix sockets; a JSON API over a Unix
+//! socket changes the topology at runtime.
+
+pub mod events;
+pub mod lab;
+pub mod names;
+pub mod ports;
+pub mod switch;
+pub mod wire;

@@ -1,0 +1,299 @@
+//! Port kinds: how frames get in and out of the switch. One module per
+//! kind; each knows its sockets, not MAC tables. Adding a kind means a new
+//! module and one line in [`open`].
+//!
+//! A port is something the data plane polls and hands frames to. Socket
+//! ports register fds with the data plane's poll; a vhost-user port will
+//! register its kick eventfds the same way and copy between rings in
+//! `on_ready`/`flush`, so the data plane does not care what is behind it.
+
+pub mod bess;
+pub mod dgram;
+pub mod queue;
+pub mod stream;
+pub mod sys;
+pub mod vde;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::{Event, EventSink};
+use crate::switch::stats::{PortCounters, PortShared};
+pub use sys::RxBatch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortKind {
+    Stream,
+    Dgram,
+    Vde,
+    Bess,
+}
+
+impl PortKind {
+    pub const ALL: [PortKind; 4] = [
+        PortKind::Stream,
+        PortKind::Dgram,
+        PortKind::Vde,
+        PortKind::Bess,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortKind::Stream => "stream",
+            PortKind::Dgram => "dgram",
+            PortKind::Vde => "vde",
+            PortKind::Bess => "bess",
+        }
+    }
+}
+
+impl std::str::FromStr for PortKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        PortKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown port kind {s:?} (stream, dgram, vde, bess)"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    #[error("cannot create the socket at {path}: {source}")]
+    Socket { path: PathBuf, source: io::Error },
+    #[error("{path} already exists")]
+    PathTaken { path: PathBuf },
+}
+
+/// What a port gets from the data plane on each call.
+pub struct PortCx<'a> {
+    pub registry: &'a mio::Registry,
+    /// First token of this port; a port uses `token + sub` for its fds.
+    pub token: usize,
+    pub counters: &'a mut PortCounters,
+    pub now_ms: u64,
+}
+
+impl PortCx<'_> {
+    pub fn token(&self, sub: usize) -> mio::Token {
+        mio::Token(self.token + sub)
+    }
+}
+
+/// Whether a port stopped reading because the batch filled up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxState {
+    /// Read until the socket was empty.
+    Drained,
+    /// The batch is full and there may be more: call again after forwarding.
+    More,
+}
+
+/// How many fds (sub-tokens) a port may use.
+pub const TOKENS_PER_PORT: usize = 4;
+
+pub trait PortIo: Send {
+    fn kind(&self) -> PortKind;
+
+    /// Registers the port's fds. Called once, on the data-plane thread.
+    fn register(&mut self, cx: &mut PortCx<'_>) -> io::Result<()>;
+
+    /// Readiness on one of the port's fds. Receives into `batch` (frames
+    /// already length-checked; bad ones counted and dropped), accepts or
+    /// rejects clients, and flushes output when writable.
+    fn on_ready(
+        &mut self,
+        sub: usize,
+        readable: bool,
+        writable: bool,
+        cx: &mut PortCx<'_>,
+        batch: &mut RxBatch,
+    ) -> RxState;
+
+    /// Queues a copy of `frame` for the client, or counts why not.
+    fn enqueue(&mut self, frame: &[u8], cx: &mut PortCx<'_>);
+
+    /// Sends what is queued. Returns true while output is backed up.
+    fn flush(&mut self, cx: &mut PortCx<'_>) -> bool;
+
+    /// Called about once a second: timeouts of half-open clients.
+    fn tick(&mut self, _cx: &mut PortCx<'_>) {}
+
+    /// Removes the port's fds from the poll before it is dropped.
+    fn deregister(&mut self, registry: &mio::Registry);
+}
+
+/// What every port kind shares: its name, shared state and event sink,
+/// and a rate limit on log lines a client can trigger.
+pub struct PortLink {
+    pub name: String,
+    pub shared: Arc<PortShared>,
+    pub events: Arc<EventSink>,
+    last_warn_ms: Option<u64>,
+    suppressed: u64,
+}
+
+/// At most one client-triggered warning per port per this many ms.
+const WARN_INTERVAL_MS: u64 = 10_000;
+
+impl PortLink {
+    pub fn new(name: &str, shared: Arc<PortShared>, events: Arc<EventSink>) -> Self {
+        PortLink {
+            name: name.to_string(),
+            shared,
+            events,
+            last_warn_ms: None,
+            suppressed: 0,
+        }
+    }
+
+    pub fn up(&self, counters: &mut PortCounters, peer: Option<String>) {
+        counters.connects += 1;
+        self.shared.set_up(true);
+        tracing::info!(port = %self.name, peer = peer.as_deref().unwrap_or("-"), "port up");
+        self.events.emit(Event::PortUp {
+            port: self.name.clone(),
+            peer,
+        });
+    }
+
+    pub fn down(&self, counters: &mut PortCounters, reason: &str) {
+        counters.disconnects += 1;
+        self.shared.set_up(false);
+        tracing::info!(port = %self.name, reason, "port down");
+        self.events.emit(Event::PortDown {
+            port: self.name.clone(),
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Logs a warning a client can cause, at most once per interval.
+    pub fn warn(&mut self, now_ms: u64, msg: std::fmt::Arguments<'_>) {
+        match self.last_warn_ms {
+            Some(t) if now_ms.saturating_sub(t) < WARN_INTERVAL_MS => self.suppressed += 1,
+            _ => {
+                if self.suppressed > 0 {
+                    tracing::warn!(port = %self.name, suppressed = self.suppressed, "{msg} (and similar lines suppressed)");
+                } else {
+                    tracing::warn!(port = %self.name, "{msg}");
+                }
+                self.last_warn_ms = Some(now_ms);
+                self.suppressed = 0;
+            }
+        }
+    }
+}
+
+/// Creates a port of `kind` at `path` (a socket, or for vde a directory).
+/// The path is made here, on the control side, so errors reach the caller.
+pub fn open(
+    kind: PortKind,
+    path: &Path,
+    link: PortLink,
+) -> Result<Box<dyn PortIo>, PortError> {
+    if path.symlink_metadata().is_ok() {
+        return Err(PortError::PathTaken {
+            path: path.to_path_buf(),
+        });
+    }
+    let wrap = |source| PortError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    Ok(match kind {
+        PortKind::Stream => Box::new(stream::StreamPort::open(path, link).map_err(wrap)?),
+        PortKind::Dgram => Box::new(dgram::DgramPort::open(path, link).map_err(wrap)?),
+        PortKind::Vde => Box::new(vde::VdePort::open(path, link).map_err(wrap)?),
+        PortKind::Bess => Box::new(bess::BessPort::open(path, link).map_err(wrap)?),
+    })
+}
+
+/// Registers or re-registers an fd with the poll.
+pub(crate) fn set_interest(
+    registry: &mio::Registry,
+    fd: &std::os::fd::OwnedFd,
+    token: mio::Token,
+    writable: bool,
+    first: bool,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let raw = fd.as_raw_fd();
+    let mut src = mio::unix::SourceFd(&raw);
+    let interest = if writable {
+        mio::Interest::READABLE | mio::Interest::WRITABLE
+    } else {
+        mio::Interest::READABLE
+    };
+    if first {
+        registry.register(&mut src, token, interest)
+    } else {
+        registry.reregister(&mut src, token, interest)
+    }
+}
+
+pub(crate) fn deregister_fd(registry: &mio::Registry, fd: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let raw = fd.as_raw_fd();
+    let _ = registry.deregister(&mut mio::unix::SourceFd(&raw));
+}
+
+/// The counters a dropped client's queued frames go to.
+pub(crate) fn count_lost(counters: &mut PortCounters, (frames, _bytes): (u64, u64)) {
+    counters.tx_drop_error += frames;
+    counters.tx_dropped += frames;
+}
+
+pub(crate) fn count_tx_drop_full(counters: &mut PortCounters) {
+    counters.tx_drop_queue_full += 1;
+    counters.tx_dropped += 1;
+}
+
+pub(crate) fn count_tx_drop_no_peer(counters: &mut PortCounters) {
+    counters.tx_drop_no_peer += 1;
+    counters.tx_dropped += 1;
+}
+
+/// Counts rejected datagrams; zero-length ones count as runts (callers on
+/// SOCK_SEQPACKET handle those as a close first).
+pub(crate) fn count_rx_rejects(counters: &mut PortCounters, r: &sys::RxRejects) {
+    let runt = r.runt + r.zero_len;
+    counters.rx_drop_runt += runt;
+    counters.rx_drop_oversized += r.oversized;
+    counters.rx_dropped += runt + r.oversized;
+}
+
+/// Accepts every waiting connection on `listener`. The first one is
+/// returned when the port has no client; all others are closed at once
+/// and counted: these ports take one client at a time.
+pub(crate) fn accept_single(
+    listener: &std::os::fd::OwnedFd,
+    occupied: bool,
+    link: &mut PortLink,
+    cx: &mut PortCx<'_>,
+) -> Option<std::os::fd::OwnedFd> {
+    let mut taken = None;
+    loop {
+        match sys::accept(listener) {
+            Ok(Some(fd)) => {
+                if occupied || taken.is_some() {
+                    cx.counters.rejected_clients += 1;
+                    link.warn(
+                        cx.now_ms,
+                        format_args!("refused a second client: this port takes one at a time"),
+                    );
+                } else {
+                    taken = Some(fd);
+                }
+            }
+            Ok(None) => return taken,
+            Err(e) => {
+                link.warn(cx.now_ms, format_args!("accept failed: {e}"));
+                return taken;
+            }
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! The data-plane thread: an epoll loop (mio) over every port's fds that
+//! receives in batches, decides with the [`Forwarder`], queues copies on the
+//! egress ports and flushes each touched port once per batch.
+//!
+//! The control side never touches frames: it publishes topology snapshots
+//! (read here at batch boundaries, lock-free) and sends commands over a
+//! channel plus a waker. Nothing in the loop waits for the control side.
+//! Counters are summed per batch and added to the shared atomics once.
+
+use std::io;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use mio::{Events, Poll, Token, Waker};
+use tokio::sync::oneshot;
+
+use crate::ports::{PortCx, PortIo, RxBatch, RxState, TOKENS_PER_PORT};
+use crate::switch::fdb::Learned;
+use crate::switch::forward::{Decision, FdbRow, Forwarder};
+use crate::switch::stats::{PortCounters, PortShared};
+use crate::switch::topology::Snapshot;
+use crate::switch::{LanId, PortId};
+use crate::wire::EthernetFrame;
+
+const WAKER: Token = Token(usize::MAX);
+/// Batches one port may read in a row before others get a turn.
+const RX_BUDGET: usize = 8;
+const TICK_MS: u64 = 1000;
+/// Retry interval for output that is backed up and has no wakeup of its own.
+const BACKLOG_RETRY: Duration = Duration::from_millis(1);
+
+pub enum Command {
+    AddPort {
+        id: PortId,
+        io: Box<dyn PortIo>,
+        shared: Arc<PortShared>,
+    },
+    /// Removes and drops the port (its socket files go with it).
+    RemovePort {
+        id: PortId,
+        done: oneshot::Sender<()>,
+    },
+    Fdb {
+        lan: LanId,
+        reply: oneshot::Sender<Vec<FdbRow>>,
+    },
+    Shutdown,
+}
+
+#[derive(Debug, Clone)]
+pub struct DataPlaneConfig {
+    pub aging_ms: u64,
+    pub fdb_capacity: usize,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        DataPlaneConfig {
+            aging_ms: 300_000,
+            fdb_capacity: crate::switch::fdb::DEFAULT_FDB_CAPACITY,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the data-plane thread has stopped")]
+pub struct DataPlaneGone;
+
+/// The control side's handle on the data-plane thread.
+pub struct DataPlaneHandle {
+    tx: mpsc::Sender<Command>,
+    waker: Arc<Waker>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl DataPlaneHandle {
+    pub fn spawn(
+        snapshot: Arc<ArcSwap<Snapshot>>,
+        config: DataPlaneConfig,
+    ) -> io::Result<DataPlaneHandle> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, rx) = mpsc::channel();
+        let initial = snapshot.load_full();
+        let mut dp = DataPlane {
+            poll,
+            ports: Vec::new(),
+            dirty: Vec::new(),
+            backlog: Vec::new(),
+            rx_pending: Vec::new(),
+            touched: Vec::new(),
+            forwarder: Forwarder::new(config.aging_ms, config.fdb_capacity),
+            snapshot: initial,
+            published: snapshot,
+            batch: RxBatch::new(),
+            commands: rx,
+            epoch: Instant::now(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("ulan-dataplane".into())
+            .spawn(move || dp.run())?;
+        Ok(DataPlaneHandle {
+            tx,
+            waker,
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn send(&self, cmd: Command) -> Result<(), DataPlaneGone> {
+        self.tx.send(cmd).map_err(|_| DataPlaneGone)?;
+        self.waker.wake().map_err(|_| DataPlaneGone)
+    }
+
+    /// Tells the thread a new snapshot is out (it would notice at its next
+    /// wakeup anyway; this makes table purges prompt).
+    pub fn nudge(&self) {
+        let _ = self.waker.wake();
+    }
+
+    /// Stops the thread and waits for it; every port is closed.
+    pub fn shutdown(&self) {
+        let _ = self.send(Command::Shutdown);
+        let thread = self.thread.lock().map(|mut t| t.take()).unwrap_or(None);
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DataPlaneHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Slot {
+    io: Box<dyn PortIo>,
+    shared: Arc<PortShared>,
+    counters: PortCounters,
+    dirty: bool,
+    touched: bool,
+}
+
+struct DataPlane {
+    poll: Poll,
+    ports: Vec<Option<Slot>>,
+    /// Ports with frames queued in this round.
+    dirty: Vec<PortId>,
+    /// Ports whose output is backed up: retried every round.
+    backlog: Vec<PortId>,
+    /// (port, sub) that stopped reading on budget, not on an empty socket.
+    rx_pending: Vec<(PortId, usize)>,
+    /// Ports whose counters changed this round.
+    touched: Vec<PortId>,
+    forwarder: Forwarder,
+    snapshot: Arc<Snapshot>,
+    published: Arc<ArcSwap<Snapshot>>,
+    batch: RxBatch,
+    commands: mpsc::Receiver<Command>,
+    epoch: Instant,
+}
+
+fn cx<'a>(
+    registry: &'a mio::Registry,
+    id: PortId,
+    counters: &'a mut PortCounters,
+    now_ms: u64,
+) -> PortCx<'a> {
+    PortCx {
+        registry,
+        token: id as usize * TOKENS_PER_PORT,
+        counters,
+        now_ms,
+    }
+}
+
+impl DataPlane {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(256);
+        let mut last_tick = 0u64;
+        loop {
+            let timeout = if !self.rx_pending.is_empty() {
+                Some(Duration::ZERO)
+            } else if !self.backlog.is_empty() {
+                Some(BACKLOG_RETRY)
+            } else {
+                Some(Duration::from_millis(TICK_MS))
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!("data plane poll failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+            let now = self.now_ms();
+            if !self.apply_commands(now) {
+                break;
+            }
+            self.reload_snapshot();
+
+            let pending = std::mem::take(&mut self.rx_pending);
+            for (id, sub) in pending {
+                self.service(id, sub, true, false, now);
+            }
+            for ev in events.iter() {
+                if ev.token() == WAKER {
+                    continue;
+                }
+                let t = ev.token().0;
+                let id = (t / TOKENS_PER_PORT) as PortId;
+                let sub = t % TOKENS_PER_PORT;
+                let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                self.service(id, sub, readable, ev.is_writable(), now);
+            }
+            self.flush_all(now);
+            if now.saturating_sub(last_tick) >= TICK_MS {
+                last_tick = now;
+                self.tick(now);
+            }
+            self.publish_counters();
+        }
+        self.close_all();
+    }
+
+    /// Returns false on shutdown.
+    fn apply_commands(&mut self, now: u64) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::AddPort { id, mut io, shared }) => {
+                    let i = id as usize;
+                    if self.ports.len() <= i {
+                        self.ports.resize_with(i + 1, || None);
+                    }
+                    let mut counters = PortCounters::default();
+                    let registry = self.poll.registry();
+                    if let Err(e) = io.register(&mut cx(registry, id, &mut counters, now)) {
+                        tracing::error!(port = id, "cannot poll port: {e}");
+                    }
+                    self.ports[i] = Some(Slot {
+                        io,
+                        shared,
+                        counters,
+                        dirty: false,
+                        touched: false,
+                    });
+                }
+                Ok(Command::RemovePort { id, done }) => {
+                    if let Some(mut slot) = self.ports.get_mut(id as usize).and_then(Option::take)
+                    {
+                        slot.io.deregister(self.poll.registry());
+                        slot.shared.counters.add(&slot.counters);
+                        slot.shared.set_up(false);
+                    }
+                    self.forwarder.forget_port(id);
+                    let _ = done.send(());
+                }
+                Ok(Command::Fdb { lan, reply }) => {
+                    let _ = reply.send(self.forwarder.rows(lan, now));
+                }
+                Ok(Command::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => return false,
+                Err(mpsc::TryRecvError::Empty) => return true,
+            }
+        }
+    }
+
+    fn reload_snapshot(&mut self) {
+        if self.published.load().generation != self.snapshot.generation {
+            let new = self.published.load_full();
+            self.forwarder.sync(&self.snapshot, &new);
+            self.snapshot = new;
+        }
+    }
+
+    /// Handles readiness on one port fd, forwarding what it receives, up to
+    /// the budget.
+    fn service(&mut self, id: PortId, sub: usize, readable: bool, writable: bool, now: u64) {
+        for _ in 0..RX_BUDGET {
+            let Some(slot) = self.ports.get_mut(id as usize).and_then(Option::as_mut) else {
+                return;
+            };
+            self.batch.clear();
+            let registry = self.poll.registry();
+            let state = slot.io.on_ready(
+                sub,
+                readable,
+                writable,
+                &mut cx(registry, id, &mut slot.counters, now),
+                &mut self.batch,
+            );
+            mark(&mut self.touched, &mut slot.touched, id);
+            self.forward_batch(id, now);
+            if state == RxState::Drained {
+                return;
+            }
+        }
+        self.rx_pending.push((id, sub));
+    }
+
+    fn forward_batch(&mut self, ingress: PortId, now: u64) {
+        let registry = self.poll.registry();
+        let snap = &*self.snapshot;
+        for i in 0..self.batch.len() {
+            let bytes = self.batch.frame(i);
+            let Ok(frame) = EthernetFrame::new_checked(bytes) else {
+                continue; // ports only hand over checked frames
+            };
+            let (decision, learned) = self.forwarder.decide(snap, ingress, &frame, now);
+            if let Some(Some(slot)) = self.ports.get_mut(ingress as usize) {
+                let c = &mut slot.counters;
+                c.rx_frames += 1;
+                c.rx_bytes += bytes.len() as u64;
+                if learned == Learned::TableFull {
+                    c.fdb_full += 1;
+                }
+                match decision {
+                    Decision::NoLan => {
+                        c.rx_drop_no_lan += 1;
+                        c.rx_dropped += 1;
+                    }
+                    Decision::Filtered => {
+                        c.rx_drop_filtered += 1;
+                        c.rx_dropped += 1;
+                    }
+                    _ => {}
+                }
+            }
+            let mut send = |p: PortId| {
+                if let Some(Some(slot)) = self.ports.get_mut(p as usize) {
+                    slot.io
+                        .enqueue(bytes, &mut cx(registry, p, &mut slot.counters, now));
+                    mark(&mut self.dirty, &mut slot.dirty, p);
+                    mark(&mut self.touched, &mut slot.touched, p);
+                }
+            };
+            match decision {
+                Decision::Unicast(p) => send(p),
+                Decision::Flood(lan) => {
+                    for &p in snap.ports_of(lan) {
+                        if p != ingress {
+                            send(p);
+                        }
+                    }
+                }
+                Decision::NoLan | Decision::Filtered => {}
+            }
+        }
+    }
+
+    /// Flushes every port that got frames this round, and retries those
+    /// that were backed up.
+    fn flush_all(&mut self, now: u64) {
+        let registry = self.poll.registry();
+        let mut still = Vec::new();
+        let backlog = std::mem::take(&mut self.backlog);
+        let dirty = std::mem::take(&mut self.dirty);
+        for id in dirty.iter().chain(backlog.iter()) {
+            let Some(Some(slot)) = self.ports.get_mut(*id as usize) else {
+                continue;
+            };
+            slot.dirty = false;
+            let backed_up = slot
+                .io
+                .flush(&mut cx(registry, *id, &mut slot.counters, now));
+            mark(&mut self.touched, &mut slot.touched, *id);
+            if backed_up && !still.contains(id) {
+                still.push(*id);
+            }
+        }
+        self.backlog = still;
+        // Keep the allocation of the dirty list for the next round.
+        let mut dirty = dirty;
+        dirty.clear();
+        self.dirty = dirty;
+    }
+
+    fn tick(&mut self, now: u64) {
+        self.forwarder.age(now);
+        let registry = self.poll.registry();
+        for (i, slot) in self.ports.iter_mut().enumerate() {
+            if let Some(slot) = slot {
+                slot.io
+                    .tick(&mut cx(registry, i as PortId, &mut slot.counters, now));
+                mark(&mut self.touched, &mut slot.touched, i as PortId);
+            }
+        }
+    }
+
+    fn publish_counters(&mut self) {
+        for id in self.touched.drain(..) {
+            if let Some(Some(slot)) = self.ports.get_mut(id as usize) {
+                slot.touched = false;
+                if !slot.counters.is_zero() {
+                    slot.shared.counters.add(&slot.counters);
+                    slot.counters = PortCounters::default();
+                }
+            }
+        }
+    }
+
+    fn close_all(&mut self) {
+        self.publish_counters();
+        let registry = self.poll.registry();
+        for slot in self.ports.iter_mut().filter_map(Option::take) {
+            let mut slot = slot;
+            slot.io.deregister(registry);
+            slot.shared.set_up(false);
+        }
+    }
+}
+
+/// Adds `id` to `list` once per round.
+fn mark(list: &mut Vec<PortId>, flag: &mut bool, id: PortId) {
+    if !*flag {
+        *flag = true;
+        list.push(id);
+    }
+}

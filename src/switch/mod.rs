@@ -1,0 +1,13 @@
+//! The switch: lans, MAC learning, topology snapshots and the data-plane
+//! thread. It knows MAC addresses and port ids, not sockets.
+
+pub mod dataplane;
+pub mod fdb;
+pub mod forward;
+pub mod stats;
+pub mod topology;
+
+/// Index of a port on the data plane (slot, reused after removal).
+pub type PortId = u32;
+/// Index of a lan (slot, reused after removal).
+pub type LanId = u32;

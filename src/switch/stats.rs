@@ -1,0 +1,87 @@
+//! Per-port counters. The data plane keeps plain integers while it works on
+//! a batch and adds them to these atomics once per batch; the API reads them.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])+ $name:ident),* $(,)?) => {
+        /// Counters as plain integers, summed on the data plane per batch.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+        pub struct PortCounters { $($(#[$doc])+ pub $name: u64),* }
+
+        /// The same counters, shared with the control side.
+        #[derive(Debug, Default)]
+        pub struct SharedCounters { $($name: AtomicU64),* }
+
+        impl SharedCounters {
+            pub fn add(&self, c: &PortCounters) {
+                $(if c.$name != 0 { self.$name.fetch_add(c.$name, Relaxed); })*
+            }
+            pub fn load(&self) -> PortCounters {
+                PortCounters { $($name: self.$name.load(Relaxed)),* }
+            }
+        }
+
+        impl PortCounters {
+            pub fn is_zero(&self) -> bool { $(self.$name == 0)&&* }
+        }
+    };
+}
+
+counters! {
+    /// Well-formed frames received from the client (forwarded or not).
+    rx_frames,
+    /// Bytes of those frames.
+    rx_bytes,
+    /// Frames sent to the client.
+    tx_frames,
+    /// Bytes of those frames.
+    tx_bytes,
+    /// Frames from the client not forwarded: the sum of the rx_drop_*
+    /// reasons below. Runt and oversized ones are not in rx_frames.
+    rx_dropped,
+    /// Received while the port is on no lan.
+    rx_drop_no_lan,
+    /// Shorter than an Ethernet header.
+    rx_drop_runt,
+    /// Longer than 65535 bytes (or a stream length over the limit).
+    rx_drop_oversized,
+    /// Unicast to an address learned on the same port: filtered, as a
+    /// learning bridge does.
+    rx_drop_filtered,
+    /// Frames bound for this port that it could not take: sum of tx_drop_*.
+    tx_dropped,
+    /// The output queue was full (slow or stuck client).
+    tx_drop_queue_full,
+    /// No client connected, or a datagram client not heard from yet.
+    tx_drop_no_peer,
+    /// The send failed for another reason (client went away mid-batch).
+    tx_drop_error,
+    /// Clients that connected.
+    connects,
+    /// Clients that left or were disconnected.
+    disconnects,
+    /// Clients refused (a second client, a bad request).
+    rejected_clients,
+    /// Clients cut off for a protocol error (bad length, bad request).
+    protocol_errors,
+    /// Source addresses not learned because the lan's table is full.
+    fdb_full,
+}
+
+/// What the control side sees of a port that lives on the data plane.
+#[derive(Debug, Default)]
+pub struct PortShared {
+    pub counters: SharedCounters,
+    /// A client is attached (stream/bess/vde connected, dgram heard from).
+    pub up: AtomicBool,
+}
+
+impl PortShared {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Relaxed)
+    }
+}
