@@ -7,4 +7,5 @@ pub mod lab;
 pub mod names;
 pub mod ports;
 pub mod switch;
+pub mod testkit;
 pub mod wire;
