@@ -196,7 +196,8 @@ impl Endpoint {
             }
             let mut buf = vec![0u8; 70000];
             match sys::read(&self.data, &mut buf) {
-                Ok(0) if self.kind == PortKind::Stream => {
+                // End of stream; on SOCK_SEQPACKET an empty read is the close.
+                Ok(0) if matches!(self.kind, PortKind::Stream | PortKind::Bess) => {
                     return Err(io::ErrorKind::UnexpectedEof.into())
                 }
                 Ok(n) => {

@@ -121,6 +121,7 @@ impl PortIo for BessPort {
                         }
                         Err(e) => self.link.warn(cx.now_ms, format_args!("cannot poll client: {e}")),
                     }
+                    return RxState::More; // more may be waiting: refuse them next
                 }
                 RxState::Drained
             }

@@ -266,33 +266,31 @@ pub(crate) fn count_rx_rejects(counters: &mut PortCounters, r: &sys::RxRejects) 
     counters.rx_dropped += runt + r.oversized;
 }
 
-/// Accepts every waiting connection on `listener`. The first one is
-/// returned when the port has no client; all others are closed at once
-/// and counted: these ports take one client at a time.
+/// Accepts waiting connections on `listener`. When the port has no client
+/// it takes the first one and stops, so the caller can look at it before
+/// deciding about the rest (it returns [`RxState::More`] to be called
+/// again). When it has one, every waiting connection is closed at once and
+/// counted: these ports take one client at a time.
 pub(crate) fn accept_single(
     listener: &std::os::fd::OwnedFd,
     occupied: bool,
     link: &mut PortLink,
     cx: &mut PortCx<'_>,
 ) -> Option<std::os::fd::OwnedFd> {
-    let mut taken = None;
     loop {
         match sys::accept(listener) {
-            Ok(Some(fd)) => {
-                if occupied || taken.is_some() {
-                    cx.counters.rejected_clients += 1;
-                    link.warn(
-                        cx.now_ms,
-                        format_args!("refused a second client: this port takes one at a time"),
-                    );
-                } else {
-                    taken = Some(fd);
-                }
+            Ok(Some(fd)) if !occupied => return Some(fd),
+            Ok(Some(_refused)) => {
+                cx.counters.rejected_clients += 1;
+                link.warn(
+                    cx.now_ms,
+                    format_args!("refused a second client: this port takes one at a time"),
+                );
             }
-            Ok(None) => return taken,
+            Ok(None) => return None,
             Err(e) => {
                 link.warn(cx.now_ms, format_args!("accept failed: {e}"));
-                return taken;
+                return None;
             }
         }
     }

@@ -79,15 +79,16 @@ impl StreamPort {
         }
     }
 
-    fn accept(&mut self, cx: &mut PortCx<'_>) {
+    /// Returns true when it took a client (there may be more waiting).
+    fn accept(&mut self, cx: &mut PortCx<'_>) -> bool {
         let occupied = self.client.is_some();
         let Some(fd) = accept_single(&self.listener, occupied, &mut self.link, cx) else {
-            return;
+            return false;
         };
         sys::set_buffer_sizes(&fd, 1 << 20);
         if let Err(e) = set_interest(cx.registry, &fd, cx.token(SUB_CLIENT), false, true) {
             self.link.warn(cx.now_ms, format_args!("cannot poll client: {e}"));
-            return;
+            return true;
         }
         self.client = Some(Client {
             fd,
@@ -98,6 +99,7 @@ impl StreamPort {
             want_write: false,
         });
         self.link.up(cx.counters, None);
+        true
     }
 
     /// Reads and splits records into `batch` until the socket is empty or
@@ -177,10 +179,8 @@ impl PortIo for StreamPort {
         batch: &mut RxBatch,
     ) -> RxState {
         match sub {
-            SUB_LISTENER => {
-                self.accept(cx);
-                RxState::Drained
-            }
+            SUB_LISTENER if self.accept(cx) => RxState::More,
+            SUB_LISTENER => RxState::Drained,
             SUB_CLIENT => {
                 if writable {
                     self.flush(cx);

@@ -338,6 +338,11 @@ impl PortIo for VdePort {
     ) -> RxState {
         match sub {
             SUB_CTL_LISTENER => {
+                // A pending client may have given up already: notice that
+                // before turning the new one away.
+                if matches!(self.session, Some(Session::Pending { .. })) {
+                    self.read_request(cx);
+                }
                 let occupied = self.session.is_some();
                 if let Some(ctl) = accept_single(&self.ctl_listener, occupied, &mut self.link, cx)
                 {
@@ -350,6 +355,7 @@ impl PortIo for VdePort {
                         });
                         self.read_request(cx);
                     }
+                    return RxState::More; // look at this one before the next
                 }
                 RxState::Drained
             }

@@ -1,0 +1,293 @@
+//! Bad input on every port kind: the offending frame is dropped or that one
+//! client is cut off, counted, and every other port goes on.
+
+mod common;
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use ulan::ports::sys::{self, UnixAddr};
+use ulan::ports::PortKind;
+use ulan::testkit::{frame, mac, tag_of, write_all, Endpoint};
+use ulan::wire::MacAddr;
+
+/// A bystander pair on another lan that must keep working throughout.
+struct Bystanders {
+    x: Endpoint,
+    y: Endpoint,
+    n: u32,
+}
+
+impl Bystanders {
+    fn new(fx: &Fixture) -> Self {
+        fx.lan("calm");
+        Bystanders {
+            x: fx.plug("calm-x", PortKind::Dgram, Some("calm")),
+            y: fx.plug("calm-y", PortKind::Stream, Some("calm")),
+            n: 0,
+        }
+    }
+    fn check(&mut self) {
+        self.n += 1;
+        self.x
+            .send(&frame(MacAddr::BROADCAST, mac(500), 60, self.n))
+            .unwrap();
+        assert_eq!(tag_of(&self.y.recv(WAIT).unwrap().unwrap()), Some(self.n));
+    }
+}
+
+fn stream_record(len: u32, body: &[u8]) -> Vec<u8> {
+    let mut v = len.to_be_bytes().to_vec();
+    v.extend_from_slice(body);
+    v
+}
+
+#[test]
+fn stream_bad_lengths_cut_off_only_that_client() {
+    let fx = Fixture::new();
+    let mut calm = Bystanders::new(&fx);
+    fx.lan("l");
+    let mut peer = fx.plug("peer", PortKind::Dgram, Some("l"));
+    for (len, counter) in [(70_000u32, "oversized"), (65_536, "oversized"), (5, "runt"), (0, "runt")] {
+        let _ = rt().block_on(fx.lab.remove_port("s"));
+        let mut s = fx.plug("s", PortKind::Stream, Some("l"));
+        let before = fx.stats("s");
+        s.send_raw(&stream_record(len, &[0u8; 64])).unwrap();
+        fx.wait_up("s", false);
+        let after = fx.stats("s");
+        assert_eq!(after.protocol_errors - before.protocol_errors, 1, "len {len}");
+        let c = match counter {
+            "runt" => after.rx_drop_runt - before.rx_drop_runt,
+            _ => after.rx_drop_oversized - before.rx_drop_oversized,
+        };
+        assert_eq!(c, 1, "len {len} not counted as {counter}");
+        assert!(matches!(s.recv(Duration::from_secs(1)), Err(_) | Ok(None)));
+        assert!(peer.recv(QUIET).unwrap().is_none(), "bad record forwarded");
+        calm.check();
+        // The port takes the next client.
+        let path = fx.lab.port("s").unwrap().path;
+        let mut again = Endpoint::connect(PortKind::Stream, path.as_ref(), &fx.scratch).unwrap();
+        fx.wait_up("s", true);
+        again.send(&frame(MacAddr::BROADCAST, mac(1), 60, 7)).unwrap();
+        assert_eq!(tag_of(&peer.recv(WAIT).unwrap().unwrap()), Some(7));
+    }
+}
+
+#[test]
+fn stream_garbage_and_mid_frame_close() {
+    let fx = Fixture::new();
+    let mut calm = Bystanders::new(&fx);
+    fx.lan("l");
+    let mut s = fx.plug("s", PortKind::Stream, Some("l"));
+    // Half a record, then the client goes away.
+    s.send_raw(&stream_record(100, &[1u8; 30])).unwrap();
+    drop(s);
+    fx.wait_up("s", false);
+    calm.check();
+    let path = fx.lab.port("s").unwrap().path;
+    let mut s = Endpoint::connect(PortKind::Stream, path.as_ref(), &fx.scratch).unwrap();
+    let mut junk = vec![0u8; 4096];
+    for (i, b) in junk.iter_mut().enumerate() {
+        *b = (i * 7919 % 251) as u8;
+    }
+    let _ = s.send_raw(&junk);
+    fx.wait_stats("s", |s| s.protocol_errors == 1);
+    fx.wait_up("s", false);
+    calm.check();
+}
+
+#[test]
+fn second_client_is_refused_and_first_keeps_working() {
+    for kind in [PortKind::Stream, PortKind::Bess, PortKind::Vde] {
+        let fx = Fixture::new();
+        fx.lan("l");
+        let mut first = fx.plug("p", kind, Some("l"));
+        let mut peer = fx.plug("peer", PortKind::Dgram, Some("l"));
+        let path = fx.lab.port("p").unwrap().path;
+        let second = Endpoint::connect(kind, path.as_ref(), &fx.scratch);
+        if let Ok(mut second) = second {
+            // Connected at the socket level, then closed by the switch.
+            assert!(matches!(second.recv(Duration::from_secs(2)), Err(_) | Ok(None)));
+            assert!(second.send(&frame(MacAddr::BROADCAST, mac(9), 60, 9)).is_err() || peer.recv(QUIET).unwrap().is_none());
+        }
+        fx.wait_stats("p", |s| s.rejected_clients == 1);
+        first.send(&frame(MacAddr::BROADCAST, mac(1), 60, 1)).unwrap();
+        assert_eq!(tag_of(&peer.recv(WAIT).unwrap().unwrap()), Some(1), "{kind:?}");
+        peer.send(&frame(mac(1), mac(2), 60, 2)).unwrap();
+        assert_eq!(tag_of(&first.recv(WAIT).unwrap().unwrap()), Some(2), "{kind:?}");
+    }
+}
+
+#[test]
+fn runt_and_oversized_datagrams_are_dropped_and_counted() {
+    for kind in [PortKind::Dgram, PortKind::Bess, PortKind::Vde] {
+        let fx = Fixture::new();
+        let mut calm = Bystanders::new(&fx);
+        fx.lan("l");
+        let mut bad = fx.plug("bad", kind, Some("l"));
+        let mut peer = fx.plug("peer", PortKind::Stream, Some("l"));
+        let before = fx.stats("bad");
+        bad.send_raw(&[0xffu8; 13]).unwrap();
+        bad.send_raw(&[0xffu8; 1]).unwrap();
+        bad.send_raw(&vec![0xffu8; 70_000]).unwrap();
+        bad.send(&frame(MacAddr::BROADCAST, mac(1), 60, 42)).unwrap();
+        assert_eq!(tag_of(&peer.recv(WAIT).unwrap().unwrap()), Some(42), "{kind:?}");
+        assert!(peer.recv(QUIET).unwrap().is_none(), "a bad datagram was forwarded");
+        let s = fx.wait_stats("bad", |s| s.rx_frames > before.rx_frames);
+        assert_eq!(s.rx_drop_runt - before.rx_drop_runt, 2, "{kind:?}");
+        assert_eq!(s.rx_drop_oversized - before.rx_drop_oversized, 1, "{kind:?}");
+        assert_eq!(s.rx_dropped - before.rx_dropped, 3);
+        assert_eq!(s.rx_frames - before.rx_frames, 1);
+        assert!(fx.lab.port("bad").unwrap().up, "{kind:?} client was cut off for a bad datagram");
+        calm.check();
+    }
+}
+
+fn raw_ctl(fx: &Fixture, port: &str) -> OwnedFd {
+    let dir = std::path::PathBuf::from(fx.lab.port(port).unwrap().path);
+    let fd = sys::unix_socket(libc::SOCK_STREAM).unwrap();
+    sys::connect(&fd, &UnixAddr::from_path(&dir.join("ctl")).unwrap()).unwrap();
+    fd
+}
+
+/// Waits for the switch to close `fd`'s connection.
+fn closed_by_peer(fd: &OwnedFd, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    let mut buf = [0u8; 256];
+    while std::time::Instant::now() < deadline {
+        match sys::read(fd, &mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+#[test]
+fn bogus_vde_requests_are_refused() {
+    let fx = Fixture::new();
+    let mut calm = Bystanders::new(&fx);
+    fx.lab.add_port("v", PortKind::Vde, None).unwrap();
+    let mut bogus: Vec<Vec<u8>> = vec![
+        vec![0u8; 200],                              // bad magic
+        {
+            let mut r = 0xfeedfaceu32.to_ne_bytes().to_vec();
+            r.extend(2u32.to_ne_bytes()); // old version
+            r.resize(200, 0);
+            r
+        },
+        {
+            let mut r = 0xfeedfaceu32.to_ne_bytes().to_vec();
+            r.extend(3u32.to_ne_bytes());
+            r.extend(0u32.to_ne_bytes());
+            r.extend((libc::AF_UNIX as u16).to_ne_bytes());
+            r.extend(b"/nonexistent/socket/path\0");
+            r.resize(200, 0);
+            r // valid form, but nothing to connect to
+        },
+    ];
+    for (i, req) in bogus.drain(..).enumerate() {
+        let before = fx.stats("v");
+        let ctl = raw_ctl(&fx, "v");
+        write_all(&ctl, &req).unwrap();
+        assert!(closed_by_peer(&ctl, WAIT), "request {i} not refused");
+        let s = fx.wait_stats("v", |s| s.rejected_clients > before.rejected_clients);
+        assert_eq!(s.connects, before.connects, "request {i} attached");
+        calm.check();
+    }
+    // A short request followed by close: nothing attached, nothing broken.
+    let ctl = raw_ctl(&fx, "v");
+    write_all(&ctl, &[0xce, 0xfa]).unwrap();
+    drop(ctl);
+    // And a real client still gets in.
+    let path = fx.lab.port("v").unwrap().path;
+    let _ok = Endpoint::connect(PortKind::Vde, path.as_ref(), &fx.scratch).unwrap();
+    fx.wait_up("v", true);
+    calm.check();
+}
+
+#[test]
+fn silent_vde_client_times_out_and_frees_the_port() {
+    let fx = Fixture::new();
+    fx.lab.add_port("v", PortKind::Vde, None).unwrap();
+    let ctl = raw_ctl(&fx, "v");
+    assert!(closed_by_peer(&ctl, Duration::from_secs(9)), "silent client kept the port");
+    assert_eq!(fx.stats("v").rejected_clients, 1);
+    let path = fx.lab.port("v").unwrap().path;
+    let _ok = Endpoint::connect(PortKind::Vde, path.as_ref(), &fx.scratch).unwrap();
+    fx.wait_up("v", true);
+}
+
+#[test]
+fn a_client_that_never_reads_loses_frames_and_slows_nobody() {
+    for stuck_kind in [PortKind::Stream, PortKind::Vde, PortKind::Bess, PortKind::Dgram] {
+        let fx = Fixture::new();
+        fx.lan("l");
+        let mut src = fx.plug("src", PortKind::Dgram, Some("l"));
+        let good = fx.plug("good", PortKind::Stream, Some("l"));
+        let stuck = fx.plug("stuck", stuck_kind, Some("l"));
+        // Send until the stuck client's kernel buffer and our queue are
+        // full and frames drop, while the good reader keeps up.
+        let progress = Arc::new(AtomicUsize::new(0));
+        let total = Arc::new(AtomicUsize::new(usize::MAX));
+        let (seen, want) = (progress.clone(), total.clone());
+        let mut good = good;
+        let reader = std::thread::spawn(move || {
+            let mut got = 0;
+            while got < want.load(Ordering::Acquire) {
+                let Some(f) = good.recv(WAIT).unwrap() else { break };
+                assert_eq!(tag_of(&f), Some(got as u32), "good port lost frame {got}");
+                got += 1;
+                seen.store(got, Ordering::Release);
+            }
+            got
+        });
+        let mut sent = 0usize;
+        while sent < 200_000 {
+            for _ in 0..1000 {
+                while sent > progress.load(Ordering::Acquire) + 16 {
+                    std::thread::yield_now();
+                }
+                src.send(&frame(MacAddr::BROADCAST, mac(1), 1500, sent as u32)).unwrap();
+                sent += 1;
+            }
+            if fx.stats("stuck").tx_drop_queue_full > 0 {
+                break;
+            }
+        }
+        total.store(sent, Ordering::Release);
+        let n = sent;
+        assert_eq!(reader.join().unwrap(), n, "{stuck_kind:?}");
+        let s = fx.stats("stuck");
+        assert!(s.tx_drop_queue_full > 0, "{stuck_kind:?}: nothing dropped? {s:?}");
+        // Once the stuck client goes, what was still queued for it counts
+        // as lost: every frame is accounted for exactly.
+        drop(stuck);
+        fx.wait_up("stuck", false);
+        let s = fx.wait_stats("stuck", |s| s.tx_frames + s.tx_dropped == n as u64);
+        assert_eq!(s.tx_drop_queue_full + s.tx_drop_error, s.tx_dropped);
+        assert_eq!(fx.stats("good").tx_dropped, 0);
+    }
+}
+
+#[test]
+fn source_mac_flood_is_bounded() {
+    let fx = Fixture::new();
+    fx.lan("l");
+    let mut a = fx.plug("a", PortKind::Dgram, Some("l"));
+    let _b = fx.plug("b", PortKind::Dgram, Some("l"));
+    for i in 0..20_000u32 {
+        a.send(&frame(MacAddr::BROADCAST, mac(i + 1), 60, i)).unwrap();
+    }
+    let s = fx.wait_stats("a", |s| s.rx_frames >= 20_000);
+    assert!(s.fdb_full > 0, "table grew without bound: {s:?}");
+    let fdb = rt().block_on(fx.lab.fdb("l")).unwrap();
+    assert!(fdb.len() <= ulan::switch::fdb::DEFAULT_FDB_CAPACITY);
+}
