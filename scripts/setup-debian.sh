@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what ulan's build, demo and tests need on Debian 12.
+# Run as root, or as a user with sudo. Safe to run again.
+set -euo pipefail
+
+packages=(
+    build-essential pkg-config   # cc for crates with C parts
+    vde2 vdeplug vde-switch      # vde_plug and vde_switch: real third-party clients and the benchmark peer
+    iproute2 iputils-ping        # the demo's namespaces
+    util-linux                   # unshare
+    socat curl                   # the README's examples
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "setup: installing ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo not found. Install a Rust toolchain (1.80 or newer), e.g. with rustup, then run this again." >&2
+    exit 1
+fi
+echo "setup: ok ($(cargo --version))"
