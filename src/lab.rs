@@ -270,7 +270,10 @@ impl Lab {
     }
 
     pub fn add_lan(&self, name: &str) -> Result<LanInfo, LabError> {
-        check_name(name).map_err(|source| LabError::InvalidName { what: "lan", source })?;
+        check_name(name).map_err(|source| LabError::InvalidName {
+            what: "lan",
+            source,
+        })?;
         let mut st = self.state();
         if st.lans.contains_key(name) {
             return Err(LabError::Exists {
@@ -349,7 +352,10 @@ impl Lab {
         kind: PortKind,
         lan: Option<&str>,
     ) -> Result<PortInfo, LabError> {
-        check_name(name).map_err(|source| LabError::InvalidName { what: "port", source })?;
+        check_name(name).map_err(|source| LabError::InvalidName {
+            what: "port",
+            source,
+        })?;
         let mut st = self.state();
         if st.ports.contains_key(name) {
             return Err(LabError::Exists {
@@ -400,10 +406,14 @@ impl Lab {
     pub async fn remove_port(&self, name: &str) -> Result<(), LabError> {
         let (id, done_rx) = {
             let mut st = self.state();
-            let entry = st.ports.remove(name).ok_or_else(|| not_found("port", name))?;
+            let entry = st
+                .ports
+                .remove(name)
+                .ok_or_else(|| not_found("port", name))?;
             self.publish(&mut st);
             let (done, rx) = oneshot::channel();
-            self.dataplane.send(Command::RemovePort { id: entry.id, done })?;
+            self.dataplane
+                .send(Command::RemovePort { id: entry.id, done })?;
             (entry.id, rx)
         };
         let _ = done_rx.await;
@@ -423,13 +433,21 @@ impl Lab {
                 return Err(not_found("lan", l));
             }
         }
-        let entry = st.ports.get_mut(name).ok_or_else(|| not_found("port", name))?;
+        let entry = st
+            .ports
+            .get_mut(name)
+            .ok_or_else(|| not_found("port", name))?;
         let from = entry.lan.clone();
         let to = lan.map(str::to_string);
         if from != to {
             entry.lan = to.clone();
             self.publish(&mut st);
-            tracing::info!(port = name, from = from.as_deref().unwrap_or("-"), to = to.as_deref().unwrap_or("-"), "port moved");
+            tracing::info!(
+                port = name,
+                from = from.as_deref().unwrap_or("-"),
+                to = to.as_deref().unwrap_or("-"),
+                "port moved"
+            );
             self.events.emit(Event::PortMoved {
                 port: name.into(),
                 from,

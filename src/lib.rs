@@ -2,6 +2,9 @@
 //! Ethernet switch whose ports are Unix sockets; a JSON API over a Unix
 //! socket changes the topology at runtime.
 
+pub mod api;
+pub mod cli;
+pub mod daemon;
 pub mod events;
 pub mod lab;
 pub mod names;

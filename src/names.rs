@@ -43,7 +43,18 @@ mod tests {
     #[test]
     fn rejects_paths_and_junk() {
         for bad in [
-            "", "..", "../x", "a/b", ".hidden", "-x", "_x", "A", "lan 0", "é", "a\0b", "api.sock\n",
+            "",
+            "..",
+            "../x",
+            "a/b",
+            ".hidden",
+            "-x",
+            "_x",
+            "A",
+            "lan 0",
+            "é",
+            "a\0b",
+            "api.sock\n",
         ] {
             assert!(check_name(bad).is_err(), "{bad:?} accepted");
         }

@@ -121,9 +121,8 @@ impl Endpoint {
                 // SAFETY: reply has exactly the size of a sockaddr_un.
                 let raw: libc::sockaddr_un =
                     unsafe { std::ptr::read_unaligned(reply.as_ptr().cast()) };
-                let switch_addr = UnixAddr::from_wire(raw).ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidData, "bad vde reply")
-                })?;
+                let switch_addr = UnixAddr::from_wire(raw)
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad vde reply"))?;
                 sys::connect(&data, &switch_addr)?;
                 ep.data = data;
                 ep._ctl = Some(ctl);
@@ -184,14 +183,12 @@ impl Endpoint {
     pub fn recv(&mut self, timeout: Duration) -> io::Result<Option<Vec<u8>>> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.kind == PortKind::Stream {
-                if self.inbuf.len() >= 4 {
-                    let len = u32::from_be_bytes(self.inbuf[..4].try_into().unwrap()) as usize;
-                    if self.inbuf.len() >= 4 + len {
-                        let f = self.inbuf[4..4 + len].to_vec();
-                        self.inbuf.drain(..4 + len);
-                        return Ok(Some(f));
-                    }
+            if self.kind == PortKind::Stream && self.inbuf.len() >= 4 {
+                let len = u32::from_be_bytes(self.inbuf[..4].try_into().unwrap()) as usize;
+                if self.inbuf.len() >= 4 + len {
+                    let f = self.inbuf[4..4 + len].to_vec();
+                    self.inbuf.drain(..4 + len);
+                    return Ok(Some(f));
                 }
             }
             let mut buf = vec![0u8; 70000];
@@ -244,7 +241,10 @@ impl Drop for Endpoint {
 fn connect_blocking(fd: &OwnedFd, addr: &UnixAddr) -> io::Result<()> {
     match sys::connect(fd, addr) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) || e.kind() == io::ErrorKind::WouldBlock => {
+        Err(e)
+            if e.raw_os_error() == Some(libc::EINPROGRESS)
+                || e.kind() == io::ErrorKind::WouldBlock =>
+        {
             wait(fd, libc::POLLOUT, Duration::from_secs(5))?;
             Ok(())
         }

@@ -143,7 +143,10 @@ mod tests {
         assert!(m.is_learnable());
         assert!(!m.is_multicast());
         assert!(MacAddr::BROADCAST.is_multicast());
-        assert!("01:00:5e:00:00:01".parse::<MacAddr>().unwrap().is_multicast());
+        assert!("01:00:5e:00:00:01"
+            .parse::<MacAddr>()
+            .unwrap()
+            .is_multicast());
         assert!(!MacAddr([0; 6]).is_learnable());
     }
 

@@ -51,14 +51,23 @@ fn stream_bad_lengths_cut_off_only_that_client() {
     let mut calm = Bystanders::new(&fx);
     fx.lan("l");
     let mut peer = fx.plug("peer", PortKind::Dgram, Some("l"));
-    for (len, counter) in [(70_000u32, "oversized"), (65_536, "oversized"), (5, "runt"), (0, "runt")] {
+    for (len, counter) in [
+        (70_000u32, "oversized"),
+        (65_536, "oversized"),
+        (5, "runt"),
+        (0, "runt"),
+    ] {
         let _ = rt().block_on(fx.lab.remove_port("s"));
         let mut s = fx.plug("s", PortKind::Stream, Some("l"));
         let before = fx.stats("s");
         s.send_raw(&stream_record(len, &[0u8; 64])).unwrap();
         fx.wait_up("s", false);
         let after = fx.stats("s");
-        assert_eq!(after.protocol_errors - before.protocol_errors, 1, "len {len}");
+        assert_eq!(
+            after.protocol_errors - before.protocol_errors,
+            1,
+            "len {len}"
+        );
         let c = match counter {
             "runt" => after.rx_drop_runt - before.rx_drop_runt,
             _ => after.rx_drop_oversized - before.rx_drop_oversized,
@@ -71,7 +80,9 @@ fn stream_bad_lengths_cut_off_only_that_client() {
         let path = fx.lab.port("s").unwrap().path;
         let mut again = Endpoint::connect(PortKind::Stream, path.as_ref(), &fx.scratch).unwrap();
         fx.wait_up("s", true);
-        again.send(&frame(MacAddr::BROADCAST, mac(1), 60, 7)).unwrap();
+        again
+            .send(&frame(MacAddr::BROADCAST, mac(1), 60, 7))
+            .unwrap();
         assert_eq!(tag_of(&peer.recv(WAIT).unwrap().unwrap()), Some(7));
     }
 }
@@ -110,14 +121,32 @@ fn second_client_is_refused_and_first_keeps_working() {
         let second = Endpoint::connect(kind, path.as_ref(), &fx.scratch);
         if let Ok(mut second) = second {
             // Connected at the socket level, then closed by the switch.
-            assert!(matches!(second.recv(Duration::from_secs(2)), Err(_) | Ok(None)));
-            assert!(second.send(&frame(MacAddr::BROADCAST, mac(9), 60, 9)).is_err() || peer.recv(QUIET).unwrap().is_none());
+            assert!(matches!(
+                second.recv(Duration::from_secs(2)),
+                Err(_) | Ok(None)
+            ));
+            assert!(
+                second
+                    .send(&frame(MacAddr::BROADCAST, mac(9), 60, 9))
+                    .is_err()
+                    || peer.recv(QUIET).unwrap().is_none()
+            );
         }
         fx.wait_stats("p", |s| s.rejected_clients == 1);
-        first.send(&frame(MacAddr::BROADCAST, mac(1), 60, 1)).unwrap();
-        assert_eq!(tag_of(&peer.recv(WAIT).unwrap().unwrap()), Some(1), "{kind:?}");
+        first
+            .send(&frame(MacAddr::BROADCAST, mac(1), 60, 1))
+            .unwrap();
+        assert_eq!(
+            tag_of(&peer.recv(WAIT).unwrap().unwrap()),
+            Some(1),
+            "{kind:?}"
+        );
         peer.send(&frame(mac(1), mac(2), 60, 2)).unwrap();
-        assert_eq!(tag_of(&first.recv(WAIT).unwrap().unwrap()), Some(2), "{kind:?}");
+        assert_eq!(
+            tag_of(&first.recv(WAIT).unwrap().unwrap()),
+            Some(2),
+            "{kind:?}"
+        );
     }
 }
 
@@ -133,15 +162,30 @@ fn runt_and_oversized_datagrams_are_dropped_and_counted() {
         bad.send_raw(&[0xffu8; 13]).unwrap();
         bad.send_raw(&[0xffu8; 1]).unwrap();
         bad.send_raw(&vec![0xffu8; 70_000]).unwrap();
-        bad.send(&frame(MacAddr::BROADCAST, mac(1), 60, 42)).unwrap();
-        assert_eq!(tag_of(&peer.recv(WAIT).unwrap().unwrap()), Some(42), "{kind:?}");
-        assert!(peer.recv(QUIET).unwrap().is_none(), "a bad datagram was forwarded");
+        bad.send(&frame(MacAddr::BROADCAST, mac(1), 60, 42))
+            .unwrap();
+        assert_eq!(
+            tag_of(&peer.recv(WAIT).unwrap().unwrap()),
+            Some(42),
+            "{kind:?}"
+        );
+        assert!(
+            peer.recv(QUIET).unwrap().is_none(),
+            "a bad datagram was forwarded"
+        );
         let s = fx.wait_stats("bad", |s| s.rx_frames > before.rx_frames);
         assert_eq!(s.rx_drop_runt - before.rx_drop_runt, 2, "{kind:?}");
-        assert_eq!(s.rx_drop_oversized - before.rx_drop_oversized, 1, "{kind:?}");
+        assert_eq!(
+            s.rx_drop_oversized - before.rx_drop_oversized,
+            1,
+            "{kind:?}"
+        );
         assert_eq!(s.rx_dropped - before.rx_dropped, 3);
         assert_eq!(s.rx_frames - before.rx_frames, 1);
-        assert!(fx.lab.port("bad").unwrap().up, "{kind:?} client was cut off for a bad datagram");
+        assert!(
+            fx.lab.port("bad").unwrap().up,
+            "{kind:?} client was cut off for a bad datagram"
+        );
         calm.check();
     }
 }
@@ -176,7 +220,7 @@ fn bogus_vde_requests_are_refused() {
     let mut calm = Bystanders::new(&fx);
     fx.lab.add_port("v", PortKind::Vde, None).unwrap();
     let mut bogus: Vec<Vec<u8>> = vec![
-        vec![0u8; 200],                              // bad magic
+        vec![0u8; 200], // bad magic
         {
             let mut r = 0xfeedfaceu32.to_ne_bytes().to_vec();
             r.extend(2u32.to_ne_bytes()); // old version
@@ -218,7 +262,10 @@ fn silent_vde_client_times_out_and_frees_the_port() {
     let fx = Fixture::new();
     fx.lab.add_port("v", PortKind::Vde, None).unwrap();
     let ctl = raw_ctl(&fx, "v");
-    assert!(closed_by_peer(&ctl, Duration::from_secs(9)), "silent client kept the port");
+    assert!(
+        closed_by_peer(&ctl, Duration::from_secs(9)),
+        "silent client kept the port"
+    );
     assert_eq!(fx.stats("v").rejected_clients, 1);
     let path = fx.lab.port("v").unwrap().path;
     let _ok = Endpoint::connect(PortKind::Vde, path.as_ref(), &fx.scratch).unwrap();
@@ -227,7 +274,12 @@ fn silent_vde_client_times_out_and_frees_the_port() {
 
 #[test]
 fn a_client_that_never_reads_loses_frames_and_slows_nobody() {
-    for stuck_kind in [PortKind::Stream, PortKind::Vde, PortKind::Bess, PortKind::Dgram] {
+    for stuck_kind in [
+        PortKind::Stream,
+        PortKind::Vde,
+        PortKind::Bess,
+        PortKind::Dgram,
+    ] {
         let fx = Fixture::new();
         fx.lan("l");
         let mut src = fx.plug("src", PortKind::Dgram, Some("l"));
@@ -242,7 +294,9 @@ fn a_client_that_never_reads_loses_frames_and_slows_nobody() {
         let reader = std::thread::spawn(move || {
             let mut got = 0;
             while got < want.load(Ordering::Acquire) {
-                let Some(f) = good.recv(WAIT).unwrap() else { break };
+                let Some(f) = good.recv(WAIT).unwrap() else {
+                    break;
+                };
                 assert_eq!(tag_of(&f), Some(got as u32), "good port lost frame {got}");
                 got += 1;
                 seen.store(got, Ordering::Release);
@@ -255,7 +309,8 @@ fn a_client_that_never_reads_loses_frames_and_slows_nobody() {
                 while sent > progress.load(Ordering::Acquire) + 16 {
                     std::thread::yield_now();
                 }
-                src.send(&frame(MacAddr::BROADCAST, mac(1), 1500, sent as u32)).unwrap();
+                src.send(&frame(MacAddr::BROADCAST, mac(1), 1500, sent as u32))
+                    .unwrap();
                 sent += 1;
             }
             if fx.stats("stuck").tx_drop_queue_full > 0 {
@@ -266,7 +321,10 @@ fn a_client_that_never_reads_loses_frames_and_slows_nobody() {
         let n = sent;
         assert_eq!(reader.join().unwrap(), n, "{stuck_kind:?}");
         let s = fx.stats("stuck");
-        assert!(s.tx_drop_queue_full > 0, "{stuck_kind:?}: nothing dropped? {s:?}");
+        assert!(
+            s.tx_drop_queue_full > 0,
+            "{stuck_kind:?}: nothing dropped? {s:?}"
+        );
         // Once the stuck client goes, what was still queued for it counts
         // as lost: every frame is accounted for exactly.
         drop(stuck);
@@ -284,7 +342,8 @@ fn source_mac_flood_is_bounded() {
     let mut a = fx.plug("a", PortKind::Dgram, Some("l"));
     let _b = fx.plug("b", PortKind::Dgram, Some("l"));
     for i in 0..20_000u32 {
-        a.send(&frame(MacAddr::BROADCAST, mac(i + 1), 60, i)).unwrap();
+        a.send(&frame(MacAddr::BROADCAST, mac(i + 1), 60, i))
+            .unwrap();
     }
     let s = fx.wait_stats("a", |s| s.rx_frames >= 20_000);
     assert!(s.fdb_full > 0, "table grew without bound: {s:?}");

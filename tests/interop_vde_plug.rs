@@ -24,7 +24,10 @@ fn have(tool: &str) -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !found {
-        assert!(std::env::var_os("CI").is_none(), "{tool} missing under CI: .ci/run should install it");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} missing under CI: .ci/run should install it"
+        );
         eprintln!("SKIPPED: {tool} is not installed (apt-get install vde2 vdeplug)");
     }
     found
@@ -99,7 +102,9 @@ fn vde_plug_talks_to_dgram_and_stream_ports() {
     // dgram -> vde_plug, unicast to the learned MAC: the stream port must
     // not see it.
     d.send(&frame(mac(1), mac(2), 1500, 12)).unwrap();
-    let got = plug.recv(WAIT).expect("vde_plug got nothing from the dgram port");
+    let got = plug
+        .recv(WAIT)
+        .expect("vde_plug got nothing from the dgram port");
     assert_eq!((tag_of(&got), got.len()), (Some(12), 1500));
     assert!(s.recv(QUIET).unwrap().is_none());
 
@@ -108,7 +113,10 @@ fn vde_plug_talks_to_dgram_and_stream_ports() {
     assert_eq!(tag_of(&plug.recv(WAIT).unwrap()), Some(13));
     plug.send(&frame(mac(3), mac(1), 60, 14));
     assert_eq!(tag_of(&s.recv(WAIT).unwrap().unwrap()), Some(14));
-    assert!(d.recv(QUIET).unwrap().is_none(), "learned unicast leaked to dgram");
+    assert!(
+        d.recv(QUIET).unwrap().is_none(),
+        "learned unicast leaked to dgram"
+    );
 
     // A burst, in order, read while it is sent (a client that does not
     // read loses frames once the bounded queues are full, by design).

@@ -14,7 +14,9 @@ use ulan::wire::MacAddr;
 /// kinds, so every kind sends and receives to every other.
 fn roles() -> Vec<[PortKind; 3]> {
     let k = ALL_KINDS;
-    (0..4).map(|i| [k[i], k[(i + 1) % 4], k[(i + 2) % 4]]).collect()
+    (0..4)
+        .map(|i| [k[i], k[(i + 1) % 4], k[(i + 2) % 4]])
+        .collect()
 }
 
 #[test]
@@ -27,20 +29,31 @@ fn learning_then_unicast_reaches_only_its_port() {
         let mut c = fx.plug("c", kc, Some("l"));
         // Unknown destination: flooded to b and c, not back to a.
         a.send(&frame(mac(2), mac(1), 60, 1)).unwrap();
-        assert_eq!(tag_of(&b.recv(WAIT).unwrap().unwrap()), Some(1), "{ka:?}->{kb:?}");
+        assert_eq!(
+            tag_of(&b.recv(WAIT).unwrap().unwrap()),
+            Some(1),
+            "{ka:?}->{kb:?}"
+        );
         assert_eq!(tag_of(&c.recv(WAIT).unwrap().unwrap()), Some(1));
         assert!(a.recv(QUIET).unwrap().is_none(), "flooded back to ingress");
         // b answers a: a's MAC was learned, so only a gets it.
         b.send(&frame(mac(1), mac(2), 60, 2)).unwrap();
         assert_eq!(tag_of(&a.recv(WAIT).unwrap().unwrap()), Some(2));
-        assert!(c.recv(QUIET).unwrap().is_none(), "{kc:?} saw a learned unicast");
+        assert!(
+            c.recv(QUIET).unwrap().is_none(),
+            "{kc:?} saw a learned unicast"
+        );
         // And now both are learned: a -> b is unicast too.
         a.send(&frame(mac(2), mac(1), 1500, 3)).unwrap();
         let got = b.recv(WAIT).unwrap().unwrap();
         assert_eq!((tag_of(&got), got.len()), (Some(3), 1500));
         assert!(c.recv(QUIET).unwrap().is_none());
         let fdb = rt().block_on(fx.lab.fdb("l")).unwrap();
-        let row = |m: MacAddr| fdb.iter().find(|e| e.mac == m.to_string()).map(|e| e.port.clone());
+        let row = |m: MacAddr| {
+            fdb.iter()
+                .find(|e| e.mac == m.to_string())
+                .map(|e| e.port.clone())
+        };
         assert_eq!(row(mac(1)).as_deref(), Some("a"));
         assert_eq!(row(mac(2)).as_deref(), Some("b"));
     }
@@ -62,10 +75,15 @@ fn broadcast_multicast_and_unknown_flood_to_every_other_port() {
     ];
     for (i, dst) in dsts.iter().enumerate() {
         let src = i % eps.len();
-        eps[src].send(&frame(*dst, mac(src as u32 + 10), 100, i as u32)).unwrap();
+        eps[src]
+            .send(&frame(*dst, mac(src as u32 + 10), 100, i as u32))
+            .unwrap();
         for (j, ep) in eps.iter_mut().enumerate() {
             if j == src {
-                assert!(ep.recv(QUIET).unwrap().is_none(), "frame came back to its sender");
+                assert!(
+                    ep.recv(QUIET).unwrap().is_none(),
+                    "frame came back to its sender"
+                );
             } else {
                 assert_eq!(tag_of(&ep.recv(WAIT).unwrap().unwrap()), Some(i as u32));
             }
@@ -113,7 +131,11 @@ fn learned_entries_age_out() {
     assert!(fdb.is_empty(), "entries did not age out: {fdb:?}");
     a.send(&frame(mac(2), mac(1), 60, 3)).unwrap();
     assert_eq!(tag_of(&b.recv(WAIT).unwrap().unwrap()), Some(3));
-    assert_eq!(tag_of(&c.recv(WAIT).unwrap().unwrap()), Some(3), "aged entry not flooded");
+    assert_eq!(
+        tag_of(&c.recv(WAIT).unwrap().unwrap()),
+        Some(3),
+        "aged entry not flooded"
+    );
 }
 
 #[test]
@@ -260,4 +282,20 @@ fn removing_a_port_removes_its_socket() {
         assert!(!path.exists(), "{} left behind", path.display());
     }
     assert_eq!(std::fs::read_dir(fx.lab.ports_dir()).unwrap().count(), 0);
+}
+
+#[test]
+fn a_port_going_down_forgets_its_addresses() {
+    let fx = Fixture::new();
+    fx.lan("l");
+    let mut a = fx.plug("a", PortKind::Stream, Some("l"));
+    let mut b = fx.plug("b", PortKind::Vde, Some("l"));
+    a.send(&frame(MacAddr::BROADCAST, mac(1), 60, 1)).unwrap();
+    b.recv(WAIT).unwrap().unwrap();
+    let fdb = rt().block_on(fx.lab.fdb("l")).unwrap();
+    assert!(fdb.iter().any(|e| e.port == "a"));
+    drop(a);
+    fx.wait_up("a", false);
+    let fdb = rt().block_on(fx.lab.fdb("l")).unwrap();
+    assert!(fdb.iter().all(|e| e.port != "a"), "{fdb:?}");
 }

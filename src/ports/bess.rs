@@ -95,7 +95,13 @@ impl PortIo for BessPort {
     }
 
     fn register(&mut self, cx: &mut PortCx<'_>) -> io::Result<()> {
-        set_interest(cx.registry, &self.listener, cx.token(SUB_LISTENER), false, true)
+        set_interest(
+            cx.registry,
+            &self.listener,
+            cx.token(SUB_LISTENER),
+            false,
+            true,
+        )
     }
 
     fn on_ready(
@@ -119,7 +125,9 @@ impl PortIo for BessPort {
                             });
                             self.link.up(cx.counters, None);
                         }
-                        Err(e) => self.link.warn(cx.now_ms, format_args!("cannot poll client: {e}")),
+                        Err(e) => self
+                            .link
+                            .warn(cx.now_ms, format_args!("cannot poll client: {e}")),
                     }
                     return RxState::More; // more may be waiting: refuse them next
                 }

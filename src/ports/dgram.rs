@@ -87,7 +87,8 @@ impl DgramPort {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxState::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.link.warn(cx.now_ms, format_args!("receive failed: {e}"));
+                    self.link
+                        .warn(cx.now_ms, format_args!("receive failed: {e}"));
                     break RxState::Drained;
                 }
             }

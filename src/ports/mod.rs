@@ -190,11 +190,7 @@ impl PortLink {
 
 /// Creates a port of `kind` at `path` (a socket, or for vde a directory).
 /// The path is made here, on the control side, so errors reach the caller.
-pub fn open(
-    kind: PortKind,
-    path: &Path,
-    link: PortLink,
-) -> Result<Box<dyn PortIo>, PortError> {
+pub fn open(kind: PortKind, path: &Path, link: PortLink) -> Result<Box<dyn PortIo>, PortError> {
     if path.symlink_metadata().is_ok() {
         return Err(PortError::PathTaken {
             path: path.to_path_buf(),

@@ -87,7 +87,8 @@ impl StreamPort {
         };
         sys::set_buffer_sizes(&fd, 1 << 20);
         if let Err(e) = set_interest(cx.registry, &fd, cx.token(SUB_CLIENT), false, true) {
-            self.link.warn(cx.now_ms, format_args!("cannot poll client: {e}"));
+            self.link
+                .warn(cx.now_ms, format_args!("cannot poll client: {e}"));
             return true;
         }
         self.client = Some(Client {
@@ -167,7 +168,13 @@ impl PortIo for StreamPort {
     }
 
     fn register(&mut self, cx: &mut PortCx<'_>) -> io::Result<()> {
-        set_interest(cx.registry, &self.listener, cx.token(SUB_LISTENER), false, true)
+        set_interest(
+            cx.registry,
+            &self.listener,
+            cx.token(SUB_LISTENER),
+            false,
+            true,
+        )
     }
 
     fn on_ready(
@@ -262,7 +269,10 @@ mod tests {
 
     #[test]
     fn rejects_hostile_lengths() {
-        assert_eq!(parse_record(&13u32.to_be_bytes()), Err(StreamError::Runt(13)));
+        assert_eq!(
+            parse_record(&13u32.to_be_bytes()),
+            Err(StreamError::Runt(13))
+        );
         assert_eq!(parse_record(&0u32.to_be_bytes()), Err(StreamError::Runt(0)));
         assert_eq!(
             parse_record(&65536u32.to_be_bytes()),

@@ -96,9 +96,14 @@ impl UnixAddr {
     pub fn display(&self) -> String {
         let b = self.path_bytes();
         if b.first() == Some(&0) {
-            format!("@{}", String::from_utf8_lossy(&b[1..]).trim_end_matches('\0'))
+            format!(
+                "@{}",
+                String::from_utf8_lossy(&b[1..]).trim_end_matches('\0')
+            )
         } else {
-            String::from_utf8_lossy(b).trim_end_matches('\0').to_string()
+            String::from_utf8_lossy(b)
+                .trim_end_matches('\0')
+                .to_string()
         }
     }
 
@@ -449,7 +454,10 @@ mod tests {
         let mut batch = RxBatch::new();
         let mut rej = RxRejects::default();
         let mut from = None;
-        assert_eq!(recv_batch(&rx, &mut batch, &mut rej, Some(&mut from)).unwrap(), 3);
+        assert_eq!(
+            recv_batch(&rx, &mut batch, &mut rej, Some(&mut from)).unwrap(),
+            3
+        );
         assert_eq!(batch.len(), 2);
         assert_eq!(batch.frame(0), &a);
         assert_eq!(batch.frame(1), &b);

@@ -101,7 +101,7 @@ enum Session {
     /// Connected to `ctl`, request not complete yet.
     Pending {
         ctl: OwnedFd,
-        buf: [u8; REQUEST_HEADER_LEN + MAX_DESCRIPTION],
+        buf: Box<[u8; REQUEST_HEADER_LEN + MAX_DESCRIPTION]>,
         got: usize,
         since_ms: u64,
     },
@@ -164,7 +164,8 @@ impl VdePort {
     fn reject(&mut self, cx: &mut PortCx<'_>, why: std::fmt::Arguments<'_>) {
         cx.counters.rejected_clients += 1;
         cx.counters.protocol_errors += 1;
-        self.link.warn(cx.now_ms, format_args!("refused a vde client: {why}"));
+        self.link
+            .warn(cx.now_ms, format_args!("refused a vde client: {why}"));
         self.end_session(cx, "bad request");
     }
 
@@ -293,7 +294,8 @@ impl VdePort {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxState::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.link.warn(cx.now_ms, format_args!("receive failed: {e}"));
+                    self.link
+                        .warn(cx.now_ms, format_args!("receive failed: {e}"));
                     break RxState::Drained;
                 }
             }
@@ -344,12 +346,11 @@ impl PortIo for VdePort {
                     self.read_request(cx);
                 }
                 let occupied = self.session.is_some();
-                if let Some(ctl) = accept_single(&self.ctl_listener, occupied, &mut self.link, cx)
-                {
+                if let Some(ctl) = accept_single(&self.ctl_listener, occupied, &mut self.link, cx) {
                     if set_interest(cx.registry, &ctl, cx.token(SUB_CTL), false, true).is_ok() {
                         self.session = Some(Session::Pending {
                             ctl,
-                            buf: [0; REQUEST_HEADER_LEN + MAX_DESCRIPTION],
+                            buf: Box::new([0; REQUEST_HEADER_LEN + MAX_DESCRIPTION]),
                             got: 0,
                             since_ms: cx.now_ms,
                         });

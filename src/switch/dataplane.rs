@@ -142,6 +142,8 @@ struct Slot {
     counters: PortCounters,
     dirty: bool,
     touched: bool,
+    /// Up state last seen here, see [`note_link_state`].
+    was_up: bool,
 }
 
 struct DataPlane {
@@ -250,11 +252,11 @@ impl DataPlane {
                         counters,
                         dirty: false,
                         touched: false,
+                        was_up: false,
                     });
                 }
                 Ok(Command::RemovePort { id, done }) => {
-                    if let Some(mut slot) = self.ports.get_mut(id as usize).and_then(Option::take)
-                    {
+                    if let Some(mut slot) = self.ports.get_mut(id as usize).and_then(Option::take) {
                         slot.io.deregister(self.poll.registry());
                         slot.shared.counters.add(&slot.counters);
                         slot.shared.set_up(false);
@@ -296,6 +298,7 @@ impl DataPlane {
                 &mut self.batch,
             );
             mark(&mut self.touched, &mut slot.touched, id);
+            note_link_state(&mut self.forwarder, slot, id);
             self.forward_batch(id, now);
             if state == RxState::Drained {
                 return;
@@ -370,6 +373,7 @@ impl DataPlane {
                 .io
                 .flush(&mut cx(registry, *id, &mut slot.counters, now));
             mark(&mut self.touched, &mut slot.touched, *id);
+            note_link_state(&mut self.forwarder, slot, *id);
             if backed_up && !still.contains(id) {
                 still.push(*id);
             }
@@ -414,6 +418,16 @@ impl DataPlane {
             slot.shared.set_up(false);
         }
     }
+}
+
+/// A port whose client went away forgets its learned addresses, as a
+/// hardware switch flushes a port on link down.
+fn note_link_state(forwarder: &mut Forwarder, slot: &mut Slot, id: PortId) {
+    let up = slot.shared.is_up();
+    if slot.was_up && !up {
+        forwarder.forget_port(id);
+    }
+    slot.was_up = up;
 }
 
 /// Adds `id` to `list` once per round.

@@ -22,7 +22,9 @@ pub struct FdbEntry {
 pub enum Learned {
     Refreshed,
     New,
-    Moved { from: PortId },
+    Moved {
+        from: PortId,
+    },
     /// Group or all-zero source: never learned.
     NotLearnable,
     /// The table is full; the frame is still forwarded.

@@ -161,15 +161,27 @@ mod tests {
     fn floods_unknown_then_unicasts_learned() {
         let s = snap();
         let mut fw = Forwarder::new(300_000, 100);
-        assert_eq!(decide(&mut fw, &s, 0, &frame(mac(2), mac(1)), 0), Decision::Flood(0));
-        assert_eq!(decide(&mut fw, &s, 1, &frame(mac(1), mac(2)), 1), Decision::Unicast(0));
-        assert_eq!(decide(&mut fw, &s, 0, &frame(mac(2), mac(1)), 2), Decision::Unicast(1));
+        assert_eq!(
+            decide(&mut fw, &s, 0, &frame(mac(2), mac(1)), 0),
+            Decision::Flood(0)
+        );
+        assert_eq!(
+            decide(&mut fw, &s, 1, &frame(mac(1), mac(2)), 1),
+            Decision::Unicast(0)
+        );
+        assert_eq!(
+            decide(&mut fw, &s, 0, &frame(mac(2), mac(1)), 2),
+            Decision::Unicast(1)
+        );
         assert_eq!(
             decide(&mut fw, &s, 0, &frame(MacAddr::BROADCAST, mac(1)), 3),
             Decision::Flood(0)
         );
         // Same-port unicast is filtered.
-        assert_eq!(decide(&mut fw, &s, 1, &frame(mac(2), mac(7)), 4), Decision::Filtered);
+        assert_eq!(
+            decide(&mut fw, &s, 1, &frame(mac(2), mac(7)), 4),
+            Decision::Filtered
+        );
     }
 
     #[test]
@@ -178,8 +190,14 @@ mod tests {
         let mut fw = Forwarder::new(300_000, 100);
         decide(&mut fw, &s, 0, &frame(MacAddr::BROADCAST, mac(1)), 0);
         // mac(1) is known on lan 0, not on lan 1: a lan-1 frame to it floods lan 1.
-        assert_eq!(decide(&mut fw, &s, 3, &frame(mac(1), mac(3)), 1), Decision::Flood(1));
-        assert_eq!(decide(&mut fw, &s, 5, &frame(mac(1), mac(5)), 1), Decision::NoLan);
+        assert_eq!(
+            decide(&mut fw, &s, 3, &frame(mac(1), mac(3)), 1),
+            Decision::Flood(1)
+        );
+        assert_eq!(
+            decide(&mut fw, &s, 5, &frame(mac(1), mac(5)), 1),
+            Decision::NoLan
+        );
     }
 
     #[test]
@@ -187,14 +205,20 @@ mod tests {
         let s = snap();
         let mut fw = Forwarder::new(300_000, 100);
         decide(&mut fw, &s, 1, &frame(MacAddr::BROADCAST, mac(2)), 0);
-        assert_eq!(decide(&mut fw, &s, 0, &frame(mac(2), mac(1)), 1), Decision::Unicast(1));
+        assert_eq!(
+            decide(&mut fw, &s, 0, &frame(mac(2), mac(1)), 1),
+            Decision::Unicast(1)
+        );
         let mut moved = s.clone();
         moved.generation = 2;
         moved.port_lan[1] = Some(1);
         moved.lan_ports[0] = Some(vec![0, 2]);
         moved.lan_ports[1] = Some(vec![1, 3, 4]);
         fw.sync(&s, &moved);
-        assert_eq!(decide(&mut fw, &moved, 0, &frame(mac(2), mac(1)), 2), Decision::Flood(0));
+        assert_eq!(
+            decide(&mut fw, &moved, 0, &frame(mac(2), mac(1)), 2),
+            Decision::Flood(0)
+        );
         assert!(fw.rows(0, 2).iter().all(|r| r.port != 1));
     }
 
@@ -203,8 +227,14 @@ mod tests {
         let s = snap();
         let mut fw = Forwarder::new(1000, 100);
         decide(&mut fw, &s, 1, &frame(MacAddr::BROADCAST, mac(2)), 0);
-        assert_eq!(decide(&mut fw, &s, 0, &frame(mac(2), mac(1)), 999), Decision::Unicast(1));
-        assert_eq!(decide(&mut fw, &s, 0, &frame(mac(2), mac(1)), 1000), Decision::Flood(0));
+        assert_eq!(
+            decide(&mut fw, &s, 0, &frame(mac(2), mac(1)), 999),
+            Decision::Unicast(1)
+        );
+        assert_eq!(
+            decide(&mut fw, &s, 0, &frame(mac(2), mac(1)), 1000),
+            Decision::Flood(0)
+        );
         assert_eq!(fw.age(5000), 2);
         assert!(fw.rows(0, 5000).is_empty());
     }

@@ -50,8 +50,13 @@ impl Fixture {
         let info = self.lab.add_port(name, kind, None).unwrap();
         let mut ep = Endpoint::connect(kind, info.path.as_ref(), &self.scratch).unwrap();
         if kind == PortKind::Dgram {
-            ep.send(&frame(MacAddr::BROADCAST, MacAddr([2, 0xee, 0, 0, 0, 1]), 60, 0))
-                .unwrap();
+            ep.send(&frame(
+                MacAddr::BROADCAST,
+                MacAddr([2, 0xee, 0, 0, 0, 1]),
+                60,
+                0,
+            ))
+            .unwrap();
         }
         self.wait_up(name, true);
         self.lab.move_port(name, lan).unwrap();
@@ -61,7 +66,10 @@ impl Fixture {
     pub fn wait_up(&self, port: &str, up: bool) {
         let deadline = Instant::now() + WAIT;
         while self.lab.port(port).unwrap().up != up {
-            assert!(Instant::now() < deadline, "port {port} never became up={up}");
+            assert!(
+                Instant::now() < deadline,
+                "port {port} never became up={up}"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -78,7 +86,10 @@ impl Fixture {
             if pred(&s) {
                 return s;
             }
-            assert!(Instant::now() < deadline, "stats of {port} never matched: {s:?}");
+            assert!(
+                Instant::now() < deadline,
+                "stats of {port} never matched: {s:?}"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }

@@ -1,0 +1,530 @@
+//! The route table, path matching, request-body decoding and the handlers.
+//! Nothing here does I/O on the connection: [`super::server`] reads the
+//! request, calls [`match_route`], [`check_content_type`],
+//! [`decode_body`] and [`execute`], and writes what comes back.
+//!
+//! [`ROUTES`] is the dispatcher's own table (not a copy of it), so the
+//! contract test can hold it against `api/openapi.json`.
+
+use hyper::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::error::{truncate, ApiError};
+use crate::lab::{Lab, LabError};
+use crate::names::check_name;
+use crate::ports::PortKind;
+
+/// What a route does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    GetLab,
+    ListLans,
+    AddLan,
+    GetLan,
+    RemoveLan,
+    GetFdb,
+    ListPorts,
+    AddPort,
+    GetPort,
+    MovePort,
+    RemovePort,
+    GetPortStats,
+    Events,
+    OpenApi,
+}
+
+impl Op {
+    /// Whether the route reads a JSON request body.
+    pub fn takes_body(self) -> bool {
+        matches!(self, Op::AddLan | Op::AddPort | Op::MovePort)
+    }
+}
+
+/// One entry of the route table. `path` uses OpenAPI template syntax; a
+/// `{lan}` or `{port}` segment matches one path segment that is a valid
+/// name (see [`crate::names::check_name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub op: Op,
+}
+
+const fn route(method: &'static str, path: &'static str, op: Op) -> Route {
+    Route { method, path, op }
+}
+
+/// Every route the server answers, in the order the dispatcher tries them.
+pub const ROUTES: &[Route] = &[
+    route("GET", "/v1/lab", Op::GetLab),
+    route("GET", "/v1/lans", Op::ListLans),
+    route("POST", "/v1/lans", Op::AddLan),
+    route("GET", "/v1/lans/{lan}", Op::GetLan),
+    route("DELETE", "/v1/lans/{lan}", Op::RemoveLan),
+    route("GET", "/v1/lans/{lan}/fdb", Op::GetFdb),
+    route("GET", "/v1/ports", Op::ListPorts),
+    route("POST", "/v1/ports", Op::AddPort),
+    route("GET", "/v1/ports/{port}", Op::GetPort),
+    route("PATCH", "/v1/ports/{port}", Op::MovePort),
+    route("DELETE", "/v1/ports/{port}", Op::RemovePort),
+    route("GET", "/v1/ports/{port}/stats", Op::GetPortStats),
+    route("GET", "/v1/events", Op::Events),
+    route("GET", "/v1/openapi.json", Op::OpenApi),
+];
+
+/// A request matched to a route, with its path parameters in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matched<'a> {
+    pub route: &'static Route,
+    pub params: Vec<&'a str>,
+}
+
+impl Matched<'_> {
+    /// The first (in every current route: the only) path parameter.
+    fn name(&self) -> &str {
+        self.params.first().copied().unwrap_or("")
+    }
+}
+
+/// Structural match of a template against a path: literal segments equal,
+/// parameter segments non-empty. Returns the parameters with their names.
+fn match_template<'p>(
+    template: &'static str,
+    path: &'p str,
+) -> Option<Vec<(&'static str, &'p str)>> {
+    let mut params = Vec::new();
+    let mut t = template.split('/');
+    let mut p = path.split('/');
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return Some(params),
+            (Some(ts), Some(ps)) => {
+                if let Some(what) = ts.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                    if ps.is_empty() {
+                        return None;
+                    }
+                    params.push((what, ps));
+                } else if ts != ps {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Finds the route for `method` and `path` (the raw, still percent-encoded
+/// path without the query). Parameter segments are checked as names
+/// without decoding them: a name never needs escaping, so anything with
+/// `%`, `/`, `..` or upper case cannot name a lan or port and the path is
+/// a 404 `no_route`. A path that exists with another method is a 405 with
+/// the methods it takes.
+pub fn match_route<'p>(method: &str, path: &'p str) -> Result<Matched<'p>, ApiError> {
+    let mut allowed: Vec<&'static str> = Vec::new();
+    let mut bad_name = None;
+    for r in ROUTES {
+        let Some(params) = match_template(r.path, path) else {
+            continue;
+        };
+        if let Some((what, value, e)) = params
+            .iter()
+            .find_map(|(what, value)| check_name(value).err().map(|e| (what, value, e)))
+        {
+            bad_name.get_or_insert_with(|| {
+                ApiError::no_route(format!(
+                    "no route for {} {}: {:?} is not a valid {what} name ({e})",
+                    truncate(method, 16),
+                    truncate(path, 100),
+                    truncate(value, 40),
+                ))
+            });
+            continue;
+        }
+        if r.method == method {
+            return Ok(Matched {
+                route: r,
+                params: params.into_iter().map(|(_, v)| v).collect(),
+            });
+        }
+        if !allowed.contains(&r.method) {
+            allowed.push(r.method);
+        }
+    }
+    if allowed.is_empty() {
+        if let Some(e) = bad_name {
+            return Err(e);
+        }
+        return Err(ApiError::no_route(format!(
+            "no route for {} {} (see GET /v1/openapi.json)",
+            truncate(method, 16),
+            truncate(path, 100)
+        )));
+    }
+    Err(ApiError::method_not_allowed(
+        &truncate(method, 16),
+        &truncate(path, 100),
+        allowed.join(", "),
+    ))
+}
+
+/// Accepts a request body's Content-Type: none at all, `application/json`
+/// (any parameters, e.g. a charset), `application/<something>+json`, and,
+/// because `curl -d` sends it by default, `application/x-www-form-urlencoded`
+/// (the body must still be JSON). Anything else is 415.
+pub fn check_content_type(value: Option<&[u8]>) -> Result<(), ApiError> {
+    let Some(raw) = value else {
+        return Ok(());
+    };
+    let text = String::from_utf8_lossy(raw);
+    let media = text
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let ok = media == "application/json"
+        || media == "application/x-www-form-urlencoded"
+        || (media.starts_with("application/") && media.ends_with("+json"));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type(&text))
+    }
+}
+
+/// `POST /v1/lans`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewLan {
+    pub name: String,
+}
+
+/// `POST /v1/ports`. `kind` is a string here so that an unknown kind is a
+/// 422 `invalid_kind` rather than a JSON error; `lan` may be missing or
+/// null (the port starts on no lan).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewPort {
+    pub name: String,
+    pub kind: String,
+    #[serde(default)]
+    pub lan: Option<String>,
+}
+
+/// `PATCH /v1/ports/{port}`. The `lan` key must be present: a lan name
+/// moves the port there, `null` takes it off any lan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortPatch {
+    #[serde(deserialize_with = "required_nullable")]
+    pub lan: Option<String>,
+}
+
+/// With `deserialize_with` serde no longer treats a missing `Option` field
+/// as `None`, so the key is required while `null` stays allowed.
+fn required_nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)
+}
+
+/// A decoded, validated request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    None,
+    NewLan {
+        name: String,
+    },
+    NewPort {
+        name: String,
+        kind: PortKind,
+        lan: Option<String>,
+    },
+    MovePort {
+        lan: Option<String>,
+    },
+}
+
+/// Parses a JSON object into `T`. serde would also take a JSON array for
+/// a struct (by field position); a body must be an object.
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let bad = |e: serde_json::Error| {
+        ApiError::bad_json(format!(
+            "invalid JSON body: {}",
+            truncate(&e.to_string(), 300)
+        ))
+    };
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        let what = match serde_json::from_slice::<serde_json::Value>(body).map_err(bad)? {
+            serde_json::Value::Array(_) => "an array",
+            serde_json::Value::String(_) => "a string",
+            serde_json::Value::Number(_) => "a number",
+            serde_json::Value::Bool(_) => "a boolean",
+            serde_json::Value::Null => "null",
+            serde_json::Value::Object(_) => "an object",
+        };
+        return Err(ApiError::bad_json(format!(
+            "invalid JSON body: expected a JSON object, got {what}"
+        )));
+    }
+    serde_json::from_slice(body).map_err(bad)
+}
+
+fn invalid_name(what: &'static str, name: &str) -> Result<(), ApiError> {
+    check_name(name).map_err(|source| ApiError::from(&LabError::InvalidName { what, source }))
+}
+
+/// Decodes and validates the body for `op`: 400 `bad_json` for anything
+/// serde refuses, 422 `invalid_name` / `invalid_kind` for values that are
+/// well-typed but unusable. Routes without a body get [`Input::None`]
+/// whatever was sent. Never panics, whatever the bytes (the fuzz target
+/// in `fuzz/` calls this).
+pub fn decode_body(op: Op, body: &[u8]) -> Result<Input, ApiError> {
+    match op {
+        Op::AddLan => {
+            let b: NewLan = parse_json(body)?;
+            invalid_name("lan", &b.name)?;
+            Ok(Input::NewLan { name: b.name })
+        }
+        Op::AddPort => {
+            let b: NewPort = parse_json(body)?;
+            invalid_name("port", &b.name)?;
+            let kind = b.kind.parse::<PortKind>().map_err(|_| {
+                ApiError::invalid_kind(format!(
+                    "unknown port kind {:?} (stream, dgram, vde, bess)",
+                    truncate(&b.kind, 40)
+                ))
+            })?;
+            if let Some(lan) = &b.lan {
+                invalid_name("lan", lan)?;
+            }
+            Ok(Input::NewPort {
+                name: b.name,
+                kind,
+                lan: b.lan,
+            })
+        }
+        Op::MovePort => {
+            let b: PortPatch = parse_json(body)?;
+            if let Some(lan) = &b.lan {
+                invalid_name("lan", lan)?;
+            }
+            Ok(Input::MovePort { lan: b.lan })
+        }
+        _ => Ok(Input::None),
+    }
+}
+
+/// What a handler produced; the server turns it into a response.
+#[derive(Debug)]
+pub enum Reply {
+    /// A JSON body (already serialized) with its status, and for 201 the
+    /// new resource's path.
+    Json {
+        status: StatusCode,
+        body: Vec<u8>,
+        location: Option<String>,
+    },
+    /// 204, no body.
+    NoContent,
+    /// The server opens the event stream.
+    Events,
+    /// The OpenAPI document.
+    OpenApi,
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Result<Reply, ApiError> {
+    let mut body = serde_json::to_vec(value)
+        .map_err(|e| ApiError::internal(format!("cannot encode the response: {e}")))?;
+    body.push(b'\n');
+    Ok(Reply::Json {
+        status,
+        body,
+        location: None,
+    })
+}
+
+fn created<T: Serialize>(value: &T, location: String) -> Result<Reply, ApiError> {
+    let mut reply = json(StatusCode::CREATED, value)?;
+    if let Reply::Json { location: l, .. } = &mut reply {
+        *l = Some(location);
+    }
+    Ok(reply)
+}
+
+#[derive(Serialize)]
+struct FdbReply<'a> {
+    lan: &'a str,
+    entries: Vec<crate::lab::FdbEntryInfo>,
+}
+
+/// Runs the operation against the lab.
+pub async fn execute(lab: &Lab, m: &Matched<'_>, input: Input) -> Result<Reply, ApiError> {
+    let ok = StatusCode::OK;
+    match (m.route.op, input) {
+        (Op::GetLab, _) => json(ok, &lab.info()),
+        (Op::ListLans, _) => json(ok, &lab.lans()),
+        (Op::AddLan, Input::NewLan { name }) => {
+            let info = lab.add_lan(&name)?;
+            created(&info, format!("/v1/lans/{name}"))
+        }
+        (Op::GetLan, _) => json(ok, &lab.lan(m.name())?),
+        (Op::RemoveLan, _) => {
+            lab.remove_lan(m.name())?;
+            Ok(Reply::NoContent)
+        }
+        (Op::GetFdb, _) => {
+            let entries = lab.fdb(m.name()).await?;
+            json(
+                ok,
+                &FdbReply {
+                    lan: m.name(),
+                    entries,
+                },
+            )
+        }
+        (Op::ListPorts, _) => json(ok, &lab.ports()),
+        (Op::AddPort, Input::NewPort { name, kind, lan }) => {
+            let info = lab.add_port(&name, kind, lan.as_deref())?;
+            created(&info, format!("/v1/ports/{name}"))
+        }
+        (Op::GetPort, _) => json(ok, &lab.port(m.name())?),
+        (Op::MovePort, Input::MovePort { lan }) => {
+            json(ok, &lab.move_port(m.name(), lan.as_deref())?)
+        }
+        (Op::RemovePort, _) => {
+            lab.remove_port(m.name()).await?;
+            Ok(Reply::NoContent)
+        }
+        (Op::GetPortStats, _) => json(ok, &lab.port_stats(m.name())?),
+        (Op::Events, _) => Ok(Reply::Events),
+        (Op::OpenApi, _) => Ok(Reply::OpenApi),
+        (op, input) => Err(ApiError::internal(format!(
+            "{op:?} got the wrong input {input:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_literal_and_param_routes() {
+        let m = match_route("GET", "/v1/lans").unwrap();
+        assert_eq!(m.route.op, Op::ListLans);
+        let m = match_route("PATCH", "/v1/ports/p0").unwrap();
+        assert_eq!(m.route.op, Op::MovePort);
+        assert_eq!(m.params, vec!["p0"]);
+        let m = match_route("GET", "/v1/ports/p0/stats").unwrap();
+        assert_eq!(m.route.op, Op::GetPortStats);
+    }
+
+    #[test]
+    fn bad_paths_are_no_route() {
+        for p in [
+            "/",
+            "",
+            "/v1",
+            "/v1/",
+            "/v1/lans/",
+            "/v1/lans//fdb",
+            "/v1/lans/..",
+            "/v1/lans/%2e%2e",
+            "/v1/lans/..%2Fx",
+            "/v1/lans/a%2Fb",
+            "/v1/lans/LAN",
+            "/v1/lans/a/b/c",
+            "/v2/lab",
+            "/v1/lab/",
+            "*",
+        ] {
+            let e = match_route("GET", p).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.code), (404, "no_route"), "{p}");
+        }
+        let long = format!("/v1/lans/{}", "a".repeat(100));
+        assert_eq!(match_route("GET", &long).unwrap_err().code, "no_route");
+    }
+
+    #[test]
+    fn wrong_method_lists_allowed() {
+        let e = match_route("PUT", "/v1/ports/p0").unwrap_err();
+        assert_eq!(e.status.as_u16(), 405);
+        assert_eq!(e.allow.as_deref(), Some("GET, PATCH, DELETE"));
+        let e = match_route("DELETE", "/v1/lans").unwrap_err();
+        assert_eq!(e.allow.as_deref(), Some("GET, POST"));
+    }
+
+    #[test]
+    fn content_types() {
+        for ok in [
+            None,
+            Some(&b"application/json"[..]),
+            Some(b"Application/JSON; charset=utf-8"),
+            Some(b"application/x-www-form-urlencoded"),
+            Some(b"application/merge-patch+json"),
+        ] {
+            check_content_type(ok).unwrap();
+        }
+        for bad in [
+            &b"text/plain"[..],
+            b"multipart/form-data; boundary=x",
+            b"",
+            b"\xff",
+        ] {
+            assert_eq!(
+                check_content_type(Some(bad)).unwrap_err().status.as_u16(),
+                415
+            );
+        }
+    }
+
+    #[test]
+    fn patch_requires_the_lan_key() {
+        let e = decode_body(Op::MovePort, b"{}").unwrap_err();
+        assert_eq!(e.code, "bad_json");
+        assert!(e.message.contains("missing field `lan`"), "{}", e.message);
+        assert_eq!(
+            decode_body(Op::MovePort, br#"{"lan":null}"#).unwrap(),
+            Input::MovePort { lan: None }
+        );
+        assert_eq!(
+            decode_body(Op::MovePort, br#"{"lan":"x"}"#).unwrap(),
+            Input::MovePort {
+                lan: Some("x".into())
+            }
+        );
+    }
+
+    #[test]
+    fn body_errors() {
+        let code = |op, b: &str| decode_body(op, b.as_bytes()).unwrap_err().code;
+        assert_eq!(code(Op::AddLan, ""), "bad_json");
+        assert_eq!(code(Op::AddLan, "name=x"), "bad_json");
+        assert_eq!(code(Op::AddLan, r#"{"name":1}"#), "bad_json");
+        assert_eq!(code(Op::AddLan, r#"{"name":"a","x":1}"#), "bad_json");
+        assert_eq!(code(Op::AddLan, r#"{"name":"A"}"#), "invalid_name");
+        assert_eq!(code(Op::AddLan, r#"["a"]"#), "bad_json");
+        assert_eq!(code(Op::MovePort, "[null]"), "bad_json");
+        assert_eq!(code(Op::MovePort, "null"), "bad_json");
+        assert_eq!(
+            code(Op::AddPort, r#"{"name":"p","kind":"tap"}"#),
+            "invalid_kind"
+        );
+        assert_eq!(
+            code(Op::AddPort, r#"{"name":"p","kind":"stream","lan":"../x"}"#),
+            "invalid_name"
+        );
+        assert_eq!(code(Op::AddPort, r#"{"name":"p"}"#), "bad_json");
+        let deep = "[".repeat(10_000);
+        assert_eq!(code(Op::AddLan, &deep), "bad_json");
+        assert_eq!(
+            decode_body(Op::AddPort, br#"{"name":"p","kind":"dgram","lan":null}"#).unwrap(),
+            Input::NewPort {
+                name: "p".into(),
+                kind: PortKind::Dgram,
+                lan: None
+            }
+        );
+    }
+}
