@@ -284,3 +284,35 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod hostile_bytes {
+    use super::*;
+
+    #[test]
+    fn arbitrary_streams_split_into_legal_records_or_stop() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..5_000 {
+            let len = (next() % 2048) as usize;
+            let mut b: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // Plant plausible headers so records are actually found.
+            let mut i = 0;
+            while i + 4 < b.len() {
+                let n = 14 + (next() % 100) as u32;
+                b[i..i + 4].copy_from_slice(&n.to_be_bytes());
+                i += 4 + n as usize + (next() % 3) as usize;
+            }
+            let mut rest = &b[..];
+            while let Ok(Some((frame, used))) = parse_record(rest) {
+                assert!(frame.len() >= 14 && used == frame.len() + 4);
+                rest = &rest[used..];
+            }
+        }
+    }
+}
