@@ -1,1 +1,499 @@
-fn main() {}
+//! Frame-rate harness: frames per second through ulan's switch for dgram,
+//! stream and vde ports, beside a direct socket link (no switch) and
+//! `vde_switch`, all in one run with the same generator and sink.
+//!
+//!     cargo bench --bench framerate            # 2 s per case
+//!     cargo bench --bench framerate -- --quick # 0.5 s per case
+//!     ULAN_BENCH_SECS=5 cargo bench --bench framerate
+//!     ULAN_BENCH_ONLY="ulan vde" cargo bench --bench framerate   # one path
+//!
+//! The generator sends one frame per syscall (send/sendto, or one write of
+//! a length-prefixed record for stream), as QEMU's socket backends do. The
+//! sink receives in batches (recvmmsg, or large reads) so it is never the
+//! limit. Frames are learned unicast: the sink announces its MAC first.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ulan::lab::{Lab, LabConfig};
+use ulan::ports::sys::{self, RxBatch, RxRejects, UnixAddr};
+use ulan::ports::PortKind;
+use ulan::testkit::{frame, mac, Endpoint};
+use ulan::wire::MacAddr;
+
+const SIZES: [usize; 3] = [64, 512, 1500];
+
+/// What the frames go through. Each ulan port kind is compared with the
+/// direct link its clients would have without a switch: two QEMU `dgram`
+/// netdevs send to each other's bound, unconnected sockets; two `stream`
+/// ends share one stream socket; two VDE clients' data sockets are
+/// connected datagram sockets.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    Direct(PortKind),
+    Ulan(PortKind),
+    VdeSwitch,
+}
+
+impl Setup {
+    fn label(self) -> String {
+        match self {
+            Setup::Direct(k) => format!("direct {}", k.as_str()),
+            Setup::Ulan(k) => format!("ulan {}", k.as_str()),
+            Setup::VdeSwitch => "vde_switch".into(),
+        }
+    }
+}
+
+/// How the generator writes and the sink reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Datagram,
+    Stream,
+}
+
+struct Wire {
+    gen_fd: OwnedFd,
+    gen_dest: Option<UnixAddr>,
+    sink_fd: OwnedFd,
+    framing: Framing,
+    lab: Option<Arc<Lab>>,
+}
+
+/// What must stay alive for a case: endpoints, temp dirs, vde_switch.
+type Keep = Vec<Box<dyn std::any::Any>>;
+
+struct Measured {
+    pps: f64,
+    bps: f64,
+    sent: u64,
+    received: u64,
+    switch_drops: Option<u64>,
+}
+
+fn wait_poll(fd: &OwnedFd, events: libc::c_short) {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, 10) };
+}
+
+/// One frame per syscall. Returns false when the socket is full.
+fn send_one(fd: &OwnedFd, dest: Option<&UnixAddr>, buf: &[u8]) -> bool {
+    // SAFETY: buf and dest are valid for the call.
+    let r = unsafe {
+        match dest {
+            Some(d) => libc::sendto(
+                fd.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                (&d.raw as *const libc::sockaddr_un).cast(),
+                d.len,
+            ),
+            None => libc::send(
+                fd.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            ),
+        }
+    };
+    if r == buf.len() as isize {
+        return true;
+    }
+    if r > 0 {
+        // A partial stream write: finish the record (rare).
+        let mut rest = &buf[r as usize..];
+        while !rest.is_empty() {
+            match sys::write(fd, rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(_) => wait_poll(fd, libc::POLLOUT),
+            }
+        }
+        return true;
+    }
+    false
+}
+
+fn generator(wire: &Wire, size: usize, stop: &AtomicBool, sent: &AtomicU64) {
+    let f = frame(mac(2), mac(1), size, 0);
+    let buf = match wire.framing {
+        Framing::Datagram => f,
+        Framing::Stream => {
+            let mut r = (f.len() as u32).to_be_bytes().to_vec();
+            r.extend_from_slice(&f);
+            r
+        }
+    };
+    let mut n = 0u64;
+    while !stop.load(Relaxed) {
+        if send_one(&wire.gen_fd, wire.gen_dest.as_ref(), &buf) {
+            n += 1;
+            if n % 256 == 0 {
+                sent.store(n, Relaxed);
+            }
+        } else {
+            wait_poll(&wire.gen_fd, libc::POLLOUT);
+        }
+    }
+    sent.store(n, Relaxed);
+}
+
+fn sink(fd: &OwnedFd, framing: Framing, size: usize, stop: &AtomicBool, got: &AtomicU64) {
+    let mut batch = RxBatch::new();
+    let mut rejects = RxRejects::default();
+    let mut stream_buf = vec![0u8; 1 << 20];
+    let mut carry = 0usize;
+    let record = size + 4;
+    let mut n = 0u64;
+    while !stop.load(Relaxed) {
+        let more = match framing {
+            Framing::Datagram => {
+                batch.clear();
+                match sys::recv_batch(fd, &mut batch, &mut rejects, None) {
+                    Ok(_) => {
+                        n += batch.len() as u64;
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            Framing::Stream => match sys::read(fd, &mut stream_buf[carry..]) {
+                Ok(k) if k > 0 => {
+                    let total = carry + k;
+                    n += (total / record) as u64;
+                    carry = total % record;
+                    true
+                }
+                _ => false,
+            },
+        };
+        got.store(n, Relaxed);
+        if !more {
+            wait_poll(fd, libc::POLLIN);
+        }
+    }
+}
+
+fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// Announces the sink's MAC (so the switch learns it) and drains what the
+/// generator got from that.
+fn learn(sink: &mut Endpoint, gen: &mut Endpoint) -> io::Result<()> {
+    sink.send(&frame(MacAddr::BROADCAST, mac(2), 64, 0))?;
+    gen.drain(Duration::from_millis(100))?;
+    Ok(())
+}
+
+fn setup(which: Setup) -> io::Result<(Wire, Keep)> {
+    let dir = scratch();
+    match which {
+        Setup::Direct(PortKind::Dgram) => {
+            // Two bound, unconnected sockets, as two QEMU dgram netdevs.
+            let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
+            let a = sys::bound_socket(libc::SOCK_DGRAM, &pa)?;
+            let b = sys::bound_socket(libc::SOCK_DGRAM, &pb)?;
+            sys::set_buffer_sizes(&a, 4 << 20);
+            sys::set_buffer_sizes(&b, 4 << 20);
+            let wire = Wire {
+                gen_fd: a,
+                gen_dest: Some(UnixAddr::from_path(&pb)?),
+                sink_fd: b,
+                framing: Framing::Datagram,
+                lab: None,
+            };
+            Ok((wire, vec![Box::new(dir)]))
+        }
+        Setup::Direct(kind) => {
+            let (ty, framing) = if kind == PortKind::Stream {
+                (libc::SOCK_STREAM, Framing::Stream)
+            } else {
+                (libc::SOCK_DGRAM, Framing::Datagram)
+            };
+            let mut fds = [0i32; 2];
+            // SAFETY: socketpair fills two fds that we then own.
+            let r = unsafe {
+                libc::socketpair(
+                    libc::AF_UNIX,
+                    ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    0,
+                    fds.as_mut_ptr(),
+                )
+            };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            use std::os::fd::FromRawFd;
+            // SAFETY: fresh fds from socketpair.
+            let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            sys::set_buffer_sizes(&a, 4 << 20);
+            sys::set_buffer_sizes(&b, 4 << 20);
+            let wire = Wire {
+                gen_fd: a,
+                gen_dest: None,
+                sink_fd: b,
+                framing,
+                lab: None,
+            };
+            Ok((wire, vec![Box::new(dir)]))
+        }
+        Setup::Ulan(kind) => {
+            let lab = Lab::start(LabConfig {
+                name: "bench".into(),
+                run_dir: dir.path().join("run"),
+                aging_secs: 300,
+            })?;
+            lab.add_lan("l").map_err(io::Error::other)?;
+            let g = lab
+                .add_port("g", kind, Some("l"))
+                .map_err(io::Error::other)?;
+            let s = lab
+                .add_port("s", kind, Some("l"))
+                .map_err(io::Error::other)?;
+            let clients = dir.path().join("c");
+            std::fs::create_dir(&clients)?;
+            let mut gen = Endpoint::connect(kind, Path::new(&g.path), &clients)?;
+            let mut snk = Endpoint::connect(kind, Path::new(&s.path), &clients)?;
+            if kind == PortKind::Dgram {
+                // A dgram port learns its client from the client's first frame.
+                gen.send(&frame(MacAddr::BROADCAST, mac(1), 64, 0))?;
+                snk.drain(Duration::from_millis(100))?;
+            }
+            learn(&mut snk, &mut gen)?;
+            let framing = if kind == PortKind::Stream {
+                Framing::Stream
+            } else {
+                Framing::Datagram
+            };
+            let gen_dest = (kind == PortKind::Dgram)
+                .then(|| UnixAddr::from_path(Path::new(&g.path)))
+                .transpose()?;
+            let gen_fd = gen.raw_fd().try_clone()?;
+            let sink_fd = snk.raw_fd().try_clone()?;
+            let wire = Wire {
+                gen_fd,
+                gen_dest,
+                sink_fd,
+                framing,
+                lab: Some(lab),
+            };
+            Ok((wire, vec![Box::new(gen), Box::new(snk), Box::new(dir)]))
+        }
+        Setup::VdeSwitch => {
+            let sw_dir = dir.path().join("sw");
+            let child = Command::new("vde_switch")
+                .arg("-s")
+                .arg(&sw_dir)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let child = KillOnDrop(child);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !sw_dir.join("ctl").exists() {
+                if Instant::now() > deadline {
+                    return Err(io::Error::other("vde_switch did not start"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let clients = dir.path().join("c");
+            std::fs::create_dir(&clients)?;
+            let mut gen = Endpoint::connect(PortKind::Vde, &sw_dir, &clients)?;
+            let mut snk = Endpoint::connect(PortKind::Vde, &sw_dir, &clients)?;
+            learn(&mut snk, &mut gen)?;
+            let gen_fd = gen.raw_fd().try_clone()?;
+            let sink_fd = snk.raw_fd().try_clone()?;
+            let wire = Wire {
+                gen_fd,
+                gen_dest: None,
+                sink_fd,
+                framing: Framing::Datagram,
+                lab: None,
+            };
+            Ok((
+                wire,
+                vec![Box::new(gen), Box::new(snk), Box::new(child), Box::new(dir)],
+            ))
+        }
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn measure(which: Setup, size: usize, warmup: Duration, window: Duration) -> io::Result<Measured> {
+    let (wire, _keep) = setup(which)?;
+    let wire = Arc::new(wire);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let got = Arc::new(AtomicU64::new(0));
+    let sink_thread = {
+        let (wire, stop, got) = (wire.clone(), stop.clone(), got.clone());
+        std::thread::spawn(move || sink(&wire.sink_fd, wire.framing, size, &stop, &got))
+    };
+    let gen_thread = {
+        let (wire, stop, sent) = (wire.clone(), stop.clone(), sent.clone());
+        std::thread::spawn(move || generator(&wire, size, &stop, &sent))
+    };
+    std::thread::sleep(warmup);
+    let drops0 = switch_drops(&wire);
+    let (s0, g0, t0) = (sent.load(Relaxed), got.load(Relaxed), Instant::now());
+    std::thread::sleep(window);
+    let (s1, g1, t1) = (sent.load(Relaxed), got.load(Relaxed), Instant::now());
+    let drops1 = switch_drops(&wire);
+    stop.store(true, Relaxed);
+    let _ = gen_thread.join();
+    let _ = sink_thread.join();
+    let secs = (t1 - t0).as_secs_f64();
+    let received = g1 - g0;
+    Ok(Measured {
+        pps: received as f64 / secs,
+        bps: received as f64 * size as f64 * 8.0 / secs,
+        sent: s1 - s0,
+        received,
+        switch_drops: drops0.zip(drops1).map(|(a, b)| b - a),
+    })
+}
+
+fn switch_drops(wire: &Wire) -> Option<u64> {
+    let lab = wire.lab.as_ref()?;
+    Some(lab.port_stats("s").ok()?.counters.tx_dropped)
+}
+
+fn have_vde_switch() -> bool {
+    Command::new("sh")
+        .args(["-c", "command -v vde_switch"])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let secs: f64 = std::env::var("ULAN_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if quick { 0.5 } else { 2.0 });
+    let window = Duration::from_secs_f64(secs);
+    let warmup = Duration::from_millis(if quick { 100 } else { 300 });
+    let date = Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!(
+        "ulan frame-rate benchmark, {date}, Linux {kernel}, {cpus} CPUs, {}",
+        cpu_model()
+    );
+    println!("generator: one frame per syscall; sink: batched; {secs:.1} s per case after {warmup:?} warm-up\n");
+
+    let kinds = [PortKind::Dgram, PortKind::Stream, PortKind::Vde];
+    let mut setups = Vec::new();
+    for k in kinds {
+        setups.push(Setup::Direct(k));
+        setups.push(Setup::Ulan(k));
+    }
+    if have_vde_switch() {
+        setups.push(Setup::VdeSwitch);
+    } else {
+        println!("SKIPPED vde_switch: not installed (apt-get install vde2)\n");
+    }
+    // ULAN_BENCH_ONLY=word keeps the paths whose label contains it (profiling).
+    if let Ok(only) = std::env::var("ULAN_BENCH_ONLY") {
+        setups.retain(|s| s.label().contains(&only));
+    }
+
+    println!(
+        "{:>5}  {:<14} {:>7} {:>8} {:>10} {:>10} {:>9} {:>9}",
+        "size", "path", "Mpps", "Gbit/s", "lost", "sw drops", "/direct", "/vde_sw"
+    );
+    let mut checks = Vec::new();
+    for size in SIZES {
+        let mut results: Vec<(Setup, Measured)> = Vec::new();
+        for &s in &setups {
+            match measure(s, size, warmup, window) {
+                Ok(m) => results.push((s, m)),
+                Err(e) => println!("{size:>5}  {:<14} failed: {e}", s.label()),
+            }
+        }
+        let rate = |w: Setup| results.iter().find(|(s, _)| *s == w).map(|(_, m)| m.pps);
+        let vde_sw = rate(Setup::VdeSwitch);
+        for (s, m) in &results {
+            let ratio = |base: Option<f64>| {
+                base.filter(|b| *b > 0.0)
+                    .map(|b| format!("{:.2}x", m.pps / b))
+                    .unwrap_or_else(|| "-".into())
+            };
+            let direct = match s {
+                Setup::Ulan(k) | Setup::Direct(k) => rate(Setup::Direct(*k)),
+                Setup::VdeSwitch => rate(Setup::Direct(PortKind::Vde)),
+            };
+            println!(
+                "{:>5}  {:<14} {:>7.3} {:>8.3} {:>10} {:>10} {:>9} {:>9}",
+                size,
+                s.label(),
+                m.pps / 1e6,
+                m.bps / 1e9,
+                m.sent.saturating_sub(m.received),
+                m.switch_drops
+                    .map(|d| d.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                ratio(direct),
+                ratio(vde_sw),
+            );
+            if let Setup::Ulan(k) = s {
+                if let Some(d) = direct {
+                    checks.push((size, k.as_str(), "0.9x direct", m.pps / d, 0.9));
+                }
+                if let Some(v) = vde_sw {
+                    checks.push((size, k.as_str(), "1.5x vde_switch", m.pps / v, 1.5));
+                }
+            }
+        }
+        println!();
+    }
+    println!("targets (the switch is never the bottleneck):");
+    for (size, kind, what, ratio, target) in checks {
+        let verdict = if ratio >= target { "PASS" } else { "BELOW" };
+        println!("  {size:>5} B  ulan {kind:<7} >= {what:<16} {ratio:>5.2}x  {verdict}");
+    }
+}

@@ -300,6 +300,10 @@ impl DataPlane {
             mark(&mut self.touched, &mut slot.touched, id);
             note_link_state(&mut self.forwarder, slot, id);
             self.forward_batch(id, now);
+            // Flush after every batch, not once per round: output queues
+            // stay short, so a burst of RX_BUDGET batches cannot overrun a
+            // queue that a fast client is draining.
+            self.flush_dirty(now);
             if state == RxState::Drained {
                 return;
             }
@@ -357,14 +361,27 @@ impl DataPlane {
         }
     }
 
-    /// Flushes every port that got frames this round, and retries those
-    /// that were backed up.
-    fn flush_all(&mut self, now: u64) {
-        let registry = self.poll.registry();
-        let mut still = Vec::new();
-        let backlog = std::mem::take(&mut self.backlog);
+    /// Flushes the ports that got frames since the last flush.
+    fn flush_dirty(&mut self, now: u64) {
         let dirty = std::mem::take(&mut self.dirty);
-        for id in dirty.iter().chain(backlog.iter()) {
+        self.flush_list(&dirty, now);
+        let mut dirty = dirty;
+        dirty.clear();
+        self.dirty = dirty;
+    }
+
+    /// Flushes every port that got frames, and retries those that were
+    /// backed up.
+    fn flush_all(&mut self, now: u64) {
+        self.flush_dirty(now);
+        let backlog = std::mem::take(&mut self.backlog);
+        self.flush_list(&backlog, now);
+    }
+
+    /// Flushes `ids`; those still backed up go (once) on the backlog list.
+    fn flush_list(&mut self, ids: &[PortId], now: u64) {
+        let registry = self.poll.registry();
+        for id in ids {
             let Some(Some(slot)) = self.ports.get_mut(*id as usize) else {
                 continue;
             };
@@ -374,15 +391,10 @@ impl DataPlane {
                 .flush(&mut cx(registry, *id, &mut slot.counters, now));
             mark(&mut self.touched, &mut slot.touched, *id);
             note_link_state(&mut self.forwarder, slot, *id);
-            if backed_up && !still.contains(id) {
-                still.push(*id);
+            if backed_up && !self.backlog.contains(id) {
+                self.backlog.push(*id);
             }
         }
-        self.backlog = still;
-        // Keep the allocation of the dirty list for the next round.
-        let mut dirty = dirty;
-        dirty.clear();
-        self.dirty = dirty;
     }
 
     fn tick(&mut self, now: u64) {
