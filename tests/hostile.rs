@@ -350,3 +350,36 @@ fn source_mac_flood_is_bounded() {
     let fdb = rt().block_on(fx.lab.fdb("l")).unwrap();
     assert!(fdb.len() <= ulan::switch::fdb::DEFAULT_FDB_CAPACITY);
 }
+
+#[test]
+fn dgram_port_belongs_to_its_client_until_that_client_is_gone() {
+    let fx = Fixture::new();
+    fx.lan("l");
+    let mut first = fx.plug("d", PortKind::Dgram, Some("l"));
+    let mut peer = fx.plug("peer", PortKind::Stream, Some("l"));
+    let path = fx.lab.port("d").unwrap().path;
+    // A stray sender cannot take the port over: the kernel refuses it.
+    let mut stray = Endpoint::connect(PortKind::Dgram, path.as_ref(), &fx.scratch).unwrap();
+    let err = stray
+        .send(&frame(MacAddr::BROADCAST, mac(66), 60, 66))
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    assert!(peer.recv(QUIET).unwrap().is_none());
+    first
+        .send(&frame(MacAddr::BROADCAST, mac(1), 60, 1))
+        .unwrap();
+    assert_eq!(tag_of(&peer.recv(WAIT).unwrap().unwrap()), Some(1));
+    peer.send(&frame(mac(1), mac(2), 60, 2)).unwrap();
+    assert_eq!(tag_of(&first.recv(WAIT).unwrap().unwrap()), Some(2));
+    // The client goes away (its socket file with it): within the 1 s check
+    // the port lets go, and the next sender becomes its client.
+    drop(first);
+    fx.wait_up("d", false);
+    stray
+        .send(&frame(MacAddr::BROADCAST, mac(66), 60, 3))
+        .unwrap();
+    assert_eq!(tag_of(&peer.recv(WAIT).unwrap().unwrap()), Some(3));
+    fx.wait_up("d", true);
+    peer.send(&frame(mac(66), mac(2), 60, 4)).unwrap();
+    assert_eq!(tag_of(&stray.recv(WAIT).unwrap().unwrap()), Some(4));
+}

@@ -1,35 +1,59 @@
 //! `dgram` ports: QEMU `-netdev dgram,local.type=unix,...,remote.path=PATH`.
-//! One frame per datagram on a socket bound at the port path; the switch
-//! answers to the address of the last sender.
+//! One frame per datagram on a socket bound at the port path.
 //!
-//! An unconnected datagram socket is always "writable" to epoll, even when
-//! the peer's queue is full. To learn when the peer has room again, the
-//! port keeps a second socket connected to the peer and used only to poll:
-//! the kernel reports a connected datagram socket writable once the peer
-//! drains. If that connect is refused, the data plane's retry tick covers.
+//! The first client heard from becomes the port's peer, and the port's
+//! socket is connected to it. That does three things: frames go back to
+//! that address; the kernel lets only the peer send to the port (a stray
+//! process cannot hijack it: its sends fail with EPERM, like a second
+//! client of a stream port is refused); and the client's sends are no
+//! longer capped by `net.unix.max_dgram_qlen` (10 on many hosts), which
+//! applies only between unconnected sockets, while epoll reports the port
+//! writable exactly when the peer has room again.
+//!
+//! The peer is let go when it is gone: a send is refused (its socket was
+//! closed), or its socket file was removed or replaced (a restarted QEMU
+//! binds the same path anew), checked once a second. Then the next sender
+//! becomes the peer. Peers with abstract addresses cannot be checked that
+//! way; the port stays unconnected for them and answers the last sender.
 
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::ports::queue::{FrameQueue, FRAME_QUEUE_DEPTH};
 use crate::ports::sys::{self, RxRejects, UnixAddr};
 use crate::ports::{
-    count_lost, count_rx_rejects, count_tx_drop_full, count_tx_drop_no_peer, deregister_fd,
-    set_interest, PortCx, PortIo, PortKind, PortLink, RxBatch, RxState,
+    count_lost, count_rx_rejects, count_tx_drop_full, count_tx_drop_no_peer, set_interest, PortCx,
+    PortIo, PortKind, PortLink, RxBatch, RxState,
 };
 
 const SUB_SOCKET: usize = 0;
-const SUB_PROBE: usize = 1;
+
+struct Peer {
+    addr: UnixAddr,
+    /// (device, inode) of the peer's socket file while connected to it.
+    connected: Option<(u64, u64)>,
+}
 
 pub struct DgramPort {
     link: PortLink,
     path: PathBuf,
     sock: OwnedFd,
-    peer: Option<UnixAddr>,
-    /// Connected to `peer`, polled for writability only.
-    probe: Option<OwnedFd>,
+    peer: Option<Peer>,
     queue: FrameQueue,
+    want_write: bool,
+}
+
+fn socket_file_id(addr: &UnixAddr) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = addr.path_bytes();
+    let bytes = bytes.split(|&b| b == 0).next()?;
+    if bytes.is_empty() {
+        return None; // abstract
+    }
+    let meta = std::fs::metadata(std::ffi::OsStr::from_bytes(bytes)).ok()?;
+    Some((meta.dev(), meta.ino()))
 }
 
 impl DgramPort {
@@ -41,23 +65,15 @@ impl DgramPort {
             path: path.to_path_buf(),
             sock,
             peer: None,
-            probe: None,
             queue: FrameQueue::new(FRAME_QUEUE_DEPTH),
+            want_write: false,
         })
     }
 
     fn set_peer(&mut self, addr: UnixAddr, cx: &mut PortCx<'_>) {
-        if let Some(old) = self.probe.take() {
-            deregister_fd(cx.registry, &old);
-        }
-        self.probe = sys::unix_socket(libc::SOCK_DGRAM)
-            .and_then(|p| sys::connect(&p, &addr).map(|()| p))
-            .ok();
-        if let Some(p) = &self.probe {
-            let _ = set_interest(cx.registry, p, cx.token(SUB_PROBE), false, true);
-        }
+        let connected = socket_file_id(&addr).filter(|_| sys::connect(&self.sock, &addr).is_ok());
         let first = self.peer.is_none();
-        self.peer = Some(addr);
+        self.peer = Some(Peer { addr, connected });
         if first {
             self.link.up(cx.counters, Some(addr.display()));
         } else {
@@ -66,23 +82,30 @@ impl DgramPort {
     }
 
     fn forget_peer(&mut self, cx: &mut PortCx<'_>, reason: &str) {
-        if let Some(p) = self.probe.take() {
-            deregister_fd(cx.registry, &p);
+        let Some(peer) = self.peer.take() else {
+            return;
+        };
+        if peer.connected.is_some() {
+            let _ = sys::disconnect(&self.sock);
         }
-        if self.peer.take().is_some() {
-            count_lost(cx.counters, self.queue.clear());
-            self.link.down(cx.counters, reason);
+        if self.want_write {
+            self.want_write = false;
+            let _ = set_interest(cx.registry, &self.sock, cx.token(SUB_SOCKET), false, false);
         }
+        count_lost(cx.counters, self.queue.clear());
+        self.link.down(cx.counters, reason);
     }
 
     fn receive(&mut self, cx: &mut PortCx<'_>, batch: &mut RxBatch) -> RxState {
         let mut rejects = RxRejects::default();
         let mut sender = None;
+        let want_sender = self.peer.as_ref().is_none_or(|p| p.connected.is_none());
         let state = loop {
             if batch.is_full() {
                 break RxState::More;
             }
-            match sys::recv_batch(&self.sock, batch, &mut rejects, Some(&mut sender)) {
+            let from = want_sender.then_some(&mut sender);
+            match sys::recv_batch(&self.sock, batch, &mut rejects, from) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxState::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -94,7 +117,7 @@ impl DgramPort {
             }
         };
         if let Some(addr) = sender {
-            if self.peer != Some(addr) {
+            if self.peer.as_ref().map(|p| p.addr) != Some(addr) {
                 self.set_peer(addr, cx);
             }
         }
@@ -130,13 +153,16 @@ impl PortIo for DgramPort {
         cx: &mut PortCx<'_>,
         batch: &mut RxBatch,
     ) -> RxState {
-        match sub {
-            SUB_SOCKET if readable => self.receive(cx, batch),
-            SUB_PROBE if writable => {
-                self.flush(cx);
-                RxState::Drained
-            }
-            _ => RxState::Drained,
+        if sub != SUB_SOCKET {
+            return RxState::Drained;
+        }
+        if writable && self.want_write {
+            self.flush(cx);
+        }
+        if readable {
+            self.receive(cx, batch)
+        } else {
+            RxState::Drained
         }
     }
 
@@ -149,21 +175,23 @@ impl PortIo for DgramPort {
     }
 
     fn flush(&mut self, cx: &mut PortCx<'_>) -> bool {
-        let Some(peer) = self.peer else {
+        let Some(peer) = &self.peer else {
             return false;
         };
         if self.queue.is_empty() {
             return false;
         }
-        match self.queue.flush(&self.sock, Some(&peer), cx.counters) {
-            Ok(true) => false,
-            Ok(false) => {
-                // Re-arm: the modify makes the kernel look at the peer's
-                // queue again and wake us when it drains.
-                if let Some(p) = &self.probe {
-                    let _ = set_interest(cx.registry, p, cx.token(SUB_PROBE), true, false);
+        let dest = peer.connected.is_none().then_some(peer.addr);
+        let connected = peer.connected.is_some();
+        match self.queue.flush(&self.sock, dest.as_ref(), cx.counters) {
+            Ok(done) => {
+                // Connected: epoll tells when the peer has room again.
+                if connected && done == self.want_write {
+                    self.want_write = !done;
+                    let _ =
+                        set_interest(cx.registry, &self.sock, cx.token(SUB_SOCKET), !done, false);
                 }
-                true
+                !done
             }
             Err(e) => {
                 // ECONNREFUSED / ENOENT: the peer's socket is gone.
@@ -174,11 +202,21 @@ impl PortIo for DgramPort {
         }
     }
 
-    fn deregister(&mut self, registry: &mio::Registry) {
-        deregister_fd(registry, &self.sock);
-        if let Some(p) = &self.probe {
-            deregister_fd(registry, p);
+    fn tick(&mut self, cx: &mut PortCx<'_>) {
+        let Some(Peer {
+            addr,
+            connected: Some(id),
+        }) = &self.peer
+        else {
+            return;
+        };
+        if socket_file_id(addr) != Some(*id) {
+            self.forget_peer(cx, "client socket file removed or replaced");
         }
+    }
+
+    fn deregister(&mut self, registry: &mio::Registry) {
+        crate::ports::deregister_fd(registry, &self.sock);
     }
 }
 

@@ -171,6 +171,22 @@ pub fn connect(fd: &OwnedFd, addr: &UnixAddr) -> io::Result<()> {
     .map(drop)
 }
 
+/// Dissolves a datagram socket's connection (connect to AF_UNSPEC).
+pub fn disconnect(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: a zeroed sockaddr with family AF_UNSPEC is what the call takes.
+    let mut addr: libc::sockaddr = unsafe { zeroed() };
+    addr.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+    // SAFETY: addr is valid for its size.
+    cvt(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            &addr,
+            size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
 pub fn listen(fd: &OwnedFd, backlog: i32) -> io::Result<()> {
     // SAFETY: plain syscall on an owned fd.
     cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) }).map(drop)

@@ -27,7 +27,7 @@ use crate::wire::EthernetFrame;
 
 const WAKER: Token = Token(usize::MAX);
 /// Batches one port may read in a row before others get a turn.
-const RX_BUDGET: usize = 8;
+const RX_BUDGET: usize = 2;
 const TICK_MS: u64 = 1000;
 /// Retry interval for output that is backed up and has no wakeup of its own.
 const BACKLOG_RETRY: Duration = Duration::from_millis(1);
