@@ -99,7 +99,13 @@ impl DgramPort {
     fn receive(&mut self, cx: &mut PortCx<'_>, batch: &mut RxBatch) -> RxState {
         let mut rejects = RxRejects::default();
         let mut sender = None;
-        let want_sender = self.peer.as_ref().is_none_or(|p| p.connected.is_none());
+        let want_sender = !matches!(
+            self.peer,
+            Some(Peer {
+                connected: Some(_),
+                ..
+            })
+        );
         let state = loop {
             if batch.is_full() {
                 break RxState::More;
