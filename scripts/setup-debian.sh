@@ -6,6 +6,7 @@ set -euo pipefail
 packages=(
     build-essential pkg-config   # cc for crates with C parts
     vde2 vdeplug vde-switch      # vde_plug and vde_switch: real third-party clients and the benchmark peer
+    qemu-system-x86              # QEMU's own netdevs as real clients in the tests
     iproute2 iputils-ping        # the demo's namespaces
     util-linux                   # unshare
     socat curl                   # the README's examples

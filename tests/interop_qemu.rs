@@ -1,0 +1,110 @@
+//! Real QEMU (7.2+) on ulan ports, no guest needed: QEMU's user-mode
+//! network (slirp, `restrict=on`: nothing leaves the machine) is put on a
+//! QEMU hub with a `stream` or `vde` netdev plugged into ulan. A synthetic
+//! client on the same lan asks slirp's gateway address by ARP; the answer
+//! comes from QEMU through its netdev and ulan's port.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use ulan::ports::PortKind;
+use ulan::testkit::{mac, Endpoint};
+use ulan::wire::{write_header, EthernetFrame, MacAddr};
+
+const SLIRP_GW_MAC: &str = "52:55:0a:00:02:02";
+
+fn qemu_usable() -> Result<(), String> {
+    let out = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("qemu-system-x86_64: {e}"))?;
+    if !out.status.success() {
+        return Err("qemu-system-x86_64 --version failed".into());
+    }
+    Ok(())
+}
+
+fn arp_who_has_gateway(src: MacAddr) -> Vec<u8> {
+    let mut f = vec![0u8; 60];
+    write_header(&mut f, MacAddr::BROADCAST, src, 0x0806);
+    let arp = &mut f[14..42];
+    arp[0..2].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    arp[2..4].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    arp[4] = 6;
+    arp[5] = 4;
+    arp[6..8].copy_from_slice(&1u16.to_be_bytes()); // request
+    arp[8..14].copy_from_slice(&src.0);
+    arp[14..18].copy_from_slice(&[10, 0, 2, 15]);
+    arp[24..28].copy_from_slice(&[10, 0, 2, 2]);
+    f
+}
+
+struct Qemu(Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn qemu_with(netdev: String) -> Qemu {
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-machine", "none", "-nodefaults", "-display", "none"])
+        .args(["-netdev", "user,id=u0,restrict=on"])
+        .args(["-netdev", "hubport,id=h0,hubid=0,netdev=u0"])
+        .args(["-netdev", &netdev])
+        .args(["-netdev", "hubport,id=h1,hubid=0,netdev=n0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu");
+    Qemu(child)
+}
+
+#[test]
+fn qemu_stream_and_vde_netdevs_answer_through_ulan() {
+    if let Err(why) = qemu_usable() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot run under CI: {why}"
+        );
+        eprintln!("SKIPPED: QEMU interop needs qemu-system-x86_64: {why}");
+        return;
+    }
+    for kind in [PortKind::Stream, PortKind::Vde] {
+        let fx = Fixture::new();
+        fx.lan("l");
+        let q = fx.lab.add_port("q", kind, Some("l")).unwrap();
+        let netdev = match kind {
+            PortKind::Stream => format!(
+                "stream,id=n0,server=off,addr.type=unix,addr.path={}",
+                q.path
+            ),
+            _ => format!("vde,id=n0,sock={}", q.path),
+        };
+        let _qemu = qemu_with(netdev);
+        fx.wait_up("q", true);
+        let mut me: Endpoint = fx.plug("me", PortKind::Dgram, Some("l"));
+        me.send(&arp_who_has_gateway(mac(0x99))).unwrap();
+        let reply = loop {
+            let f = me.recv(WAIT).unwrap().expect("no ARP reply from QEMU");
+            let eth = EthernetFrame::new_checked(&f).unwrap();
+            if eth.ethertype() == 0x0806 && f[20..22] == 2u16.to_be_bytes() {
+                break f;
+            }
+        };
+        let eth = EthernetFrame::new_checked(&reply).unwrap();
+        assert_eq!(eth.src().to_string(), SLIRP_GW_MAC, "{kind:?}");
+        assert_eq!(eth.dst(), mac(0x99), "{kind:?}: reply not unicast to us");
+        assert_eq!(&reply[28..32], &[10, 0, 2, 2]);
+        let fdb = rt().block_on(fx.lab.fdb("l")).unwrap();
+        assert!(
+            fdb.iter().any(|e| e.mac == SLIRP_GW_MAC && e.port == "q"),
+            "{kind:?}: {fdb:?}"
+        );
+    }
+}
