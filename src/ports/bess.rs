@@ -7,10 +7,11 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use crate::ports::queue::{FrameQueue, FRAME_QUEUE_DEPTH};
-use crate::ports::sys::{self, RxRejects};
+use crate::ports::sys;
 use crate::ports::{
-    accept_single, count_lost, count_rx_rejects, count_tx_drop_full, count_tx_drop_no_peer,
-    deregister_fd, set_interest, PortCx, PortIo, PortKind, PortLink, RxBatch, RxState,
+    accept_single, count_lost, count_tx_drop_full, count_tx_drop_no_peer, deregister_fd,
+    receive_datagrams, set_interest, track_backlog, PortCx, PortIo, PortKind, PortLink, RxBatch,
+    RxState,
 };
 
 const SUB_LISTENER: usize = 0;
@@ -52,40 +53,14 @@ impl BessPort {
         let Some(c) = self.client.as_ref() else {
             return RxState::Drained;
         };
-        let mut rejects = RxRejects::default();
-        let state = loop {
-            if batch.is_full() {
-                break RxState::More;
-            }
-            match sys::recv_batch(&c.fd, batch, &mut rejects, None) {
-                // A zero-length message on SOCK_SEQPACKET is the peer's close.
-                Ok(_) if rejects.zero_len > 0 => {
-                    rejects.zero_len = 0;
-                    count_rx_rejects(cx.counters, &rejects);
-                    self.drop_client(cx, "client closed");
-                    return RxState::Drained;
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxState::Drained,
-                Err(e) => {
-                    count_rx_rejects(cx.counters, &rejects);
-                    let reason = format!("receive failed: {e}");
-                    self.drop_client(cx, &reason);
-                    return RxState::Drained;
-                }
-            }
-        };
-        if rejects.runt + rejects.oversized > 0 {
-            count_rx_rejects(cx.counters, &rejects);
-            self.link.warn(
-                cx.now_ms,
-                format_args!(
-                    "dropped {} runt and {} oversized frames",
-                    rejects.runt, rejects.oversized
-                ),
-            );
+        let rx = receive_datagrams(&c.fd, batch, &mut self.link, cx, None, true);
+        if rx.eof {
+            self.drop_client(cx, "client closed");
+        } else if let Some(e) = rx.error {
+            let reason = format!("receive failed: {e}");
+            self.drop_client(cx, &reason);
         }
-        state
+        rx.state
     }
 }
 
@@ -164,10 +139,7 @@ impl PortIo for BessPort {
         }
         match self.queue.flush(&c.fd, None, cx.counters) {
             Ok(done) => {
-                if done == c.want_write {
-                    c.want_write = !done;
-                    let _ = set_interest(cx.registry, &c.fd, cx.token(SUB_CLIENT), !done, false);
-                }
+                track_backlog(cx, &c.fd, SUB_CLIENT, &mut c.want_write, done);
                 !done
             }
             Err(e) => {

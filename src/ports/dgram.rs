@@ -22,11 +22,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::ports::queue::{FrameQueue, FRAME_QUEUE_DEPTH};
-use crate::ports::sys::{self, RxRejects, UnixAddr};
+use crate::ports::sys::{self, UnixAddr};
 use crate::ports::{
-    count_lost, count_rx_rejects, count_tx_drop_full, count_tx_drop_no_peer, set_interest, PortCx,
-    PortIo, PortKind, PortLink, RxBatch, RxState,
+    count_lost, count_tx_drop_full, count_tx_drop_no_peer, set_interest, PortCx, PortIo, PortKind,
+    PortLink, RxBatch, RxState,
 };
+use crate::ports::{receive_datagrams, track_backlog};
 
 const SUB_SOCKET: usize = 0;
 
@@ -97,8 +98,7 @@ impl DgramPort {
     }
 
     fn receive(&mut self, cx: &mut PortCx<'_>, batch: &mut RxBatch) -> RxState {
-        let mut rejects = RxRejects::default();
-        let mut sender = None;
+        // Connected, only the peer can send: no need to look at senders.
         let want_sender = !matches!(
             self.peer,
             Some(Peer {
@@ -106,39 +106,19 @@ impl DgramPort {
                 ..
             })
         );
-        let state = loop {
-            if batch.is_full() {
-                break RxState::More;
-            }
-            let from = want_sender.then_some(&mut sender);
-            match sys::recv_batch(&self.sock, batch, &mut rejects, from) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxState::Drained,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.link
-                        .warn(cx.now_ms, format_args!("receive failed: {e}"));
-                    break RxState::Drained;
-                }
-            }
-        };
+        let mut sender = None;
+        let from = want_sender.then_some(&mut sender);
+        let rx = receive_datagrams(&self.sock, batch, &mut self.link, cx, from, false);
+        if let Some(e) = rx.error {
+            self.link
+                .warn(cx.now_ms, format_args!("receive failed: {e}"));
+        }
         if let Some(addr) = sender {
             if self.peer.as_ref().map(|p| p.addr) != Some(addr) {
                 self.set_peer(addr, cx);
             }
         }
-        if rejects.runt + rejects.oversized + rejects.zero_len > 0 {
-            count_rx_rejects(cx.counters, &rejects);
-            self.link.warn(
-                cx.now_ms,
-                format_args!(
-                    "dropped {} runt and {} oversized datagrams",
-                    rejects.runt + rejects.zero_len,
-                    rejects.oversized
-                ),
-            );
-        }
-        state
+        rx.state
     }
 }
 
@@ -192,10 +172,8 @@ impl PortIo for DgramPort {
         match self.queue.flush(&self.sock, dest.as_ref(), cx.counters) {
             Ok(done) => {
                 // Connected: epoll tells when the peer has room again.
-                if connected && done == self.want_write {
-                    self.want_write = !done;
-                    let _ =
-                        set_interest(cx.registry, &self.sock, cx.token(SUB_SOCKET), !done, false);
+                if connected {
+                    track_backlog(cx, &self.sock, SUB_SOCKET, &mut self.want_write, done);
                 }
                 !done
             }

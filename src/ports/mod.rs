@@ -291,3 +291,78 @@ pub(crate) fn accept_single(
         }
     }
 }
+
+/// How a run of datagram receives ended.
+pub(crate) struct DatagramRx {
+    pub state: RxState,
+    /// A zero-length message on SOCK_SEQPACKET: the peer closed.
+    pub eof: bool,
+    /// The error that stopped reading, other than "nothing more to read".
+    pub error: Option<io::Error>,
+}
+
+/// Receives datagrams (or seqpacket messages) into `batch` until the
+/// socket is empty or the batch is full, as edge-triggered polling needs.
+/// Rejected frames are counted and logged (rate-limited) here.
+pub(crate) fn receive_datagrams(
+    fd: &std::os::fd::OwnedFd,
+    batch: &mut RxBatch,
+    link: &mut PortLink,
+    cx: &mut PortCx<'_>,
+    mut sender: Option<&mut Option<sys::UnixAddr>>,
+    seqpacket: bool,
+) -> DatagramRx {
+    let mut rejects = sys::RxRejects::default();
+    let mut out = DatagramRx {
+        state: RxState::Drained,
+        eof: false,
+        error: None,
+    };
+    loop {
+        if batch.is_full() {
+            out.state = RxState::More;
+            break;
+        }
+        match sys::recv_batch(fd, batch, &mut rejects, sender.as_deref_mut()) {
+            Ok(_) if seqpacket && rejects.zero_len > 0 => {
+                rejects.zero_len = 0;
+                out.eof = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                out.error = Some(e);
+                break;
+            }
+        }
+    }
+    let runts = rejects.runt + rejects.zero_len;
+    if runts + rejects.oversized > 0 {
+        count_rx_rejects(cx.counters, &rejects);
+        link.warn(
+            cx.now_ms,
+            format_args!(
+                "dropped {runts} runt and {} oversized frames",
+                rejects.oversized
+            ),
+        );
+    }
+    out
+}
+
+/// After a flush: asks epoll for writability while output is backed up
+/// (`done` false) and stops asking once it has drained.
+pub(crate) fn track_backlog(
+    cx: &mut PortCx<'_>,
+    fd: &std::os::fd::OwnedFd,
+    sub: usize,
+    want_write: &mut bool,
+    done: bool,
+) {
+    if done == *want_write {
+        *want_write = !done;
+        let _ = set_interest(cx.registry, fd, cx.token(sub), !done, false);
+    }
+}

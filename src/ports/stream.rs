@@ -10,7 +10,7 @@ use crate::ports::queue::{StreamQueue, STREAM_QUEUE_BYTES};
 use crate::ports::sys::{self, RX_BUF_LEN};
 use crate::ports::{
     accept_single, count_lost, count_tx_drop_full, count_tx_drop_no_peer, deregister_fd,
-    set_interest, PortCx, PortIo, PortKind, PortLink, RxBatch, RxState,
+    set_interest, track_backlog, PortCx, PortIo, PortKind, PortLink, RxBatch, RxState,
 };
 use crate::wire::{check_frame_len, FrameError};
 
@@ -222,11 +222,7 @@ impl PortIo for StreamPort {
         }
         match c.out.flush(&c.fd, cx.counters) {
             Ok(done) => {
-                // Ask for writability only while backed up.
-                if done == c.want_write {
-                    c.want_write = !done;
-                    let _ = set_interest(cx.registry, &c.fd, cx.token(SUB_CLIENT), !done, false);
-                }
+                track_backlog(cx, &c.fd, SUB_CLIENT, &mut c.want_write, done);
                 !done
             }
             Err(e) => {

@@ -19,11 +19,12 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use crate::ports::queue::{FrameQueue, FRAME_QUEUE_DEPTH};
-use crate::ports::sys::{self, RxRejects, UnixAddr};
+use crate::ports::sys::{self, UnixAddr};
 use crate::ports::{
-    accept_single, count_lost, count_rx_rejects, count_tx_drop_full, count_tx_drop_no_peer,
-    deregister_fd, set_interest, PortCx, PortIo, PortKind, PortLink, RxBatch, RxState,
+    accept_single, count_lost, count_tx_drop_full, count_tx_drop_no_peer, deregister_fd,
+    set_interest, PortCx, PortIo, PortKind, PortLink, RxBatch, RxState,
 };
+use crate::ports::{receive_datagrams, track_backlog};
 
 pub const VDE_MAGIC: u32 = 0xfeed_face;
 pub const VDE_VERSION: u32 = 3;
@@ -284,34 +285,12 @@ impl VdePort {
         let Some(Session::Attached { data, .. }) = self.session.as_ref() else {
             return RxState::Drained;
         };
-        let mut rejects = RxRejects::default();
-        let state = loop {
-            if batch.is_full() {
-                break RxState::More;
-            }
-            match sys::recv_batch(data, batch, &mut rejects, None) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxState::Drained,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.link
-                        .warn(cx.now_ms, format_args!("receive failed: {e}"));
-                    break RxState::Drained;
-                }
-            }
-        };
-        if rejects.runt + rejects.oversized + rejects.zero_len > 0 {
-            count_rx_rejects(cx.counters, &rejects);
-            self.link.warn(
-                cx.now_ms,
-                format_args!(
-                    "dropped {} runt and {} oversized datagrams",
-                    rejects.runt + rejects.zero_len,
-                    rejects.oversized
-                ),
-            );
+        let rx = receive_datagrams(data, batch, &mut self.link, cx, None, false);
+        if let Some(e) = rx.error {
+            self.link
+                .warn(cx.now_ms, format_args!("receive failed: {e}"));
         }
-        state
+        rx.state
     }
 }
 
@@ -402,10 +381,7 @@ impl PortIo for VdePort {
         }
         match self.queue.flush(data, None, cx.counters) {
             Ok(done) => {
-                if done == *want_write {
-                    *want_write = !done;
-                    let _ = set_interest(cx.registry, data, cx.token(SUB_DATA), !done, false);
-                }
+                track_backlog(cx, data, SUB_DATA, want_write, done);
                 !done
             }
             Err(e) => {
