@@ -1,8 +1,13 @@
-//! Real QEMU (7.2+) on ulan ports, no guest needed: QEMU's user-mode
+//! Real user-mode network stacks on ulan ports, no guest needed.
+//!
+//! QEMU (7.2+): QEMU's user-mode
 //! network (slirp, `restrict=on`: nothing leaves the machine) is put on a
 //! QEMU hub with a `stream` or `vde` netdev plugged into ulan. A synthetic
 //! client on the same lan asks slirp's gateway address by ARP; the answer
 //! comes from QEMU through its netdev and ulan's port.
+//!
+//! vde2's `slirpvde` (a VDE client with its own slirp) answers the same
+//! question through a `vde` port.
 
 mod common;
 
@@ -65,6 +70,59 @@ fn qemu_with(netdev: String) -> Qemu {
     Qemu(child)
 }
 
+/// Sends an ARP request for 10.0.2.2 from `me` and returns the reply.
+fn ask_gateway(me: &mut Endpoint) -> Vec<u8> {
+    me.send(&arp_who_has_gateway(mac(0x99))).unwrap();
+    loop {
+        let f = me.recv(WAIT).unwrap().expect("no ARP reply");
+        let eth = EthernetFrame::new_checked(&f).unwrap();
+        if eth.ethertype() == 0x0806 && f[20..22] == 2u16.to_be_bytes() {
+            assert_eq!(eth.dst(), mac(0x99), "reply not unicast to the asker");
+            assert_eq!(&f[28..32], &[10, 0, 2, 2]);
+            return f;
+        }
+    }
+}
+
+#[test]
+fn slirpvde_answers_through_a_vde_port() {
+    let found = Command::new("sh")
+        .args(["-c", "command -v slirpvde"])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "slirpvde missing under CI"
+        );
+        eprintln!("SKIPPED: slirpvde is not installed (apt-get install vde2)");
+        return;
+    }
+    let fx = Fixture::new();
+    fx.lan("l");
+    let v = fx.lab.add_port("v", PortKind::Vde, Some("l")).unwrap();
+    let _slirp = Qemu(
+        Command::new("slirpvde")
+            .args(["-s", &v.path])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start slirpvde"),
+    );
+    fx.wait_up("v", true);
+    let mut me = fx.plug("me", PortKind::Stream, Some("l"));
+    let reply = ask_gateway(&mut me);
+    let gw = EthernetFrame::new_checked(&reply).unwrap().src();
+    let fdb = rt().block_on(fx.lab.fdb("l")).unwrap();
+    assert!(
+        fdb.iter().any(|e| e.mac == gw.to_string() && e.port == "v"),
+        "{fdb:?}"
+    );
+}
+
 #[test]
 fn qemu_stream_and_vde_netdevs_answer_through_ulan() {
     if let Err(why) = qemu_usable() {
@@ -89,18 +147,9 @@ fn qemu_stream_and_vde_netdevs_answer_through_ulan() {
         let _qemu = qemu_with(netdev);
         fx.wait_up("q", true);
         let mut me: Endpoint = fx.plug("me", PortKind::Dgram, Some("l"));
-        me.send(&arp_who_has_gateway(mac(0x99))).unwrap();
-        let reply = loop {
-            let f = me.recv(WAIT).unwrap().expect("no ARP reply from QEMU");
-            let eth = EthernetFrame::new_checked(&f).unwrap();
-            if eth.ethertype() == 0x0806 && f[20..22] == 2u16.to_be_bytes() {
-                break f;
-            }
-        };
+        let reply = ask_gateway(&mut me);
         let eth = EthernetFrame::new_checked(&reply).unwrap();
         assert_eq!(eth.src().to_string(), SLIRP_GW_MAC, "{kind:?}");
-        assert_eq!(eth.dst(), mac(0x99), "{kind:?}: reply not unicast to us");
-        assert_eq!(&reply[28..32], &[10, 0, 2, 2]);
         let fdb = rt().block_on(fx.lab.fdb("l")).unwrap();
         assert!(
             fdb.iter().any(|e| e.mac == SLIRP_GW_MAC && e.port == "q"),
