@@ -11,4 +11,5 @@ pub mod names;
 pub mod ports;
 pub mod switch;
 pub mod testkit;
+pub mod vmlaunch;
 pub mod wire;

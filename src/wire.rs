@@ -6,6 +6,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use serde::{Deserialize, Serialize};
+
 /// Shortest frame ulan forwards: destination, source and EtherType.
 pub const ETH_HEADER_LEN: usize = 14;
 /// Longest frame ulan forwards. Matches the 16-bit limit of the stream
@@ -54,6 +56,21 @@ impl fmt::Debug for MacAddr {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("not a MAC address (want six hex octets separated by ':'): {0:?}")]
 pub struct MacParseError(pub String);
+
+/// A MAC address as it appears in JSON and YAML: `"02:00:00:00:00:01"`.
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a MAC address")))
+    }
+}
 
 impl FromStr for MacAddr {
     type Err = MacParseError;
