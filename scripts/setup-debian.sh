@@ -6,7 +6,10 @@ set -euo pipefail
 packages=(
     build-essential pkg-config   # cc for crates with C parts
     vde2 vdeplug vde-switch      # vde_plug and vde_switch: real third-party clients and the benchmark peer
-    qemu-system-x86              # QEMU's own netdevs as real clients in the tests
+    qemu-system-x86 qemu-utils   # guests, and qemu-img for disk overlays
+    linux-image-amd64            # the built-in guest image's kernel and virtio modules
+    busybox-static iperf3        # the built-in guest image's userland
+    user-mode-linux              # UML nodes (they do not boot on every host: see ulan doctor)
     iproute2 iputils-ping        # the demo's namespaces
     util-linux                   # unshare
     socat curl                   # the README's examples
