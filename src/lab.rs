@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::events::{Event, EventSink};
 use crate::names::{check_name, NameError};
-use crate::ports::{self, PortError, PortKind, PortLink};
+use crate::ports::{self, PortError, PortKind, PortLink, PortOptions};
 use crate::switch::dataplane::{Command, DataPlaneConfig, DataPlaneGone, DataPlaneHandle};
 use crate::switch::stats::{PortCounters, PortShared};
 use crate::switch::topology::Snapshot;
@@ -352,6 +352,16 @@ impl Lab {
         kind: PortKind,
         lan: Option<&str>,
     ) -> Result<PortInfo, LabError> {
+        self.add_port_with(name, kind, lan, &PortOptions::default())
+    }
+
+    pub fn add_port_with(
+        &self,
+        name: &str,
+        kind: PortKind,
+        lan: Option<&str>,
+        options: &PortOptions,
+    ) -> Result<PortInfo, LabError> {
         check_name(name).map_err(|source| LabError::InvalidName {
             what: "port",
             source,
@@ -371,7 +381,7 @@ impl Lab {
         let path = self.ports_dir.join(name);
         let shared = Arc::new(PortShared::default());
         let link = PortLink::new(name, shared.clone(), self.events.clone());
-        let io = ports::open(kind, &path, link)?;
+        let io = ports::open(kind, &path, link, options)?;
         let id = st.port_ids.take();
         if let Err(e) = self.dataplane.send(Command::AddPort {
             id,

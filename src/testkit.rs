@@ -68,6 +68,13 @@ impl Endpoint {
             std::process::id(),
             N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
+        Self::connect_bound(kind, path, &own)
+    }
+
+    /// Like [`Endpoint::connect`], with the datagram kinds' own socket
+    /// bound at `own`.
+    pub fn connect_bound(kind: PortKind, path: &Path, own: &Path) -> io::Result<Endpoint> {
+        let own = own.to_path_buf();
         let mut ep = Endpoint {
             kind,
             data: sys::unix_socket(libc::SOCK_STREAM)?,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use ulan::ports::PortKind;
-use ulan::testkit::{frame, mac, tag_of};
+use ulan::testkit::{frame, mac, tag_of, Endpoint};
 use ulan::wire::MacAddr;
 
 /// For each kind as the port under test, with the other two roles on other
@@ -298,4 +298,35 @@ fn a_port_going_down_forgets_its_addresses() {
     fx.wait_up("a", false);
     let fdb = rt().block_on(fx.lab.fdb("l")).unwrap();
     assert!(fdb.iter().all(|e| e.port != "a"), "{fdb:?}");
+}
+
+/// A dgram port told its client's socket path (as ulan does for the QEMU
+/// guests it launches) comes up as soon as that socket exists and delivers
+/// frames to it before the client has sent anything.
+#[test]
+fn dgram_port_with_expected_peer_delivers_before_the_client_speaks() {
+    use ulan::ports::PortOptions;
+    let fx = Fixture::new();
+    fx.lan("l");
+    let mut sender = fx.plug("s", PortKind::Stream, Some("l"));
+    let client_path = fx.scratch.join("guest.sock");
+    let info = fx
+        .lab
+        .add_port_with(
+            "g",
+            PortKind::Dgram,
+            Some("l"),
+            &PortOptions {
+                dgram_peer: Some(client_path.clone()),
+            },
+        )
+        .unwrap();
+    assert!(!fx.lab.port("g").unwrap().up);
+    // The client binds exactly the expected path and never sends.
+    let mut client =
+        Endpoint::connect_bound(PortKind::Dgram, info.path.as_ref(), &client_path).unwrap();
+    fx.wait_up("g", true);
+    let f = frame(MacAddr::BROADCAST, mac(1), 100, 7);
+    sender.send(&f).unwrap();
+    assert_eq!(client.recv(WAIT).unwrap(), Some(f));
 }

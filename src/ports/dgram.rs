@@ -15,6 +15,10 @@
 //! binds the same path anew), checked once a second. Then the next sender
 //! becomes the peer. Peers with abstract addresses cannot be checked that
 //! way; the port stays unconnected for them and answers the last sender.
+//!
+//! When ulan launches the client itself it knows the client's socket path
+//! (`expected_peer`): the port connects to it as soon as it exists (checked
+//! once a second), so frames reach a guest before the guest has sent any.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -44,6 +48,7 @@ pub struct DgramPort {
     peer: Option<Peer>,
     queue: FrameQueue,
     want_write: bool,
+    expected_peer: Option<UnixAddr>,
 }
 
 fn socket_file_id(addr: &UnixAddr) -> Option<(u64, u64)> {
@@ -58,7 +63,8 @@ fn socket_file_id(addr: &UnixAddr) -> Option<(u64, u64)> {
 }
 
 impl DgramPort {
-    pub fn open(path: &Path, link: PortLink) -> io::Result<Self> {
+    pub fn open(path: &Path, link: PortLink, expected_peer: Option<&Path>) -> io::Result<Self> {
+        let expected_peer = expected_peer.map(UnixAddr::from_path).transpose()?;
         let sock = sys::bound_socket(libc::SOCK_DGRAM, path)?;
         sys::set_buffer_sizes(&sock, 4 << 20);
         Ok(DgramPort {
@@ -68,6 +74,7 @@ impl DgramPort {
             peer: None,
             queue: FrameQueue::new(FRAME_QUEUE_DEPTH),
             want_write: false,
+            expected_peer,
         })
     }
 
@@ -187,6 +194,14 @@ impl PortIo for DgramPort {
     }
 
     fn tick(&mut self, cx: &mut PortCx<'_>) {
+        if self.peer.is_none() {
+            if let Some(addr) = self.expected_peer {
+                if socket_file_id(&addr).is_some() {
+                    self.set_peer(addr, cx);
+                }
+            }
+            return;
+        }
         let Some(Peer {
             addr,
             connected: Some(id),

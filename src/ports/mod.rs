@@ -190,7 +190,19 @@ impl PortLink {
 
 /// Creates a port of `kind` at `path` (a socket, or for vde a directory).
 /// The path is made here, on the control side, so errors reach the caller.
-pub fn open(kind: PortKind, path: &Path, link: PortLink) -> Result<Box<dyn PortIo>, PortError> {
+/// Per-port settings beyond the kind.
+#[derive(Debug, Clone, Default)]
+pub struct PortOptions {
+    /// `dgram`: the client's socket path, when ulan started the client.
+    pub dgram_peer: Option<PathBuf>,
+}
+
+pub fn open(
+    kind: PortKind,
+    path: &Path,
+    link: PortLink,
+    options: &PortOptions,
+) -> Result<Box<dyn PortIo>, PortError> {
     if path.symlink_metadata().is_ok() {
         return Err(PortError::PathTaken {
             path: path.to_path_buf(),
@@ -202,7 +214,9 @@ pub fn open(kind: PortKind, path: &Path, link: PortLink) -> Result<Box<dyn PortI
     };
     Ok(match kind {
         PortKind::Stream => Box::new(stream::StreamPort::open(path, link).map_err(wrap)?),
-        PortKind::Dgram => Box::new(dgram::DgramPort::open(path, link).map_err(wrap)?),
+        PortKind::Dgram => Box::new(
+            dgram::DgramPort::open(path, link, options.dgram_peer.as_deref()).map_err(wrap)?,
+        ),
         PortKind::Vde => Box::new(vde::VdePort::open(path, link).map_err(wrap)?),
         PortKind::Bess => Box::new(bess::BessPort::open(path, link).map_err(wrap)?),
     })
