@@ -1,4 +1,6 @@
 //! Guests: what a node is (spec), how its emulator's argv is built (qemu,
 //! uml), the images it boots, and the supervision of its process.
 
+pub mod qemu;
+pub mod qmp;
 pub mod spec;
