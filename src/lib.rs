@@ -7,6 +7,7 @@ pub mod cli;
 pub mod daemon;
 pub mod events;
 pub mod lab;
+pub mod labfile;
 pub mod names;
 pub mod ports;
 pub mod switch;

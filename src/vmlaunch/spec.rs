@@ -223,9 +223,40 @@ pub struct NicSpec {
     /// Default: the node kind's first transport (QEMU `stream`, UML `daemon`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
-    /// Addresses the built-in image's init gives this NIC.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Addresses the built-in image's init gives this NIC. A file may give
+    /// one address as a plain string; it is written back as a list.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "one_or_many_cidrs"
+    )]
     pub ip: Vec<Cidr>,
+}
+
+/// `ip: 10.0.0.1/24` or `ip: [10.0.0.1/24, 10.0.0.2/24]`.
+fn one_or_many_cidrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Cidr>, D::Error> {
+    struct OneOrMany;
+    impl<'de> serde::de::Visitor<'de> for OneOrMany {
+        type Value = Vec<Cidr>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an address like 10.0.0.1/24 or a list of them")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<Cidr>, E> {
+            v.parse().map(|c| vec![c]).map_err(E::custom)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<Cidr>, A::Error> {
+            // No size_hint preallocation: the hint comes from the input.
+            let mut out = Vec::new();
+            while let Some(c) = seq.next_element()? {
+                out.push(c);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(OneOrMany)
 }
 
 /// A static route the built-in image's init adds: `to` is `default` or a
@@ -564,6 +595,29 @@ mod tests {
             change(&mut s);
             let e = s.validate().unwrap_err().to_string();
             assert!(e.contains(want), "{e:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn ip_is_one_string_or_a_list() {
+        let one: NicSpec = serde_json::from_str(r#"{"lan":"a","ip":"10.0.0.1/24"}"#).unwrap();
+        assert_eq!(one.ip, vec!["10.0.0.1/24".parse::<Cidr>().unwrap()]);
+        let two: NicSpec =
+            serde_json::from_str(r#"{"lan":"a","ip":["10.0.0.1/24","10.0.1.1/16"]}"#).unwrap();
+        assert_eq!(two.ip.len(), 2);
+        assert_eq!(two.ip[1].to_string(), "10.0.1.1/16");
+        let none: NicSpec = serde_json::from_str(r#"{"lan":"a"}"#).unwrap();
+        assert!(none.ip.is_empty());
+        // Written back as a list.
+        assert_eq!(
+            serde_json::to_value(&one).unwrap()["ip"],
+            serde_json::json!(["10.0.0.1/24"])
+        );
+        let yaml: NicSpec = serde_yaml_ng::from_str("lan: a\nip: 10.0.0.1/24\n").unwrap();
+        assert_eq!(yaml, one);
+        for bad in [r#""10.0.0.1""#, "5", r#"["10.0.0.1/24", 7]"#, "{}"] {
+            let text = format!(r#"{{"lan":"a","ip":{bad}}}"#);
+            assert!(serde_json::from_str::<NicSpec>(&text).is_err(), "{bad}");
         }
     }
 
