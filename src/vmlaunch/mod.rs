@@ -3,3 +3,4 @@
 
 pub mod accel;
 pub mod spec;
+pub mod uml;
