@@ -250,6 +250,12 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path, timeout: Duration) -> KvmStatus {
     boot_probe(qemu, kernel, timeout).status
 }
 
+/// Only the boot test of [`probe_kvm`], uncached (the device checks are
+/// [`check_kvm_device`]).
+pub fn probe_kvm_boot(qemu: &Path, kernel: &Path, timeout: Duration) -> KvmStatus {
+    boot_probe(qemu, kernel, timeout).status
+}
+
 /// [`probe_kvm`] with its boot test cached in [`cache_path`]. The device
 /// checks are cheap and run every time (group membership can change).
 pub fn probe_kvm_cached(qemu: &Path, kernel: &Path, timeout: Duration) -> KvmStatus {
@@ -395,7 +401,7 @@ const BOOT_MARKERS: [&str; 3] = ["Kernel panic", "Unable to mount root", "Linux 
 fn boot_probe(qemu: &Path, kernel: &Path, timeout: Duration) -> BootProbe {
     let pvm = Path::new(KVM_PVM_MODULE).exists();
     let pvm_note = if pvm {
-        format!("; the host's KVM module is kvm_pvm ({KVM_PVM_MODULE}), which hangs stock kernels")
+        format!("; the host's KVM module is kvm_pvm ({KVM_PVM_MODULE}), which does not run stock guests")
     } else {
         String::new()
     };

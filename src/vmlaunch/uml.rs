@@ -149,9 +149,12 @@ pub fn guest_ifname(transport: Transport, index: usize) -> String {
 }
 
 /// The argv (binary first) of a UML node: memory, identity, its files in
-/// the run dir, the disk, the consoles, one option per NIC, then
-/// `append` (the kernel command line ulan wants, split at whitespace)
-/// and `spec.extra_args` last, unchanged. No shell is involved.
+/// the run dir, `spec.initrd`, the disk, the consoles, one option per
+/// wired NIC (a NIC without a cable is left out), then `append` and
+/// `spec.extra_args` last, unchanged. `append` is the whole kernel
+/// command line the caller wants (including `spec.append`); it is split
+/// at whitespace, which UML joins back with single spaces. No shell is
+/// involved.
 pub fn uml_argv(
     spec: &NodeSpec,
     binary: &Path,
