@@ -82,3 +82,43 @@ fn real_qemu_version_is_at_least_7_2() {
     let v = accel::qemu_version(Path::new(QEMU)).unwrap();
     assert!(v >= (7, 2, 0), "{v:?}");
 }
+
+/// The Usable path with a real QEMU and kernel: a wrapper turns the
+/// probe's `-accel kvm -cpu host` into TCG, which works everywhere. The
+/// guest must reach the root-mount panic and QEMU must exit by itself
+/// (panic=-1, -no-reboot), well before the timeout.
+#[test]
+fn a_working_accelerator_is_recognised() {
+    if !have_qemu() {
+        return;
+    }
+    let Some(kernel) = accel::find_probe_kernel() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no /boot/vmlinuz-* under CI: .ci/run should install linux-image-amd64"
+        );
+        eprintln!("SKIPPED: no readable /boot/vmlinuz-* to boot");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("qemu-tcg");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nn=$#\nfor a in \"$@\"; do\n  case \"$a\" in\n    kvm) a=tcg;;\n    \
+             host) a=max;;\n  esac\n  set -- \"$@\" \"$a\"\ndone\nshift $n\nexec {QEMU} \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let timeout = Duration::from_secs(90);
+    let t0 = Instant::now();
+    let status = accel::probe_kvm_boot(&wrapper, &kernel, timeout);
+    eprintln!("TCG stand-in probe took {:?}: {status:?}", t0.elapsed());
+    assert_eq!(status, KvmStatus::Usable);
+    assert!(t0.elapsed() < timeout);
+}

@@ -375,7 +375,11 @@ fn write_cache(path: &Path, file: &CacheFile) -> io::Result<()> {
         .create(dir)?;
     let text = serde_json::to_vec_pretty(file).map_err(io::Error::other)?;
     // Write then rename, so a concurrent reader never sees half a file.
-    let tmp = dir.join(format!(".kvm-probe.{}.tmp", std::process::id()));
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tmp = dir.join(format!(".kvm-probe.{}.{nanos}.tmp", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(&text)?;
@@ -395,8 +399,10 @@ struct BootProbe {
     conclusive: bool,
 }
 
-/// What a working KVM shows on the serial console before QEMU exits.
-const BOOT_MARKERS: [&str; 3] = ["Kernel panic", "Unable to mount root", "Linux version"];
+/// What a working KVM shows on the serial console before QEMU exits: the
+/// kernel booted all the way to mounting a root it was not given. An
+/// earlier stop (a triple fault, an early panic) proves nothing.
+const BOOT_MARKER: &str = "Unable to mount root fs";
 
 fn boot_probe(qemu: &Path, kernel: &Path, timeout: Duration) -> BootProbe {
     let pvm = Path::new(KVM_PVM_MODULE).exists();
@@ -470,7 +476,7 @@ fn boot_probe(qemu: &Path, kernel: &Path, timeout: Duration) -> BootProbe {
                 timeout.as_secs_f32(),
                 last
             )),
-            Some(_) if BOOT_MARKERS.iter().any(|m| seen.contains(m)) => KvmStatus::Usable,
+            Some(_) if seen.contains(BOOT_MARKER) => KvmStatus::Usable,
             Some(st) => {
                 let err = read_lossy(&errors);
                 KvmStatus::unusable(format!(
@@ -777,6 +783,28 @@ mod tests {
         std::fs::read_to_string(dir.join("runs"))
             .map(|s| s.lines().count())
             .unwrap_or(0)
+    }
+
+    #[test]
+    fn an_early_stop_is_not_a_boot() {
+        let dir = PrivateTempDir::new("kvm-early-test").unwrap();
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"k").unwrap();
+        // A guest that starts, then triple-faults (-no-reboot: QEMU exits).
+        let qemu = fake_qemu(
+            dir.path(),
+            "QEMU emulator version 7.2.0",
+            "Linux version 6.1.0",
+        );
+        let st = probe_kvm_boot(&qemu, &kernel, Duration::from_secs(10));
+        assert!(
+            matches!(&st, KvmStatus::Unusable { reason } if reason.contains("Linux version 6.1.0")),
+            "{st:?}"
+        );
+        // No kernel to boot: not cached, and not held against a normal host.
+        let p = boot_probe(&qemu, &dir.path().join("missing"), Duration::from_secs(1));
+        assert!(!p.conclusive);
+        assert_eq!(p.status.is_usable(), !Path::new(KVM_PVM_MODULE).exists());
     }
 
     #[test]
