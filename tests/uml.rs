@@ -26,6 +26,14 @@ use ulan::vmlaunch::uml::{self, UmlNic, UmlPaths, UmlStatus};
 use ulan::wire::{write_header, MacAddr};
 
 const SWITCH_MAGIC: u32 = 0xfeed_face;
+
+/// UML tests one at a time: the probe test looks for stray probe
+/// processes, which the other test's probe would look like.
+static UML_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn uml_lock() -> std::sync::MutexGuard<'static, ()> {
+    UML_TESTS.lock().unwrap_or_else(|e| e.into_inner())
+}
 const SWITCH_VERSION: u32 = 3;
 const REQ_NEW_CONTROL: u32 = 0;
 
@@ -214,7 +222,8 @@ fn vde_port_accepts_uml_daemon_transport_requests() {
     client.send(&frame(mac(2), mac(1), 1514, 3));
     let got = host.recv(WAIT).unwrap().unwrap();
     assert_eq!((tag_of(&got), got.len()), (Some(3), 1514));
-    let st = fx.stats("u1.eth0");
+    // Counters are published by the data plane a moment later.
+    let st = fx.wait_stats("u1.eth0", |s| s.rx_frames >= 2 && s.tx_frames >= 1);
     assert_eq!((st.rx_frames, st.tx_frames), (2, 1));
 
     // A second UML NIC's request on another port works alongside.
@@ -235,6 +244,7 @@ fn vde_port_accepts_uml_daemon_transport_requests() {
 
 #[test]
 fn uml_probe_on_this_host() {
+    let _one = uml_lock();
     let t0 = Instant::now();
     let status = uml::probe_uml(
         Path::new(uml::DEFAULT_UML_BINARY),
@@ -337,6 +347,7 @@ fn checksum(b: &[u8]) -> u16 {
 
 #[test]
 fn uml_guest_on_daemon_vde_and_bess_ports() {
+    let _one = uml_lock();
     let status = uml::probe_uml(
         Path::new(uml::DEFAULT_UML_BINARY),
         uml::DEFAULT_PROBE_TIMEOUT,
