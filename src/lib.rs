@@ -5,6 +5,7 @@
 pub mod api;
 pub mod cli;
 pub mod daemon;
+pub mod doctor;
 pub mod events;
 pub mod lab;
 pub mod labfile;

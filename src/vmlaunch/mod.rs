@@ -1,6 +1,8 @@
 //! Guests: what a node is (spec), how its emulator's argv is built (qemu,
 //! uml), the images it boots, and the supervision of its process.
 
+pub mod accel;
 pub mod qemu;
 pub mod qmp;
 pub mod spec;
+pub mod uml;
