@@ -249,11 +249,7 @@ fn setup(which: Setup) -> io::Result<(Wire, Keep)> {
             Ok((wire, vec![Box::new(dir)]))
         }
         Setup::Ulan(kind) => {
-            let lab = Lab::start(LabConfig {
-                name: "bench".into(),
-                run_dir: dir.path().join("run"),
-                aging_secs: 300,
-            })?;
+            let lab = Lab::start(LabConfig::new("bench", &dir.path().join("run")))?;
             lab.add_lan("l").map_err(io::Error::other)?;
             let g = lab
                 .add_port("g", kind, Some("l"))

@@ -201,9 +201,8 @@ async fn serve_until_signal(opts: &DaemonOptions, dir: &Path) -> Result<(), Daem
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))
         .map_err(sock_err)?;
     let lab = Lab::start(LabConfig {
-        name: opts.lab.clone(),
-        run_dir: dir.to_path_buf(),
         aging_secs: opts.aging_secs,
+        ..LabConfig::new(&opts.lab, dir)
     })
     .map_err(DaemonError::Start)?;
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Start)?;
@@ -218,6 +217,7 @@ async fn serve_until_signal(opts: &DaemonOptions, dir: &Path) -> Result<(), Daem
     tracing::info!("{which}: stopping");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+    lab.stop_all_nodes().await;
     shutdown_lab(&lab, dir);
     let _ = std::fs::remove_file(&sock_path);
     tracing::info!("stopped");
@@ -227,6 +227,7 @@ async fn serve_until_signal(opts: &DaemonOptions, dir: &Path) -> Result<(), Daem
 fn shutdown_lab(lab: &Arc<Lab>, dir: &Path) {
     lab.shutdown();
     let _ = std::fs::remove_dir_all(dir.join("ports"));
+    let _ = std::fs::remove_dir_all(dir.join("nodes"));
 }
 
 /// Starts the daemon in the background (a new session, output to

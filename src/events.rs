@@ -43,6 +43,19 @@ pub enum Event {
         port: String,
         reason: String,
     },
+    NodeAdded {
+        node: String,
+    },
+    NodeRemoved {
+        node: String,
+    },
+    /// starting, running, stopping, stopped or crashed, with why.
+    NodeState {
+        node: String,
+        state: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
 }
 
 impl Event {
@@ -55,6 +68,9 @@ impl Event {
             Event::PortMoved { .. } => "port_moved",
             Event::PortUp { .. } => "port_up",
             Event::PortDown { .. } => "port_down",
+            Event::NodeAdded { .. } => "node_added",
+            Event::NodeRemoved { .. } => "node_removed",
+            Event::NodeState { .. } => "node_state",
         }
     }
 }

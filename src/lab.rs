@@ -18,6 +18,7 @@ use crate::switch::dataplane::{Command, DataPlaneConfig, DataPlaneGone, DataPlan
 use crate::switch::stats::{PortCounters, PortShared};
 use crate::switch::topology::Snapshot;
 use crate::switch::{LanId, PortId};
+use crate::vmlaunch::node::{NodeConfig, NodeError, NodeTable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -37,6 +38,8 @@ pub enum LabError {
     Port(#[from] PortError),
     #[error("{0}")]
     DataPlane(#[from] DataPlaneGone),
+    #[error("{0}")]
+    Node(#[from] NodeError),
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +47,19 @@ pub struct LabConfig {
     pub name: String,
     pub run_dir: PathBuf,
     pub aging_secs: u64,
+    pub nodes: NodeConfig,
+}
+
+impl LabConfig {
+    /// Defaults: 300 s MAC aging, the user's image store and data dir.
+    pub fn new(name: &str, run_dir: &Path) -> LabConfig {
+        LabConfig {
+            name: name.into(),
+            run_dir: run_dir.to_path_buf(),
+            aging_secs: 300,
+            nodes: NodeConfig::for_lab(name),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -186,6 +202,7 @@ pub struct Lab {
     published: Arc<ArcSwap<Snapshot>>,
     dataplane: DataPlaneHandle,
     events: Arc<EventSink>,
+    nodes: NodeTable,
 }
 
 impl Lab {
@@ -214,6 +231,7 @@ impl Lab {
             published,
             dataplane,
             events: Arc::new(EventSink::new()),
+            nodes: NodeTable::default(),
         }))
     }
 
@@ -479,9 +497,19 @@ impl Lab {
 
     /// Stops the data plane; every port socket is closed and removed.
     pub fn shutdown(&self) {
+        // Guests first: normally already stopped by `stop_all_nodes`.
+        self.nodes.kill_all();
         self.dataplane.shutdown();
         let mut st = self.state();
         st.ports.clear();
+    }
+
+    pub(crate) fn node_table(&self) -> &NodeTable {
+        &self.nodes
+    }
+
+    pub fn node_config(&self) -> &NodeConfig {
+        &self.config.nodes
     }
 
     pub fn ports_dir(&self) -> &Path {

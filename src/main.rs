@@ -15,8 +15,9 @@ use ulan::daemon::{self, DaemonOptions};
 )]
 struct Args {
     /// Lab to talk to (each lab has its own daemon and run directory).
-    #[arg(long, global = true, env = "ULAN_LAB", default_value = "default")]
-    lab: String,
+    /// Default: `default`, or for `up`/`apply` the lab file's `name`.
+    #[arg(long, global = true, env = "ULAN_LAB")]
+    lab: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -24,6 +25,8 @@ struct Args {
     cmd: Cmd,
 }
 
+// Parsed once per run: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the lab's daemon (switch + API) in the foreground.
@@ -47,8 +50,127 @@ enum Cmd {
     Port(PortCmd),
     /// The MAC table of a lan.
     Fdb { lan: String },
-    /// Follow topology changes and port up/down as they happen.
+    /// Follow topology changes, port up/down and node states as they happen.
     Events,
+    /// Guests (QEMU or UML) with NICs on the switch.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Attach to a node's serial console (Ctrl-] leaves).
+    Console { node: String },
+    /// Run a command in a node (built-in image) and exit with its code.
+    Exec {
+        node: String,
+        /// Seconds the command may run.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Guest images: the built-in one and committed disks.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Start a lab from a YAML (or JSON) lab file; starts the daemon if needed.
+    Up { file: std::path::PathBuf },
+    /// Change the running lab to match a lab file, touching only what differs.
+    Apply { file: std::path::PathBuf },
+    /// Remove every node, port and lan of the lab and stop its daemon.
+    Down,
+    /// Print the running lab as a lab file that `ulan up` reproduces.
+    Save,
+    /// Nodes and lans with their state.
+    Ls,
+    /// Check this machine: QEMU, KVM, UML, qemu-img, the built-in image...
+    Doctor,
+}
+
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Make a node and start it.
+    Add {
+        name: String,
+        /// A NIC: LAN[,ip=CIDR][,mac=MAC][,transport=stream|dgram|vde|daemon|bess]
+        /// (repeat for more; LAN `-` leaves it unplugged).
+        #[arg(long = "nic")]
+        nics: Vec<String>,
+        /// qemu (default) or uml.
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long = "memory")]
+        memory_mb: Option<u32>,
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Disk base: an image store name or an absolute path.
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        kernel: Option<String>,
+        #[arg(long)]
+        initrd: Option<String>,
+        /// Extra kernel command line.
+        #[arg(long)]
+        append: Option<String>,
+        /// Keep the disk overlay across stop/start.
+        #[arg(long)]
+        persistent: bool,
+        /// auto (default), kvm or tcg.
+        #[arg(long)]
+        accel: Option<String>,
+        /// A static route DEST,VIA (built-in image; repeatable).
+        #[arg(long = "route")]
+        routes: Vec<String>,
+        /// Turn on IPv4 forwarding in the guest (built-in image).
+        #[arg(long)]
+        forward: bool,
+        /// The emulator binary (default qemu-system-x86_64 / linux.uml).
+        #[arg(long)]
+        binary: Option<String>,
+        /// Return at once instead of waiting until it runs.
+        #[arg(long)]
+        no_wait: bool,
+        /// Your own emulator arguments, appended last, unchecked.
+        #[arg(last = true)]
+        extra: Vec<String>,
+    },
+    Rm {
+        name: String,
+    },
+    Ls,
+    Show {
+        name: String,
+    },
+    Start {
+        name: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Power the guest off (QMP quit after --timeout seconds).
+    Stop {
+        name: String,
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Turn a stopped node's disk into a new base image.
+    Commit {
+        name: String,
+        image: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Make the built-in guest image from this machine's kernel, busybox and iperf3.
+    Build {
+        #[arg(long, default_value = "builtin")]
+        name: String,
+        /// Kernel version (default: the newest in /lib/modules with a /boot/vmlinuz).
+        #[arg(long)]
+        kernel_version: Option<String>,
+        /// Rebuild even if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    Ls,
 }
 
 #[derive(Subcommand)]
@@ -88,23 +210,113 @@ enum PortCmd {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let explicit_lab = args.lab.clone();
+    let lab = explicit_lab.clone().unwrap_or_else(|| "default".into());
     let out = if args.json {
         Output::Json
     } else {
         Output::Table
     };
     let result = match args.cmd {
+        Cmd::Up { file } => {
+            cli::block_on(cli::labctl::up(explicit_lab.as_deref(), &file, true, out))
+        }
+        Cmd::Apply { file } => {
+            cli::block_on(cli::labctl::up(explicit_lab.as_deref(), &file, false, out))
+        }
+        Cmd::Down => cli::block_on(cli::labctl::down(&lab, out)),
+        Cmd::Save => cli::block_on(cli::labctl::save(&lab, out)),
+        Cmd::Ls => cli::block_on(cli::labctl::ls(&lab, out)),
+        Cmd::Doctor => cli::doctor(out),
+        Cmd::Image(ImageCmd::Build {
+            name,
+            kernel_version,
+            force,
+        }) => cli::image_build(&name, kernel_version, force, out),
+        Cmd::Image(ImageCmd::Ls) => cli::image_ls(out),
+        Cmd::Console { node } => {
+            let client = cli::client(&lab);
+            cli::block_on(async { Ok(client.node(&node).await?) })
+                .and_then(|n| cli::console::attach(&node, std::path::Path::new(&n.console)))
+        }
+        Cmd::Exec {
+            node,
+            timeout,
+            argv,
+        } => {
+            let client = cli::client(&lab);
+            match cli::block_on(cli::nodes::exec(&client, &node, &argv, timeout, out)) {
+                Ok(code) => return ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => Err(e),
+            }
+        }
+        Cmd::Node(cmd) => {
+            let client = cli::client(&lab);
+            cli::block_on(async {
+                match cmd {
+                    NodeCmd::Add {
+                        name,
+                        nics,
+                        kind,
+                        memory_mb,
+                        cpus,
+                        image,
+                        kernel,
+                        initrd,
+                        append,
+                        persistent,
+                        accel,
+                        routes,
+                        forward,
+                        binary,
+                        no_wait,
+                        extra,
+                    } => {
+                        let a = cli::nodes::NodeArgs {
+                            name,
+                            kind,
+                            memory_mb,
+                            cpus,
+                            image,
+                            kernel,
+                            initrd,
+                            append,
+                            persistent,
+                            accel,
+                            nics,
+                            routes,
+                            forward,
+                            binary,
+                            extra_args: extra,
+                        };
+                        cli::nodes::add(&client, &a, !no_wait, out).await
+                    }
+                    NodeCmd::Rm { name } => cli::nodes::rm(&client, &name, out).await,
+                    NodeCmd::Ls => cli::nodes::ls(&client, out).await,
+                    NodeCmd::Show { name } => cli::nodes::show(&client, &name, out).await,
+                    NodeCmd::Start { name, no_wait } => {
+                        cli::nodes::start(&client, &name, !no_wait, out).await
+                    }
+                    NodeCmd::Stop { name, timeout } => {
+                        cli::nodes::stop(&client, &name, timeout, out).await
+                    }
+                    NodeCmd::Commit { name, image } => {
+                        cli::nodes::commit(&client, &name, &image, out).await
+                    }
+                }
+            })
+        }
         Cmd::Daemon { detach, aging } => {
             let opts = DaemonOptions {
-                lab: args.lab.clone(),
+                lab: lab.clone(),
                 aging_secs: aging,
             };
             if detach {
                 daemon::detach(&opts).map(|pid| {
                     println!(
                         "ulan daemon for lab {} running (pid {pid}), API at {}",
-                        args.lab,
-                        daemon::api_socket(&args.lab).display()
+                        lab,
+                        daemon::api_socket(&lab).display()
                     );
                 })
             } else {
@@ -113,8 +325,8 @@ fn main() -> ExitCode {
             }
             .map_err(anyhow::Error::from)
         }
-        Cmd::Stop => daemon::stop(&args.lab)
-            .map(|pid| println!("ulan daemon for lab {} (pid {pid}) stopped", args.lab))
+        Cmd::Stop => daemon::stop(&lab)
+            .map(|pid| println!("ulan daemon for lab {lab} (pid {pid}) stopped"))
             .map_err(anyhow::Error::from),
         cmd => {
             let request = match cmd {
@@ -131,9 +343,9 @@ fn main() -> ExitCode {
                 Cmd::Port(PortCmd::Stats { name }) => cli::Request::PortStats(name),
                 Cmd::Fdb { lan } => cli::Request::Fdb(lan),
                 Cmd::Events => cli::Request::Events,
-                Cmd::Daemon { .. } | Cmd::Stop => unreachable!("handled above"),
+                _ => unreachable!("handled above"),
             };
-            cli::run(&args.lab, request, out)
+            cli::run(&lab, request, out)
         }
     };
     match result {

@@ -38,12 +38,7 @@ impl Api {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join("run");
         std::fs::create_dir(&run).unwrap();
-        let lab = Lab::start(LabConfig {
-            name: "t".into(),
-            run_dir: run.clone(),
-            aging_secs: 300,
-        })
-        .unwrap();
+        let lab = Lab::start(LabConfig::new("t", &run)).unwrap();
         let sock = run.join("api.sock");
         let listener = UnixListener::bind(&sock).unwrap();
         let (stop, rx) = watch::channel(false);
@@ -444,7 +439,11 @@ async fn routes_match_the_openapi_document() {
     // Each route is served: no no_route and no 405.
     let api = Api::start().await;
     for r in ROUTES {
-        let path = r.path.replace("{lan}", "ghost").replace("{port}", "ghost");
+        let path = r
+            .path
+            .replace("{lan}", "ghost")
+            .replace("{port}", "ghost")
+            .replace("{node}", "ghost");
         if r.path == "/v1/events" {
             let mut events = api.client.events().await.unwrap();
             assert_eq!(next_event(&mut events).await.event, "hello");
@@ -1205,12 +1204,7 @@ async fn shutdown_finishes_in_flight_requests_and_ends_streams() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dropping_the_stop_sender_stops_the_server() {
     let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(LabConfig {
-        name: "d".into(),
-        run_dir: dir.path().to_path_buf(),
-        aging_secs: 300,
-    })
-    .unwrap();
+    let lab = Lab::start(LabConfig::new("d", dir.path())).unwrap();
     let listener = UnixListener::bind(dir.path().join("api.sock")).unwrap();
     let (tx, rx) = watch::channel(false);
     let server = tokio::spawn(api::serve(listener, lab.clone(), rx));

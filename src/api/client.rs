@@ -21,6 +21,7 @@ use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 
 use crate::ports::PortKind;
+use crate::vmlaunch::spec::{NodeKind, NodeSpec, Transport};
 
 /// Largest response body the client reads (a list of many ports).
 const MAX_RESPONSE: usize = 64 * 1024 * 1024;
@@ -115,6 +116,39 @@ pub struct FdbEntryView {
     pub port: String,
     pub age_s: f64,
 }
+
+/// One NIC of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicView {
+    pub index: usize,
+    pub port: String,
+    pub lan: Option<String>,
+    pub mac: String,
+    pub transport: Transport,
+    pub ip: Vec<String>,
+    pub up: bool,
+}
+
+/// `GET /v1/nodes/{node}`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub kind: NodeKind,
+    /// starting, running, stopping, stopped or crashed.
+    pub state: String,
+    pub pid: Option<u32>,
+    pub accel: Option<String>,
+    pub console: String,
+    pub console_log: String,
+    pub agent: bool,
+    pub exit: Option<String>,
+    pub started_ms: Option<u64>,
+    pub nics: Vec<NicView>,
+    pub spec: NodeSpec,
+}
+
+/// What `POST /v1/nodes/{node}/exec` returns.
+pub use crate::vmlaunch::agent::ExecOutput;
 
 /// One server-sent event: `hello`, `lagged` or an event name such as
 /// `port_added`, with its JSON data (a string if it was not JSON).
@@ -362,6 +396,75 @@ impl Client {
     pub async fn port_stats(&self, name: &str) -> Result<PortStatsView, ClientError> {
         self.get(&format!("/v1/ports/{}/stats", segment(name)))
             .await
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeView>, ClientError> {
+        self.get("/v1/nodes").await
+    }
+
+    pub async fn node(&self, name: &str) -> Result<NodeView, ClientError> {
+        self.get(&format!("/v1/nodes/{}", segment(name))).await
+    }
+
+    /// Makes the node and starts it; returns while it boots (`starting`).
+    pub async fn add_node(&self, spec: &NodeSpec) -> Result<NodeView, ClientError> {
+        let body = serde_json::to_value(spec).map_err(protocol)?;
+        typed(self.call(Method::POST, "/v1/nodes", Some(body)).await?)
+    }
+
+    pub async fn remove_node(&self, name: &str) -> Result<(), ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/nodes/{}", segment(name)),
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn start_node(&self, name: &str) -> Result<NodeView, ClientError> {
+        let path = format!("/v1/nodes/{}/start", segment(name));
+        typed(self.call(Method::POST, &path, None).await?)
+    }
+
+    /// Powers the guest off (QMP `quit` after `timeout_s`, default 10 s).
+    pub async fn stop_node(
+        &self,
+        name: &str,
+        timeout_s: Option<u64>,
+    ) -> Result<NodeView, ClientError> {
+        let path = format!("/v1/nodes/{}/stop", segment(name));
+        let body = json!({ "timeout_s": timeout_s });
+        typed(self.call(Method::POST, &path, Some(body)).await?)
+    }
+
+    /// Runs `argv` in the guest; waits up to `timeout_s` for it (and longer
+    /// for a guest still booting).
+    pub async fn exec(
+        &self,
+        name: &str,
+        argv: &[String],
+        timeout_s: u64,
+    ) -> Result<ExecOutput, ClientError> {
+        let path = format!("/v1/nodes/{}/exec", segment(name));
+        let body = json!({ "argv": argv, "timeout_s": timeout_s });
+        let patient = Client {
+            timeout: None,
+            ..self.clone()
+        };
+        typed(patient.call(Method::POST, &path, Some(body)).await?)
+    }
+
+    /// Turns a stopped node's disk into image `image` in the store.
+    pub async fn commit_node(&self, name: &str, image: &str) -> Result<Value, ClientError> {
+        let path = format!("/v1/nodes/{}/commit", segment(name));
+        self.call(Method::POST, &path, Some(json!({ "image": image })))
+            .await
+    }
+
+    /// The running lab as a lab file (what `ulan save` prints).
+    pub async fn lab_spec(&self) -> Result<crate::labfile::LabFile, ClientError> {
+        self.get("/v1/lab/spec").await
     }
 
     /// The OpenAPI document the daemon serves.

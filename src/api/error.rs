@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::lab::LabError;
 use crate::ports::PortError;
+use crate::vmlaunch::node::NodeError;
 
 /// An error response. `code` is for scripts (it never changes for a given
 /// failure), `message` is for people.
@@ -157,8 +158,28 @@ impl From<&LabError> for ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
             LabError::DataPlane(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            LabError::Node(n) => node_status(n),
         };
         ApiError::new(status, code, e.to_string())
+    }
+}
+
+fn node_status(e: &NodeError) -> (StatusCode, &'static str) {
+    let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
+    match e {
+        NodeError::Spec(_) | NodeError::Qemu(_) | NodeError::Uml(_) => {
+            (unprocessable, "invalid_value")
+        }
+        NodeError::Image(_) => (unprocessable, "invalid_image"),
+        NodeError::MissingFile { .. } => (unprocessable, "missing_file"),
+        NodeError::Accel(_) => (unprocessable, "accel_unavailable"),
+        NodeError::Busy { .. } => (StatusCode::CONFLICT, "node_busy"),
+        NodeError::NoAgent(_) => (StatusCode::CONFLICT, "no_agent"),
+        NodeError::NoDisk(_) => (StatusCode::CONFLICT, "no_disk"),
+        NodeError::Agent { .. } => (StatusCode::BAD_GATEWAY, "agent_error"),
+        NodeError::Launch { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "launch_failed"),
+        NodeError::Disk { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "disk_error"),
+        NodeError::Files { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
 
@@ -182,6 +203,7 @@ mod tests {
     use super::*;
     use crate::names::NameError;
     use crate::switch::dataplane::DataPlaneGone;
+    use crate::vmlaunch::node::NodeState;
 
     #[test]
     fn every_lab_error_has_a_status() {
@@ -232,6 +254,41 @@ mod tests {
                 "internal",
             ),
             (LabError::DataPlane(DataPlaneGone), 503, "unavailable"),
+            (
+                LabError::Node(NodeError::Spec(crate::vmlaunch::spec::SpecError::Memory(1))),
+                422,
+                "invalid_value",
+            ),
+            (
+                LabError::Node(NodeError::MissingFile {
+                    what: "kernel",
+                    path: "/nope".into(),
+                }),
+                422,
+                "missing_file",
+            ),
+            (
+                LabError::Node(NodeError::Busy {
+                    node: "h1".into(),
+                    state: NodeState::Running,
+                    hint: "stop it first",
+                }),
+                409,
+                "node_busy",
+            ),
+            (
+                LabError::Node(NodeError::NoAgent("h1".into())),
+                409,
+                "no_agent",
+            ),
+            (
+                LabError::Node(NodeError::Launch {
+                    binary: "qemu".into(),
+                    source: std::io::Error::other("no such file"),
+                }),
+                500,
+                "launch_failed",
+            ),
         ];
         for (e, status, code) in cases {
             let a = ApiError::from(&e);

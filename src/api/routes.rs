@@ -14,6 +14,7 @@ use super::error::{truncate, ApiError};
 use crate::lab::{Lab, LabError};
 use crate::names::check_name;
 use crate::ports::PortKind;
+use crate::vmlaunch::spec::NodeSpec;
 
 /// What a route does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,6 +31,15 @@ pub enum Op {
     MovePort,
     RemovePort,
     GetPortStats,
+    ListNodes,
+    AddNode,
+    GetNode,
+    RemoveNode,
+    StartNode,
+    StopNode,
+    ExecNode,
+    CommitNode,
+    GetLabSpec,
     Events,
     OpenApi,
 }
@@ -37,7 +47,16 @@ pub enum Op {
 impl Op {
     /// Whether the route reads a JSON request body.
     pub fn takes_body(self) -> bool {
-        matches!(self, Op::AddLan | Op::AddPort | Op::MovePort)
+        matches!(
+            self,
+            Op::AddLan
+                | Op::AddPort
+                | Op::MovePort
+                | Op::AddNode
+                | Op::StopNode
+                | Op::ExecNode
+                | Op::CommitNode
+        )
     }
 }
 
@@ -69,6 +88,15 @@ pub const ROUTES: &[Route] = &[
     route("PATCH", "/v1/ports/{port}", Op::MovePort),
     route("DELETE", "/v1/ports/{port}", Op::RemovePort),
     route("GET", "/v1/ports/{port}/stats", Op::GetPortStats),
+    route("GET", "/v1/nodes", Op::ListNodes),
+    route("POST", "/v1/nodes", Op::AddNode),
+    route("GET", "/v1/nodes/{node}", Op::GetNode),
+    route("DELETE", "/v1/nodes/{node}", Op::RemoveNode),
+    route("POST", "/v1/nodes/{node}/start", Op::StartNode),
+    route("POST", "/v1/nodes/{node}/stop", Op::StopNode),
+    route("POST", "/v1/nodes/{node}/exec", Op::ExecNode),
+    route("POST", "/v1/nodes/{node}/commit", Op::CommitNode),
+    route("GET", "/v1/lab/spec", Op::GetLabSpec),
     route("GET", "/v1/events", Op::Events),
     route("GET", "/v1/openapi.json", Op::OpenApi),
 ];
@@ -227,6 +255,35 @@ fn required_nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, 
     Option::<String>::deserialize(d)
 }
 
+/// `POST /v1/nodes/{node}/stop`, body optional.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// Seconds the guest gets to power off before QEMU is told to quit.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+pub const MAX_EXEC_ARGS: usize = 1024;
+pub const MAX_EXEC_TIMEOUT_S: u64 = 3600;
+pub const DEFAULT_EXEC_TIMEOUT_S: u64 = 60;
+
+/// `POST /v1/nodes/{node}/exec`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+/// `POST /v1/nodes/{node}/commit`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitRequest {
+    pub image: String,
+}
+
 /// A decoded, validated request body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
@@ -241,6 +298,17 @@ pub enum Input {
     },
     MovePort {
         lan: Option<String>,
+    },
+    NewNode(Box<NodeSpec>),
+    Stop {
+        grace: Option<std::time::Duration>,
+    },
+    Exec {
+        argv: Vec<String>,
+        timeout: std::time::Duration,
+    },
+    Commit {
+        image: String,
     },
 }
 
@@ -310,6 +378,54 @@ pub fn decode_body(op: Op, body: &[u8]) -> Result<Input, ApiError> {
                 invalid_name("lan", lan)?;
             }
             Ok(Input::MovePort { lan: b.lan })
+        }
+        Op::AddNode => {
+            let spec: NodeSpec = parse_json(body)?;
+            spec.validate().map_err(|e| {
+                ApiError::from(&LabError::Node(crate::vmlaunch::node::NodeError::Spec(e)))
+            })?;
+            Ok(Input::NewNode(Box::new(spec)))
+        }
+        Op::StopNode => {
+            let b: StopRequest = if body.iter().all(u8::is_ascii_whitespace) {
+                StopRequest::default()
+            } else {
+                parse_json(body)?
+            };
+            if b.timeout_s.is_some_and(|t| t > MAX_EXEC_TIMEOUT_S) {
+                return Err(ApiError::invalid_value(format!(
+                    "timeout_s must be at most {MAX_EXEC_TIMEOUT_S}"
+                )));
+            }
+            Ok(Input::Stop {
+                grace: b.timeout_s.map(std::time::Duration::from_secs),
+            })
+        }
+        Op::ExecNode => {
+            let b: ExecRequest = parse_json(body)?;
+            if b.argv.is_empty() || b.argv.len() > MAX_EXEC_ARGS {
+                return Err(ApiError::invalid_value(format!(
+                    "argv must have 1 to {MAX_EXEC_ARGS} words"
+                )));
+            }
+            if b.argv.iter().any(|a| a.contains('\0')) {
+                return Err(ApiError::invalid_value("argv words must not contain NUL"));
+            }
+            let t = b.timeout_s.unwrap_or(DEFAULT_EXEC_TIMEOUT_S);
+            if !(1..=MAX_EXEC_TIMEOUT_S).contains(&t) {
+                return Err(ApiError::invalid_value(format!(
+                    "timeout_s must be between 1 and {MAX_EXEC_TIMEOUT_S}"
+                )));
+            }
+            Ok(Input::Exec {
+                argv: b.argv,
+                timeout: std::time::Duration::from_secs(t),
+            })
+        }
+        Op::CommitNode => {
+            let b: CommitRequest = parse_json(body)?;
+            invalid_name("image", &b.image)?;
+            Ok(Input::Commit { image: b.image })
         }
         _ => Ok(Input::None),
     }
@@ -393,10 +509,41 @@ pub async fn execute(lab: &Lab, m: &Matched<'_>, input: Input) -> Result<Reply, 
             json(ok, &lab.move_port(m.name(), lan.as_deref())?)
         }
         (Op::RemovePort, _) => {
+            if let Some(node) = lab.port_node(m.name()) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "port_of_node",
+                    format!(
+                        "port {:?} is a NIC of node {node:?}; it goes away with the node",
+                        m.name()
+                    ),
+                ));
+            }
             lab.remove_port(m.name()).await?;
             Ok(Reply::NoContent)
         }
         (Op::GetPortStats, _) => json(ok, &lab.port_stats(m.name())?),
+        (Op::ListNodes, _) => json(ok, &lab.nodes()),
+        (Op::AddNode, Input::NewNode(spec)) => {
+            let name = spec.name.clone();
+            let info = lab.add_node(*spec).await?;
+            created(&info, format!("/v1/nodes/{name}"))
+        }
+        (Op::GetNode, _) => json(ok, &lab.node(m.name())?),
+        (Op::RemoveNode, _) => {
+            lab.remove_node(m.name()).await?;
+            Ok(Reply::NoContent)
+        }
+        (Op::StartNode, _) => json(ok, &lab.start_node(m.name()).await?),
+        (Op::StopNode, Input::Stop { grace }) => json(ok, &lab.stop_node(m.name(), grace).await?),
+        (Op::ExecNode, Input::Exec { argv, timeout }) => {
+            json(ok, &lab.exec_node(m.name(), &argv, timeout).await?)
+        }
+        (Op::CommitNode, Input::Commit { image }) => {
+            let img = lab.commit_node(m.name(), &image).await?;
+            created(&img.view(), format!("/v1/images/{image}"))
+        }
+        (Op::GetLabSpec, _) => json(ok, &lab.spec()),
         (Op::Events, _) => Ok(Reply::Events),
         (Op::OpenApi, _) => Ok(Reply::OpenApi),
         (op, input) => Err(ApiError::internal(format!(

@@ -370,6 +370,7 @@ fn events_response(ctx: &Ctx) -> Response<Body> {
         "lab": ctx.lab.info(),
         "lans": ctx.lab.lans(),
         "ports": ctx.lab.ports(),
+        "nodes": ctx.lab.nodes(),
     });
     let period = ctx.config.keepalive.max(Duration::from_millis(10));
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);

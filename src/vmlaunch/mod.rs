@@ -2,6 +2,10 @@
 //! uml), the images it boots, and the supervision of its process.
 
 pub mod accel;
+pub mod agent;
+pub mod cpio;
+pub mod image;
+pub mod node;
 pub mod qemu;
 pub mod qmp;
 pub mod spec;

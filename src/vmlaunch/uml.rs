@@ -529,7 +529,7 @@ pub fn is_static_elf(path: &Path) -> io::Result<bool> {
 /// `/dev/console` and the usual empty mount points.
 pub fn busybox_initramfs(busybox: &Path, init_script: &str) -> io::Result<Vec<u8>> {
     let bb = std::fs::read(busybox)?;
-    let mut w = Cpio::default();
+    let mut w = crate::vmlaunch::cpio::Cpio::default();
     for d in ["bin", "dev", "proc", "sys", "tmp", "root"] {
         w.entry(d, 0o040_755, 0, &[]);
     }
@@ -540,55 +540,6 @@ pub fn busybox_initramfs(busybox: &Path, init_script: &str) -> io::Result<Vec<u8
     w.entry("bin/sh", 0o120_777, 0, b"busybox");
     w.entry("init", 0o100_755, 0, init_script.as_bytes());
     Ok(w.finish())
-}
-
-#[derive(Default)]
-struct Cpio {
-    out: Vec<u8>,
-    ino: u32,
-}
-
-impl Cpio {
-    /// `rdev` is major << 8 | minor.
-    fn entry(&mut self, name: &str, mode: u32, rdev: u32, data: &[u8]) {
-        self.ino += 1;
-        let nlink = if mode & 0o170_000 == 0o040_000 { 2 } else { 1 };
-        let fields = [
-            self.ino,
-            mode,
-            0, // uid
-            0, // gid
-            nlink,
-            0, // mtime
-            data.len() as u32,
-            0, // devmajor
-            0, // devminor
-            rdev >> 8,
-            rdev & 0xff,
-            name.len() as u32 + 1,
-            0, // check
-        ];
-        self.out.extend_from_slice(b"070701");
-        for f in fields {
-            self.out.extend_from_slice(format!("{f:08x}").as_bytes());
-        }
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.push(0);
-        self.pad();
-        self.out.extend_from_slice(data);
-        self.pad();
-    }
-
-    fn pad(&mut self) {
-        while self.out.len() % 4 != 0 {
-            self.out.push(0);
-        }
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        self.entry("TRAILER!!!", 0, 0, &[]);
-        self.out
-    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! `Lab` calls the API uses, and synthetic clients from `ulan::testkit`.
 #![allow(dead_code)]
 
+pub mod guests;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,9 +33,8 @@ impl Fixture {
         let scratch = dir.path().join("clients");
         std::fs::create_dir(&scratch).unwrap();
         let lab = Lab::start(LabConfig {
-            name: "test".into(),
-            run_dir: dir.path().join("run"),
             aging_secs,
+            ..LabConfig::new("test", &dir.path().join("run"))
         })
         .unwrap();
         Fixture { lab, dir, scratch }

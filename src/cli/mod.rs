@@ -10,6 +10,10 @@ use crate::api::client::{Client, ClientError};
 use crate::daemon;
 use crate::ports::PortKind;
 
+pub mod console;
+pub mod labctl;
+pub mod nodes;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
     Table,
@@ -79,6 +83,81 @@ fn dash(s: &Option<String>) -> String {
 
 fn up(b: bool) -> String {
     if b { "up" } else { "down" }.to_string()
+}
+
+/// Runs one async CLI command on a small runtime.
+pub fn block_on<F: std::future::Future<Output = anyhow::Result<T>>, T>(f: F) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(f)
+}
+
+/// The API client for lab `lab`.
+pub fn client(lab: &str) -> Client {
+    Client::new(daemon::api_socket(lab), lab)
+}
+
+/// `ulan image build`: local, no daemon needed.
+pub fn image_build(
+    name: &str,
+    kernel_version: Option<String>,
+    force: bool,
+    out: Output,
+) -> anyhow::Result<()> {
+    use crate::vmlaunch::image;
+    let store = image::ImageStore::open(&image::default_store_dir());
+    let opts = image::BuildOptions {
+        name: name.to_string(),
+        kernel_version,
+        force,
+    };
+    let img = image::build_builtin(&store, &opts, &image::indicatif_progress())?;
+    if out == Output::Json {
+        return print_json(&img.view());
+    }
+    println!("image {} ready in {}", img.name, img.dir.display());
+    Ok(())
+}
+
+/// `ulan image ls`
+pub fn image_ls(out: Output) -> anyhow::Result<()> {
+    use crate::vmlaunch::image;
+    let store = image::ImageStore::open(&image::default_store_dir());
+    let images = store.list()?;
+    if out == Output::Json {
+        return print_json(&images.iter().map(|i| i.view()).collect::<Vec<_>>());
+    }
+    let rows: Vec<_> = images
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                i.manifest.description.clone(),
+                i.dir.display().to_string(),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["IMAGE", "DESCRIPTION", "DIR"], &rows));
+    Ok(())
+}
+
+/// `ulan doctor`: one line per check; fails when a check fails.
+pub fn doctor(out: Output) -> anyhow::Result<()> {
+    let checks = crate::doctor::run_checks(&crate::doctor::DoctorOptions::default());
+    if out == Output::Json {
+        print_json(&checks)?;
+    } else {
+        print!("{}", crate::doctor::render(&checks));
+    }
+    if checks
+        .iter()
+        .any(|c| c.status == crate::doctor::Status::Fail)
+    {
+        anyhow::bail!("some checks failed (see the fixes above)");
+    }
+    Ok(())
 }
 
 pub fn run(lab: &str, req: Request, out: Output) -> anyhow::Result<()> {

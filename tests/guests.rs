@@ -1,0 +1,227 @@
+//! Real QEMU guests (TCG) of the built-in image on ulan lans.
+//!
+//! One test per scenario, each with its own lab. Guests boot in parallel;
+//! the tests talk to them only through the exec agent, never by sleeping
+//! and grepping consoles.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::guests::*;
+use ulan::events::Event;
+use ulan::lab::LabError;
+use ulan::vmlaunch::node::{NodeError, NodeState};
+use ulan::vmlaunch::spec::Transport;
+
+fn with_ip(
+    mut spec: ulan::vmlaunch::spec::NodeSpec,
+    ips: &[&str],
+) -> ulan::vmlaunch::spec::NodeSpec {
+    for (nic, ip) in spec.nics.iter_mut().zip(ips) {
+        nic.ip = vec![ip.parse().unwrap()];
+    }
+    spec
+}
+
+/// Two guests per transport, each pair on its own lan: they ping each
+/// other through the switch. On the stream pair: moving one NIC to another
+/// lan stops the ping, moving it back restores it; iperf3 completes.
+#[test]
+fn two_guests_ping_over_every_transport_and_a_move_cuts_them_apart() {
+    if skip_without_guests("two_guests_ping_over_every_transport") {
+        return;
+    }
+    let g = GuestLab::new("pairs");
+    let transports = [Transport::Stream, Transport::Dgram, Transport::Vde];
+    let mut names = Vec::new();
+    for (i, t) in transports.iter().enumerate() {
+        let lan = format!("l{}", t.as_str());
+        g.lab.add_lan(&lan).unwrap();
+        for h in 1..=2 {
+            let name = format!("{}{h}", t.as_str());
+            let mut spec = with_ip(
+                GuestLab::spec(&name, &[&lan]),
+                &[&format!("10.{i}.0.{h}/24")],
+            );
+            spec.nics[0].transport = Some(*t);
+            g.add(spec);
+            names.push(name);
+        }
+    }
+    g.lab.add_lan("elsewhere").unwrap();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    g.wait_running(&refs);
+
+    for (i, t) in transports.iter().enumerate() {
+        let a = format!("{}1", t.as_str());
+        assert!(
+            g.ping(&a, &format!("10.{i}.0.2"), 5),
+            "{t}: {a} cannot ping its peer\n{}",
+            g.console_tail(&a)
+        );
+        let port = g.lab.port(&format!("{}2.eth0", t.as_str())).unwrap();
+        assert!(port.up, "{t}: the guest's port is not up");
+        let stats = g.lab.port_stats(&port.name).unwrap().counters;
+        assert!(stats.rx_frames > 0 && stats.tx_frames > 0, "{t}: {stats:?}");
+    }
+
+    // Separate lans: the pairs never see each other.
+    assert!(!g.ping("stream1", "10.1.0.2", 1));
+
+    // Move stream2's NIC away: the ping stops. Back: it works again.
+    g.lab.move_port("stream2.eth0", Some("elsewhere")).unwrap();
+    assert!(!g.ping("stream1", "10.0.0.2", 2), "ping crossed lans");
+    g.lab.move_port("stream2.eth0", Some("lstream")).unwrap();
+    assert!(g.ping("stream1", "10.0.0.2", 5), "ping did not come back");
+    let info = g.lab.node("stream2").unwrap();
+    assert_eq!(info.nics[0].lan.as_deref(), Some("lstream"));
+
+    // iperf3 between the dgram pair completes and moves data.
+    let server = g.exec("dgram2", &["iperf3", "-s", "-D", "-1"]);
+    assert_eq!(server.exit_code, 0, "{server:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let client = g.exec("dgram1", &["iperf3", "-c", "10.1.0.2", "-t", "2", "-J"]);
+    assert_eq!(client.exit_code, 0, "{client:?}");
+    let report: serde_json::Value = serde_json::from_str(&client.stdout).unwrap();
+    let bps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap();
+    assert!(bps > 1e6, "iperf3 moved only {bps} bit/s");
+    eprintln!("iperf3 dgram pair through ulan: {:.0} Mbit/s", bps / 1e6);
+}
+
+/// Killing a guest marks it crashed, its port goes down, an event says
+/// so, and the others keep talking. Stop and start bring it back.
+#[test]
+fn a_killed_guest_is_crashed_and_the_rest_keep_working() {
+    if skip_without_guests("a_killed_guest_is_crashed") {
+        return;
+    }
+    let g = GuestLab::new("crash");
+    g.lab.add_lan("l").unwrap();
+    for (n, ip) in [
+        ("a", "10.5.0.1/24"),
+        ("b", "10.5.0.2/24"),
+        ("c", "10.5.0.3/24"),
+    ] {
+        g.add(with_ip(GuestLab::spec(n, &["l"]), &[ip]));
+    }
+    g.wait_running(&["a", "b", "c"]);
+    let mut events = g.lab.events().subscribe();
+    let pid = g.lab.node("c").unwrap().pid.unwrap();
+    // SAFETY: kill(2) on the guest we started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.state("c") != NodeState::Crashed {
+        assert!(Instant::now() < deadline, "c never became crashed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let info = g.lab.node("c").unwrap();
+    assert!(
+        info.exit.as_deref().unwrap_or("").contains("signal 9"),
+        "{info:?}"
+    );
+    assert!(info.pid.is_none());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.lab.port("c.eth0").unwrap().up {
+        assert!(Instant::now() < deadline, "c's port stayed up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut saw_crash = false;
+    while let Ok(rec) = events.try_recv() {
+        if let Event::NodeState { node, state, .. } = &rec.event {
+            saw_crash |= node == "c" && *state == "crashed";
+        }
+    }
+    assert!(saw_crash, "no node_state crashed event");
+    assert!(g.ping("a", "10.5.0.2", 3), "a and b stopped talking");
+
+    // Start it again: same ports, same MAC, pingable.
+    g.rt.block_on(g.lab.start_node("c")).unwrap();
+    g.wait_running(&["c"]);
+    assert!(g.ping("a", "10.5.0.3", 5), "c did not come back");
+
+    // A graceful stop ends in `stopped`, not `crashed`.
+    let info =
+        g.rt.block_on(g.lab.stop_node("b", Some(Duration::from_secs(5))))
+            .unwrap();
+    assert_eq!(info.state, NodeState::Stopped, "{info:?}");
+    let err =
+        g.rt.block_on(
+            g.lab
+                .exec_node("b", &["true".into()], Duration::from_secs(5)),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, LabError::Node(NodeError::Busy { .. })),
+        "{err}"
+    );
+}
+
+/// Bad node requests get a clear error and leave nothing behind.
+#[test]
+fn bad_node_requests_leave_nothing_half_made() {
+    if skip_without_guests("bad_node_requests") {
+        return;
+    }
+    let g = GuestLab::new("bad");
+    g.lab.add_lan("l").unwrap();
+    let before_ports = g.lab.ports().len();
+    let cases: Vec<(ulan::vmlaunch::spec::NodeSpec, &str)> = vec![
+        (
+            {
+                let mut s = GuestLab::spec("x1", &["l"]);
+                s.image = Some("no-such-image".into());
+                s
+            },
+            "no-such-image",
+        ),
+        (
+            {
+                let mut s = GuestLab::spec("x2", &["l"]);
+                s.kernel = Some("/nonexistent/vmlinuz".into());
+                s
+            },
+            "/nonexistent/vmlinuz",
+        ),
+        (
+            {
+                let mut s = GuestLab::spec("x3", &["l"]);
+                s.memory_mb = 3;
+                s
+            },
+            "memory_mb",
+        ),
+        (GuestLab::spec("x4", &["l", "nolan"]), "nolan"),
+        (
+            {
+                let mut s = GuestLab::spec("x5", &["l"]);
+                s.binary = Some("/nonexistent/qemu".into());
+                s
+            },
+            "/nonexistent/qemu",
+        ),
+    ];
+    for (spec, want) in cases {
+        let name = spec.name.clone();
+        let err = g.rt.block_on(g.lab.add_node(spec)).unwrap_err();
+        let api = ulan::api::error::ApiError::from(&err);
+        assert!(
+            (400..500).contains(&api.status.as_u16()),
+            "{name}: {err} -> {api}"
+        );
+        assert!(err.to_string().contains(want), "{name}: {err}");
+        assert!(g.lab.node(&name).is_err(), "{name} was left behind");
+        assert_eq!(g.lab.ports().len(), before_ports, "{name} left ports");
+        assert!(!g.lab.run_dir().join("nodes").join(&name).exists());
+    }
+    // A duplicate name is refused and the first node is untouched.
+    g.add(GuestLab::spec("dup", &["l"]));
+    let err =
+        g.rt.block_on(g.lab.add_node(GuestLab::spec("dup", &["l"])))
+            .unwrap_err();
+    assert_eq!(ulan::api::error::ApiError::from(&err).status.as_u16(), 409);
+    g.wait_running(&["dup"]);
+    assert_eq!(g.exec("dup", &["hostname"]).stdout.trim(), "dup");
+}
