@@ -932,7 +932,12 @@ async fn events_stream_in_order() {
     for (name, _) in expected {
         assert!(mapping.contains_key(name), "{name}");
     }
-    assert_eq!(mapping.len(), 7);
+    // Seven topology and port events, three node events (tests/guests.rs
+    // sees those from real guests).
+    assert_eq!(mapping.len(), 10);
+    for node_event in ["node_added", "node_removed", "node_state"] {
+        assert!(mapping.contains_key(node_event), "{node_event}");
+    }
 
     // A second subscriber sees the same stream; port_up shows too.
     let mut second = c.events().await.unwrap();

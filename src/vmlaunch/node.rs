@@ -282,6 +282,8 @@ struct BootPlan {
     base: Option<(PathBuf, String)>,
     image_append: Option<String>,
     agent: bool,
+    /// The built-in image's init configures the guest from the cmdline.
+    builtin: bool,
 }
 
 fn existing_file(what: &'static str, path: &Path) -> Result<PathBuf, NodeError> {
@@ -355,14 +357,22 @@ fn resolve_boot(spec: &NodeSpec, store: &ImageStore) -> Result<BootPlan, NodeErr
         base: None,
         image_append: None,
         agent: false,
+        builtin: false,
     };
     match (&spec.image, spec.kind) {
-        (None, NodeKind::Qemu) if spec.kernel.is_none() && spec.initrd.is_none() => {
+        (None, NodeKind::Qemu) if spec.uses_builtin_image() => {
             let img = store.get(image::BUILTIN)?;
             plan.kernel = img.kernel_path();
             plan.initrd = img.initrd_path();
             plan.agent = img.manifest.agent;
             plan.image_append = img.manifest.append.clone();
+            plan.builtin = true;
+        }
+        (None, NodeKind::Uml) if spec.uses_builtin_image() => {
+            // The UML binary is the kernel; the image's initrd is its root.
+            let img = store.get(image::BUILTIN)?;
+            plan.initrd = img.initrd_path();
+            plan.builtin = true;
         }
         (None, _) => {}
         (Some(path), _) if path.starts_with('/') => {
@@ -754,7 +764,7 @@ impl Lab {
                             .then(|| dgram_local(&dir, i)),
                     })
                     .collect();
-                let mut cmdline = if plan.agent {
+                let mut cmdline = if plan.builtin {
                     qemu::builtin_cmdline(&spec, &macs)
                 } else {
                     let mut c = "console=ttyS0".to_string();
@@ -804,16 +814,21 @@ impl Lab {
                     node: name.into(),
                     message: e.to_string(),
                 })?;
-                let mut append = String::new();
-                if let Some(a) = &plan.image_append {
-                    append.push_str(a);
-                }
-                if let Some(a) = &spec.append {
-                    append.push(' ');
-                    append.push_str(a);
-                }
+                let append = if plan.builtin {
+                    qemu::builtin_cmdline(&spec, &macs)
+                } else {
+                    let mut a = plan.image_append.clone().unwrap_or_default();
+                    if let Some(extra) = &spec.append {
+                        a.push(' ');
+                        a.push_str(extra);
+                    }
+                    a
+                };
                 let base = plan.base.as_ref().map(|(p, _)| p.as_path());
-                let argv = uml::uml_argv(&spec, &binary, &nics, base, &upaths, &append)
+                // uml_argv takes the initrd from the spec: give it the plan's.
+                let mut uspec = spec.clone();
+                uspec.initrd = plan.initrd.as_ref().map(|p| p.display().to_string());
+                let argv = uml::uml_argv(&uspec, &binary, &nics, base, &upaths, &append)
                     .map_err(NodeError::from)?;
                 let argv = argv.into_iter().skip(1).collect();
                 (binary, argv, None)
@@ -1011,11 +1026,14 @@ impl Lab {
         self.emit_state(name, NodeState::Stopping, None);
         let mut exited = runtime.exited.subscribe();
         let gone = |rx: &watch::Receiver<u64>| *rx.borrow() >= run;
-        let dir = {
+        // QEMU: QMP; UML (no monitor here): signals to its process group.
+        let qmp_path = {
             let table = self.node_table().lock();
-            table.get(name).map(|e| e.dir.clone())
+            table
+                .get(name)
+                .filter(|e| e.spec.kind == NodeKind::Qemu)
+                .map(|e| NodePaths::new(&e.dir).qmp)
         };
-        let qmp_path = dir.map(|d| NodePaths::new(&d).qmp);
         let wait = |rx: &mut watch::Receiver<u64>, t: Duration| {
             let mut rx = rx.clone();
             async move {
@@ -1023,10 +1041,14 @@ impl Lab {
             }
         };
         if !grace.is_zero() {
-            if let Some(q) = &qmp_path {
-                if let Ok(mut qmp) = qmp::Qmp::connect(q, Duration::from_secs(2)).await {
-                    let _ = qmp.execute("system_powerdown").await;
+            match (&qmp_path, pid) {
+                (Some(q), _) => {
+                    if let Ok(mut qmp) = qmp::Qmp::connect(q, Duration::from_secs(2)).await {
+                        let _ = qmp.execute("system_powerdown").await;
+                    }
                 }
+                (None, Some(pid)) => kill(pid, libc::SIGTERM),
+                (None, None) => {}
             }
             wait(&mut exited, grace).await;
         }
@@ -1035,14 +1057,14 @@ impl Lab {
                 if let Ok(mut qmp) = qmp::Qmp::connect(q, Duration::from_secs(2)).await {
                     let _ = qmp.execute("quit").await;
                 }
-            } else if let Some(pid) = pid {
-                kill(pid, libc::SIGTERM);
+                wait(&mut exited, Duration::from_secs(3)).await;
             }
-            wait(&mut exited, Duration::from_secs(3)).await;
         }
         if !gone(&exited) {
             if let Some(pid) = pid {
-                tracing::warn!(node = name, pid, "guest did not quit; killing it");
+                if qmp_path.is_some() {
+                    tracing::warn!(node = name, pid, "guest did not quit; killing it");
+                }
                 kill(pid, libc::SIGKILL);
             }
             wait(&mut exited, Duration::from_secs(5)).await;

@@ -167,13 +167,17 @@ pub fn qemu_args(
 
 /// The kernel command line ulan gives the built-in image: console, and what
 /// its init configures (hostname, addresses by MAC, routes, forwarding).
+/// (A UML guest's console is its stdout: no `console=` for it.)
 pub fn builtin_cmdline(spec: &NodeSpec, macs: &[MacAddr]) -> String {
-    let mut c = vec![
-        "console=ttyS0".to_string(),
-        "panic=-1".into(),
+    let mut c = Vec::new();
+    if spec.kind == crate::vmlaunch::spec::NodeKind::Qemu {
+        c.push("console=ttyS0".to_string());
+    }
+    c.extend([
+        "panic=-1".to_string(),
         "quiet".into(),
         format!("ulan.hostname={}", spec.name),
-    ];
+    ]);
     for (nic, mac) in spec.nics.iter().zip(macs) {
         for ip in &nic.ip {
             c.push(format!("ulan.ip={mac},{ip}"));

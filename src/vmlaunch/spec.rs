@@ -462,13 +462,14 @@ impl NodeSpec {
         nic_port_name(&self.name, index)
     }
 
-    /// Whether the node boots the built-in image (which has the exec agent
-    /// and reads addresses from the kernel command line).
+    /// Whether the node boots the built-in image, whose init reads
+    /// addresses from the kernel command line: QEMU nodes given no image,
+    /// kernel or initrd (they get its kernel, initrd and exec agent), UML
+    /// nodes given no image or initrd (they get its initrd as their root).
     pub fn uses_builtin_image(&self) -> bool {
-        self.kind == NodeKind::Qemu
-            && self.image.is_none()
-            && self.kernel.is_none()
+        self.image.is_none()
             && self.initrd.is_none()
+            && (self.kind == NodeKind::Uml || self.kernel.is_none())
     }
 }
 
@@ -630,6 +631,8 @@ mod tests {
         s.validate().unwrap();
         s.nics[1].transport = Some(Transport::Stream);
         assert!(s.validate().is_err());
+        assert!(s.uses_builtin_image());
+        s.initrd = Some("/my/initrd".into());
         assert!(!s.uses_builtin_image());
     }
 
