@@ -309,3 +309,91 @@ fn a_uml_node_talks_over_daemon_vde_and_bess() {
             .unwrap();
     assert_eq!(info.state, NodeState::Stopped);
 }
+
+/// Disks: nodes run on qcow2 overlays over a base that is never written;
+/// a persistent overlay survives stop/start, a plain one is fresh at each
+/// start; `commit` makes a stopped node's disk a new image that boots with
+/// the data in it.
+#[test]
+fn overlays_persist_or_not_and_commit_makes_a_new_image() {
+    use ulan::vmlaunch::image::{self, ImageStore};
+    if skip_without_guests("overlays_and_commit") {
+        return;
+    }
+    let g = GuestLab::new("disks");
+    let store = ImageStore::open(&g.lab.node_config().images_dir);
+    let builtin = store.get(image::BUILTIN).unwrap();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let tag = format!("{}-{nanos}", std::process::id());
+    let (base_name, new_name) = (format!("t-base-{tag}"), format!("t-commit-{tag}"));
+    let base = store
+        .add_disk(&base_name, "test base", Some(&builtin), |p| {
+            let ok = std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(p)
+                .arg("16M")
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "qemu-img create");
+            Ok(())
+        })
+        .unwrap();
+    let base_bytes = std::fs::read(base.disk_path().unwrap()).unwrap();
+
+    let disk_node = |name: &str, persistent: bool| {
+        let mut s = GuestLab::spec(name, &[]);
+        s.image = Some(base_name.clone());
+        s.persistent = persistent;
+        s
+    };
+    g.add(disk_node("keep", true));
+    g.add(disk_node("fresh", false));
+    g.wait_running(&["keep", "fresh"]);
+    for n in ["keep", "fresh"] {
+        let w = g.exec(n, &["sh", "-c", "printf persist-me > /dev/vda && sync"]);
+        assert_eq!(w.exit_code, 0, "{n}: {w:?}");
+    }
+    let read = |n: &str| g.exec(n, &["head", "-c", "10", "/dev/vda"]).stdout;
+    for n in ["keep", "fresh"] {
+        g.rt.block_on(g.lab.stop_node(n, None)).unwrap();
+        g.rt.block_on(g.lab.start_node(n)).unwrap();
+    }
+    g.wait_running(&["keep", "fresh"]);
+    assert_eq!(read("keep"), "persist-me");
+    assert_eq!(read("fresh"), "\0".repeat(10));
+    assert_eq!(
+        std::fs::read(base.disk_path().unwrap()).unwrap(),
+        base_bytes,
+        "the base image was written"
+    );
+
+    // Commit wants a stopped node, then makes an image with the data.
+    let err =
+        g.rt.block_on(g.lab.commit_node("keep", &new_name))
+            .unwrap_err();
+    assert!(
+        matches!(err, LabError::Node(NodeError::Busy { .. })),
+        "{err}"
+    );
+    g.rt.block_on(g.lab.stop_node("keep", None)).unwrap();
+    let img = g.rt.block_on(g.lab.commit_node("keep", &new_name)).unwrap();
+    assert!(img.manifest.agent && img.kernel_path().is_some());
+    let mut s = GuestLab::spec("child", &[]);
+    s.image = Some(new_name.clone());
+    g.add(s);
+    g.wait_running(&["child"]);
+    assert_eq!(read("child"), "persist-me");
+    // A name that exists is refused.
+    let err =
+        g.rt.block_on(g.lab.commit_node("keep", &new_name))
+            .unwrap_err();
+    assert!(err.to_string().contains("exists"), "{err}");
+
+    drop(g);
+    let _ = std::fs::remove_dir_all(store.dir().join(&base_name));
+    let _ = std::fs::remove_dir_all(store.dir().join(&new_name));
+}
