@@ -38,7 +38,11 @@ impl Api {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join("run");
         std::fs::create_dir(&run).unwrap();
-        let lab = Lab::start(LabConfig::new("t", &run)).unwrap();
+        // An empty image store: node requests never find a built image.
+        let mut config_lab = LabConfig::new("t", &run);
+        config_lab.nodes.images_dir = dir.path().join("images");
+        config_lab.nodes.data_dir = dir.path().join("data");
+        let lab = Lab::start(config_lab).unwrap();
         let sock = run.join("api.sock");
         let listener = UnixListener::bind(&sock).unwrap();
         let (stop, rx) = watch::channel(false);
@@ -497,6 +501,164 @@ async fn hostile_requests_change_nothing() {
     let mut cases = Vec::new();
     // JSON content type: (method, path, body, status, code).
     let with_json: &[(&str, &str, &str, u16, &str)] = &[
+        // Node requests are checked before anything is made.
+        ("POST", "/v1/nodes", "{}", 400, "bad_json"),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"h1","memroy_mb":5}"#,
+            400,
+            "bad_json",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"h1","nics":"l1"}"#,
+            400,
+            "bad_json",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"h1","nics":[{"lan":"l1","ip":"10.0.0.1"}]}"#,
+            400,
+            "bad_json",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"h1","kind":"docker"}"#,
+            400,
+            "bad_json",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"../h"}"#,
+            422,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"h1","memory_mb":1}"#,
+            422,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"h1","cpus":0}"#,
+            422,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"h1","nics":[{"lan":"l1","transport":"bess"}]}"#,
+            422,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"h1","nics":[{"lan":"l1","mac":"01:00:00:00:00:01"}]}"#,
+            422,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"h1","image":"../../etc"}"#,
+            422,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"h1","nics":[{"lan":"nolan"}]}"#,
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"h1","image":"nope"}"#,
+            422,
+            "invalid_image",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"h1","nics":[{"lan":"l1"}]}"#,
+            422,
+            "invalid_image",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"h1","kernel":"/nonexistent/k"}"#,
+            422,
+            "missing_file",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            r#"{"name":"h1","kernel":"/etc/hostname","binary":"/nonexistent/qemu"}"#,
+            422,
+            "missing_file",
+        ),
+        (
+            "POST",
+            "/v1/nodes/ghost/exec",
+            r#"{"argv":[]}"#,
+            422,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/v1/nodes/ghost/exec",
+            r#"{"argv":"ls"}"#,
+            400,
+            "bad_json",
+        ),
+        (
+            "POST",
+            "/v1/nodes/ghost/exec",
+            r#"{"argv":["ls"],"timeout_s":0}"#,
+            422,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/v1/nodes/ghost/exec",
+            r#"{"argv":["ls"]}"#,
+            404,
+            "not_found",
+        ),
+        ("POST", "/v1/nodes/ghost/stop", "not json", 400, "bad_json"),
+        (
+            "POST",
+            "/v1/nodes/ghost/stop",
+            r#"{"timeout_s":99999}"#,
+            422,
+            "invalid_value",
+        ),
+        ("POST", "/v1/nodes/ghost/stop", "", 404, "not_found"),
+        (
+            "POST",
+            "/v1/nodes/ghost/commit",
+            r#"{"image":"../x"}"#,
+            422,
+            "invalid_name",
+        ),
+        (
+            "POST",
+            "/v1/nodes/ghost/commit",
+            r#"{"image":"x"}"#,
+            404,
+            "not_found",
+        ),
         // Not JSON, wrong types, unknown and missing fields.
         ("POST", "/v1/lans", "not json", 400, "bad_json"),
         ("POST", "/v1/lans", "name=x", 400, "bad_json"),
@@ -784,6 +946,7 @@ async fn hostile_requests_change_nothing() {
             assert!(r.header("allow").is_some(), "{what}: no Allow header");
         }
         assert_eq!(api.state().await, before, "{what} changed something");
+        assert!(api.lab.nodes().is_empty(), "{what} left a node");
     }
 
     // Specific messages.
@@ -1232,7 +1395,11 @@ fn decoding_random_bodies_never_panics() {
         .iter()
         .map(|c| c.as_str().unwrap().to_string())
         .collect();
-    let seeds: [&[u8]; 6] = [
+    let seeds: [&[u8]; 10] = [
+        br#"{"name":"h1","nics":[{"lan":"a","ip":["10.0.0.1/24"],"transport":"dgram"}],"routes":[{"to":"default","via":"10.0.0.9"}]}"#,
+        br#"{"argv":["ip","a"],"timeout_s":5}"#,
+        br#"{"timeout_s":3}"#,
+        br#"{"image":"base1"}"#,
         br#"{"name":"lan0"}"#,
         br#"{"name":"p0","kind":"stream","lan":"lan0"}"#,
         br#"{"name":"p0","kind":"vde","lan":null}"#,
@@ -1260,7 +1427,15 @@ fn decoding_random_bodies_never_panics() {
                 _ => {}
             }
         }
-        for op in [Op::AddLan, Op::AddPort, Op::MovePort] {
+        for op in [
+            Op::AddLan,
+            Op::AddPort,
+            Op::MovePort,
+            Op::AddNode,
+            Op::StopNode,
+            Op::ExecNode,
+            Op::CommitNode,
+        ] {
             if let Err(e) = decode_body(op, &body) {
                 assert!(codes.contains(e.code), "{} undocumented", e.code);
                 assert!(e.status.is_client_error());
