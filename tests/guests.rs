@@ -293,6 +293,28 @@ fn a_uml_node_talks_over_daemon_vde_and_bess() {
             "{t} port down"
         );
     }
+    // The console socket reaches UML's console: a command typed there runs.
+    {
+        use std::io::{Read, Write};
+        let info = g.lab.node("u1").unwrap();
+        let mut c = std::os::unix::net::UnixStream::connect(&info.console).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("uml-42") {
+            assert!(
+                Instant::now() < deadline,
+                "no answer on the UML console: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            c.write_all(b"echo uml-$((6*7))\n").unwrap();
+            if let Ok(n) = c.read(&mut buf) {
+                seen.extend_from_slice(&buf[..n]);
+            }
+        }
+    }
     // No agent in a UML guest: a clear 409-class error, not a hang.
     let err =
         g.rt.block_on(

@@ -897,6 +897,8 @@ impl Lab {
             qmp: (spec.kind == NodeKind::Qemu).then(|| paths.qmp.clone()),
             agent: plan.agent.then(|| paths.agent.clone()),
             boot_timeout: cfg.boot_timeout,
+            console: paths.console.clone(),
+            console_log: paths.console_log.clone(),
         };
         tokio::spawn(supervise(
             name.to_string(),
@@ -1239,6 +1241,64 @@ struct Readiness {
     qmp: Option<PathBuf>,
     agent: Option<PathBuf>,
     boot_timeout: Duration,
+    console: PathBuf,
+    console_log: PathBuf,
+}
+
+/// A UML guest's console on a Unix socket: what a client types goes to
+/// the guest's stdin; what the guest prints (already going to the console
+/// log) is followed from the log and sent to the client.
+async fn serve_uml_console(sock: PathBuf, log: PathBuf, mut stdin: tokio::process::ChildStdin) {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+    let _ = std::fs::remove_file(&sock);
+    let listener = match tokio::net::UnixListener::bind(&sock) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("UML console socket {}: {e}", sock.display());
+            return;
+        }
+    };
+    while let Ok((client, _)) = listener.accept().await {
+        let (mut from_client, mut to_client) = client.into_split();
+        let Ok(mut file) = tokio::fs::File::open(&log).await else {
+            continue;
+        };
+        if file.seek(std::io::SeekFrom::End(0)).await.is_err() {
+            continue;
+        }
+        let output = async {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match file.read(&mut buf).await {
+                    Ok(0) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Ok(n) => {
+                        if to_client.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        };
+        let input = async {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match from_client.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if stdin.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        // Until the client leaves (or the guest's stdin breaks).
+        tokio::select! {
+            _ = output => {}
+            _ = input => {}
+        }
+    }
 }
 
 /// Waits until the guest is up: QMP answers, then (built-in image) its
@@ -1294,8 +1354,15 @@ async fn supervise(
             reason,
         })
     };
-    // UML's console input: held for the guest's life.
-    let _stdin = child.stdin.take();
+    // UML's console is its stdin/stdout: serve it on the console socket
+    // as QEMU does (one client at a time), for the guest's life.
+    let console = child.stdin.take().map(|stdin| {
+        tokio::spawn(serve_uml_console(
+            ready.console.clone(),
+            ready.console_log.clone(),
+            stdin,
+        ))
+    });
     let up = wait_up(&ready);
     tokio::pin!(up);
     let mut up_done = false;
@@ -1327,6 +1394,10 @@ async fn supervise(
             }
         }
     };
+    if let Some(task) = console {
+        task.abort();
+        let _ = std::fs::remove_file(&ready.console);
+    }
     let (state, reason) = {
         let mut st = runtime.status();
         if st.run != run {
