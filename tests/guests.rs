@@ -419,3 +419,53 @@ fn overlays_persist_or_not_and_commit_makes_a_new_image() {
     let _ = std::fs::remove_dir_all(store.dir().join(&base_name));
     let _ = std::fs::remove_dir_all(store.dir().join(&new_name));
 }
+
+/// Direct kernel boot: a node given its own kernel, initrd and command
+/// line boots them (no agent: ulan does not assume what runs inside), and
+/// the user's extra QEMU arguments reach QEMU last (a second `-name`
+/// overrides ulan's, which QMP reports).
+#[test]
+fn direct_kernel_boot_with_user_arguments() {
+    use ulan::vmlaunch::image::{self, ImageStore};
+    use ulan::vmlaunch::qmp::Qmp;
+    if skip_without_guests("direct_kernel_boot") {
+        return;
+    }
+    let g = GuestLab::new("direct");
+    g.lab.add_lan("l").unwrap();
+    let builtin = ImageStore::open(&g.lab.node_config().images_dir)
+        .get(image::BUILTIN)
+        .unwrap();
+    let mut d = GuestLab::spec("direct", &["l"]);
+    d.kernel = Some(builtin.kernel_path().unwrap().display().to_string());
+    d.initrd = Some(builtin.initrd_path().unwrap().display().to_string());
+    d.nics[0].mac = Some("02:00:00:00:aa:01".parse().unwrap());
+    d.append = Some("ulan.ip=02:00:00:00:aa:01,10.8.0.2/24 ulan.hostname=direct".into());
+    d.extra_args = vec!["-name".into(), "guest=user-named".into()];
+    g.add(d);
+    g.add(with_ip(GuestLab::spec("peer", &["l"]), &["10.8.0.1/24"]));
+    g.wait_running(&["direct", "peer"]);
+    let info = g.lab.node("direct").unwrap();
+    assert!(!info.agent);
+    assert!(
+        g.ping("peer", "10.8.0.2", 15),
+        "the directly booted guest never answered\n{}",
+        g.console_tail("direct")
+    );
+    let err =
+        g.rt.block_on(
+            g.lab
+                .exec_node("direct", &["true".into()], Duration::from_secs(5)),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, LabError::Node(NodeError::NoAgent(_))),
+        "{err}"
+    );
+    let qmp = g.lab.run_dir().join("nodes/direct/qmp.sock");
+    let name = g.rt.block_on(async {
+        let mut q = Qmp::connect(&qmp, Duration::from_secs(5)).await.unwrap();
+        q.execute("query-name").await.unwrap()
+    });
+    assert_eq!(name["name"], "user-named");
+}
