@@ -1129,14 +1129,32 @@ impl Lab {
             .into());
         }
         let _agent = runtime.agent.lock().await;
-        // Still booting: the agent answers once the guest is up.
-        let boot_left = self.node_config().boot_timeout;
-        agent::wait_ready(&sock, tokio::time::Instant::now() + boot_left)
-            .await
-            .map_err(|source| NodeError::Agent {
-                node: name.into(),
-                source,
-            })?;
+        // Still booting: the agent answers once the guest is up. Give up
+        // at once if the guest stops meanwhile.
+        let deadline = tokio::time::Instant::now() + self.node_config().boot_timeout;
+        loop {
+            let state = runtime.status().state.unwrap_or(NodeState::Stopped);
+            if !matches!(state, NodeState::Running | NodeState::Starting) {
+                return Err(NodeError::Busy {
+                    node: name.into(),
+                    state,
+                    hint: "it stopped before its agent answered",
+                }
+                .into());
+            }
+            match agent::ping(&sock, Duration::from_secs(2)).await {
+                Ok(()) => break,
+                Err(source) if tokio::time::Instant::now() >= deadline => {
+                    return Err(NodeError::Agent {
+                        node: name.into(),
+                        source,
+                    }
+                    .into())
+                }
+                Err(agent::AgentError::Timeout(_)) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
         agent::exec(&sock, argv, timeout).await.map_err(|source| {
             NodeError::Agent {
                 node: name.into(),
