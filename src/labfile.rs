@@ -204,7 +204,15 @@ pub fn load(path: &Path) -> Result<LabFile, LabFileError> {
     let text = String::from_utf8(bytes).map_err(|_| LabFileError::NotText {
         origin: origin.clone(),
     })?;
-    let lab = parse(&text, &origin)?;
+    let mut lab = parse(&text, &origin)?;
+    // Relative kernel, initrd and image paths are relative to the file.
+    let dir = std::fs::canonicalize(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    for node in &mut lab.nodes {
+        node.absolutize(&dir);
+    }
     lab.check().map_err(|e| match e {
         LabFileError::Check(source) => LabFileError::Invalid { origin, source },
         other => other,
@@ -1579,5 +1587,31 @@ ports:
         for (step, want) in cases {
             assert_eq!(step.to_string(), want);
         }
+    }
+
+    #[test]
+    fn relative_file_paths_are_relative_to_the_lab_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lab.yaml");
+        std::fs::write(
+            &path,
+            "lans: [l]\nnodes:\n  - name: h1\n    kernel: k/vmlinuz\n    initrd: /abs/initrd\n    nics: [{lan: l}]\n",
+        )
+        .unwrap();
+        let lab = load(&path).unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        assert_eq!(
+            lab.nodes[0].kernel.as_deref(),
+            Some(base.join("k/vmlinuz").to_str().unwrap())
+        );
+        assert_eq!(lab.nodes[0].initrd.as_deref(), Some("/abs/initrd"));
+        // Parsed text with no file behind it keeps the rule: absolute only.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let e = parse(&text, "x.yaml")
+            .unwrap()
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("absolute"), "{e}");
     }
 }

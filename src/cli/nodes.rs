@@ -125,6 +125,9 @@ impl NodeArgs {
             .iter()
             .map(|r| parse_route(r))
             .collect::<anyhow::Result<_>>()?;
+        if let Ok(cwd) = std::env::current_dir() {
+            spec.absolutize(&cwd);
+        }
         spec.validate()?;
         Ok(spec)
     }

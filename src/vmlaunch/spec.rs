@@ -56,6 +56,8 @@ pub enum SpecError {
     BadText { field: &'static str },
     #[error("image {0:?}: an image is a name from the image store or an absolute path")]
     ImageName(String),
+    #[error("{field} {path:?} must be an absolute path (the daemon does not share your working directory)")]
+    RelativePath { field: &'static str, path: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -431,6 +433,16 @@ impl NodeSpec {
                 }
             }
         }
+        for (field, value) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+            if let Some(v) = value {
+                if !v.starts_with('/') {
+                    return Err(SpecError::RelativePath {
+                        field,
+                        path: v.chars().take(80).collect(),
+                    });
+                }
+            }
+        }
         if let Some(image) = &self.image {
             if !image.starts_with('/') && check_name(image).is_err() {
                 return Err(SpecError::ImageName(image.chars().take(60).collect()));
@@ -447,6 +459,27 @@ impl NodeSpec {
             });
         }
         Ok(())
+    }
+
+    /// Makes the file paths absolute against `base` (a lab file's
+    /// directory, the CLI's working directory): kernel, initrd, and an
+    /// image given as a path rather than a store name.
+    pub fn absolutize(&mut self, base: &std::path::Path) {
+        let abs = |p: &str| {
+            if p.starts_with('/') {
+                p.to_string()
+            } else {
+                base.join(p).display().to_string()
+            }
+        };
+        for p in [&mut self.kernel, &mut self.initrd].into_iter().flatten() {
+            *p = abs(p);
+        }
+        if let Some(image) = &mut self.image {
+            if image.contains('/') {
+                *image = abs(image);
+            }
+        }
     }
 
     /// NIC `index`'s transport, the kind's default when not given.
@@ -581,6 +614,14 @@ mod tests {
             ),
             (Box::new(|s| s.image = Some("../etc".into())), "image"),
             (Box::new(|s| s.kernel = Some(String::new())), "kernel"),
+            (
+                Box::new(|s| s.kernel = Some("boot/vmlinuz".into())),
+                "absolute path",
+            ),
+            (
+                Box::new(|s| s.initrd = Some("./initrd".into())),
+                "absolute path",
+            ),
             (Box::new(|s| s.append = Some("a\nb".into())), "append"),
             (
                 Box::new(|s| s.extra_args = vec!["a\0b".into()]),
@@ -620,6 +661,22 @@ mod tests {
             let text = format!(r#"{{"lan":"a","ip":{bad}}}"#);
             assert!(serde_json::from_str::<NicSpec>(&text).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let mut s = spec();
+        s.kernel = Some("k/vmlinuz".into());
+        s.initrd = Some("/abs/initrd".into());
+        s.image = Some("disks/base.qcow2".into());
+        s.absolutize(std::path::Path::new("/labs/x"));
+        assert_eq!(s.kernel.as_deref(), Some("/labs/x/k/vmlinuz"));
+        assert_eq!(s.initrd.as_deref(), Some("/abs/initrd"));
+        assert_eq!(s.image.as_deref(), Some("/labs/x/disks/base.qcow2"));
+        s.image = Some("builtin".into());
+        s.absolutize(std::path::Path::new("/labs/x"));
+        assert_eq!(s.image.as_deref(), Some("builtin"));
+        s.validate().unwrap();
     }
 
     #[test]
