@@ -105,9 +105,27 @@ fn a_killed_guest_is_crashed_and_the_rest_keep_working() {
         ("b", "10.5.0.2/24"),
         ("c", "10.5.0.3/24"),
     ] {
-        g.add(with_ip(GuestLab::spec(n, &["l"]), &[ip]));
+        let mut spec = with_ip(GuestLab::spec(n, &["l"]), &[ip]);
+        if n == "a" {
+            // `auto`: the real KVM probe decides, and says why on fallback.
+            spec.accel = ulan::vmlaunch::spec::Accel::Auto;
+        }
+        g.add(spec);
     }
     g.wait_running(&["a", "b", "c"]);
+    let a = g.lab.node("a").unwrap();
+    match a.accel {
+        Some("tcg") => assert!(
+            a.warning.as_deref().is_some_and(|w| w.contains("TCG")),
+            "a TCG fallback must say why: {a:?}"
+        ),
+        Some("kvm") => assert!(a.warning.is_none(), "{a:?}"),
+        other => panic!("accel {other:?}"),
+    }
+    assert!(
+        g.lab.node("b").unwrap().warning.is_none(),
+        "tcg was asked for"
+    );
     let mut events = g.lab.events().subscribe();
     let pid = g.lab.node("c").unwrap().pid.unwrap();
     // SAFETY: kill(2) on the guest we started.

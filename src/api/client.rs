@@ -142,6 +142,7 @@ pub struct NodeView {
     pub console_log: String,
     pub agent: bool,
     pub exit: Option<String>,
+    pub warning: Option<String>,
     pub started_ms: Option<u64>,
     pub nics: Vec<NicView>,
     pub spec: NodeSpec,

@@ -133,6 +133,7 @@ pub async fn up(
             "nodes": nodes,
         }));
     }
+    super::nodes::print_warnings(&nodes);
     if steps.is_empty() {
         println!("lab {lab} already matches {}", path.display());
     } else {

@@ -148,6 +148,16 @@ fn nics_cell(n: &NodeView) -> String {
         .join(" ")
 }
 
+/// Each distinct node warning once, on stderr (e.g. the TCG fallback).
+pub fn print_warnings(nodes: &[NodeView]) {
+    let mut seen = std::collections::BTreeSet::new();
+    for w in nodes.iter().filter_map(|n| n.warning.as_deref()) {
+        if seen.insert(w) {
+            eprintln!("warning: {w}");
+        }
+    }
+}
+
 pub fn nodes_table(nodes: &[NodeView]) -> String {
     let rows: Vec<_> = nodes
         .iter()
@@ -295,6 +305,7 @@ pub async fn add(client: &Client, args: &NodeArgs, wait: bool, out: Output) -> a
     if out == Output::Json {
         return print_json(&n);
     }
+    print_warnings(std::slice::from_ref(&n));
     println!("node {} {} ({})", n.name, n.state, dash(&n.accel));
     Ok(())
 }

@@ -177,6 +177,8 @@ pub struct NodeInfo {
     pub agent: bool,
     /// How the last run ended.
     pub exit: Option<String>,
+    /// Why the guest runs slower than it could (e.g. TCG, KVM unusable).
+    pub warning: Option<String>,
     /// Milliseconds since the Unix epoch of the last start.
     pub started_ms: Option<u64>,
     pub nics: Vec<NicInfo>,
@@ -191,6 +193,8 @@ struct Status {
     exit: Option<String>,
     started_ms: Option<u64>,
     stop_requested: bool,
+    /// Why the guest runs slower than it could (TCG fallback).
+    warning: Option<String>,
     /// Increases at every start, so a late supervisor of an old run
     /// cannot overwrite a newer run's state.
     run: u64,
@@ -524,6 +528,7 @@ impl Lab {
             console_log: paths.console_log.display().to_string(),
             agent: n.has_agent,
             exit: st.exit.clone(),
+            warning: st.warning.clone(),
             started_ms: st.started_ms,
             nics,
             spec: n.spec.clone(),
@@ -747,6 +752,7 @@ impl Lab {
             let _ = std::fs::remove_file(dgram_local(&dir, i));
         }
         let disk = self.prepare_disk(&spec, &plan, &dir, &cfg).await?;
+        let mut accel_warning = None;
         let (binary, argv, accel_name) = match spec.kind {
             NodeKind::Qemu => {
                 let binary = spec
@@ -754,7 +760,9 @@ impl Lab {
                     .as_ref()
                     .map(PathBuf::from)
                     .unwrap_or_else(|| cfg.qemu.clone());
-                let (accel_args, accel_name) = self.choose_accel(&spec, &binary, &plan).await?;
+                let (accel_args, accel_name, warning) =
+                    self.choose_accel(&spec, &binary, &plan).await?;
+                accel_warning = warning;
                 let nics: Vec<QemuNic> = (0..spec.nics.len())
                     .map(|i| QemuNic {
                         mac: macs[i],
@@ -886,6 +894,7 @@ impl Lab {
             st.state = Some(NodeState::Starting);
             st.pid = pid;
             st.accel = accel_name;
+            st.warning = accel_warning;
             st.exit = None;
             st.stop_requested = false;
             st.started_ms = Some(now_ms());
@@ -917,7 +926,7 @@ impl Lab {
         spec: &NodeSpec,
         binary: &Path,
         plan: &BootPlan,
-    ) -> Result<(Vec<String>, &'static str), LabError> {
+    ) -> Result<(Vec<String>, &'static str, Option<String>), LabError> {
         let qemu = binary.to_path_buf();
         let kernel = plan.kernel.clone();
         let requested = spec.accel;
@@ -942,6 +951,7 @@ impl Lab {
         Ok((
             accel::qemu_accel_args(choice.kvm, spec.cpus),
             if choice.kvm { "kvm" } else { "tcg" },
+            choice.warning,
         ))
     }
 
