@@ -88,49 +88,11 @@ enum Cmd {
 enum NodeCmd {
     /// Make a node and start it.
     Add {
-        name: String,
-        /// A NIC: LAN[,ip=CIDR][,mac=MAC][,transport=stream|dgram|vde|daemon|bess]
-        /// (repeat for more; LAN `-` leaves it unplugged).
-        #[arg(long = "nic")]
-        nics: Vec<String>,
-        /// qemu (default) or uml.
-        #[arg(long)]
-        kind: Option<String>,
-        #[arg(long = "memory")]
-        memory_mb: Option<u32>,
-        #[arg(long)]
-        cpus: Option<u32>,
-        /// Disk base: an image store name or an absolute path.
-        #[arg(long)]
-        image: Option<String>,
-        #[arg(long)]
-        kernel: Option<String>,
-        #[arg(long)]
-        initrd: Option<String>,
-        /// Extra kernel command line.
-        #[arg(long)]
-        append: Option<String>,
-        /// Keep the disk overlay across stop/start.
-        #[arg(long)]
-        persistent: bool,
-        /// auto (default), kvm or tcg.
-        #[arg(long)]
-        accel: Option<String>,
-        /// A static route DEST,VIA (built-in image; repeatable).
-        #[arg(long = "route")]
-        routes: Vec<String>,
-        /// Turn on IPv4 forwarding in the guest (built-in image).
-        #[arg(long)]
-        forward: bool,
-        /// The emulator binary (default qemu-system-x86_64 / linux.uml).
-        #[arg(long)]
-        binary: Option<String>,
+        #[command(flatten)]
+        args: cli::nodes::NodeArgs,
         /// Return at once instead of waiting until it runs.
         #[arg(long)]
         no_wait: bool,
-        /// Your own emulator arguments, appended last, unchecked.
-        #[arg(last = true)]
-        extra: Vec<String>,
     },
     Rm {
         name: String,
@@ -254,42 +216,8 @@ fn main() -> ExitCode {
             let client = cli::client(&lab);
             cli::block_on(async {
                 match cmd {
-                    NodeCmd::Add {
-                        name,
-                        nics,
-                        kind,
-                        memory_mb,
-                        cpus,
-                        image,
-                        kernel,
-                        initrd,
-                        append,
-                        persistent,
-                        accel,
-                        routes,
-                        forward,
-                        binary,
-                        no_wait,
-                        extra,
-                    } => {
-                        let a = cli::nodes::NodeArgs {
-                            name,
-                            kind,
-                            memory_mb,
-                            cpus,
-                            image,
-                            kernel,
-                            initrd,
-                            append,
-                            persistent,
-                            accel,
-                            nics,
-                            routes,
-                            forward,
-                            binary,
-                            extra_args: extra,
-                        };
-                        cli::nodes::add(&client, &a, !no_wait, out).await
+                    NodeCmd::Add { args, no_wait } => {
+                        cli::nodes::add(&client, &args, !no_wait, out).await
                     }
                     NodeCmd::Rm { name } => cli::nodes::rm(&client, &name, out).await,
                     NodeCmd::Ls => cli::nodes::ls(&client, out).await,

@@ -171,6 +171,27 @@ fn two_node_example_up_save_apply_down() {
     let ls = u.ok(&["ls"]);
     assert!(ls.contains("lan1") && ls.contains("h2.eth0"), "{ls}");
 
+    // Nodes one by one from the CLI; a node's NIC port is not removable alone.
+    let out = u.ok(&[
+        "node",
+        "add",
+        "h3",
+        "--nic",
+        "lan0,ip=10.0.0.3/24,transport=vde",
+        "--memory",
+        "160",
+    ]);
+    assert!(out.contains("node h3 running"), "{out}");
+    assert!(u.ping("h1", "10.0.0.3"));
+    let out = u.ulan(&["port", "rm", "h3.eth0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NIC of node"));
+    let out = u.ok(&["node", "stop", "h3"]);
+    assert!(out.contains("stopped"), "{out}");
+    u.ok(&["node", "rm", "h3"]);
+    let out = u.ulan(&["node", "show", "h3"]);
+    assert!(!out.status.success());
+
     // down: no guest, no socket, no daemon left.
     u.ok(&["down"]);
     assert!(u.guests_left().is_empty(), "{:?}", u.guests_left());

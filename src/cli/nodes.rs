@@ -63,23 +63,48 @@ pub fn parse_route(text: &str) -> anyhow::Result<RouteSpec> {
     })
 }
 
-/// What `ulan node add` was given.
-#[derive(Debug, Clone, Default)]
+/// What `ulan node add` takes (parsed by clap in main.rs).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct NodeArgs {
     pub name: String,
+    /// qemu (default) or uml.
+    #[arg(long)]
     pub kind: Option<String>,
+    #[arg(long = "memory")]
     pub memory_mb: Option<u32>,
+    #[arg(long)]
     pub cpus: Option<u32>,
+    /// Disk base: an image store name or a path.
+    #[arg(long)]
     pub image: Option<String>,
+    #[arg(long)]
     pub kernel: Option<String>,
+    #[arg(long)]
     pub initrd: Option<String>,
+    /// Extra kernel command line.
+    #[arg(long)]
     pub append: Option<String>,
+    /// Keep the disk overlay across stop/start.
+    #[arg(long)]
     pub persistent: bool,
+    /// auto (default), kvm or tcg.
+    #[arg(long)]
     pub accel: Option<String>,
+    /// A NIC: LAN[,ip=CIDR][,mac=MAC][,transport=stream|dgram|vde|daemon|bess]
+    /// (repeat for more; LAN `-` leaves it unplugged).
+    #[arg(long = "nic")]
     pub nics: Vec<String>,
+    /// A static route DEST,VIA (built-in image; repeatable).
+    #[arg(long = "route")]
     pub routes: Vec<String>,
+    /// Turn on IPv4 forwarding in the guest (built-in image).
+    #[arg(long)]
     pub forward: bool,
+    /// The emulator binary (default qemu-system-x86_64 / linux.uml).
+    #[arg(long)]
     pub binary: Option<String>,
+    /// Your own emulator arguments, appended last, unchecked.
+    #[arg(last = true)]
     pub extra_args: Vec<String>,
 }
 
@@ -288,19 +313,24 @@ pub async fn wait_running(
     }
 }
 
+/// Waits for one node to run (with the progress line on a terminal).
+async fn wait_one(client: &Client, name: &str, out: Output) -> anyhow::Result<NodeView> {
+    wait_running(
+        client,
+        &[name.to_string()],
+        Duration::from_secs(600),
+        out == Output::Table,
+    )
+    .await?
+    .pop()
+    .context("the node disappeared while starting")
+}
+
 pub async fn add(client: &Client, args: &NodeArgs, wait: bool, out: Output) -> anyhow::Result<()> {
     let spec = args.to_spec()?;
     let mut n = client.add_node(&spec).await?;
     if wait {
-        n = wait_running(
-            client,
-            std::slice::from_ref(&spec.name),
-            Duration::from_secs(600),
-            out == Output::Table,
-        )
-        .await?
-        .pop()
-        .context("the node disappeared while starting")?;
+        n = wait_one(client, &spec.name, out).await?;
     }
     if out == Output::Json {
         return print_json(&n);
@@ -340,15 +370,7 @@ pub async fn rm(client: &Client, name: &str, out: Output) -> anyhow::Result<()> 
 pub async fn start(client: &Client, name: &str, wait: bool, out: Output) -> anyhow::Result<()> {
     let mut n = client.start_node(name).await?;
     if wait {
-        n = wait_running(
-            client,
-            &[name.to_string()],
-            Duration::from_secs(600),
-            out == Output::Table,
-        )
-        .await?
-        .pop()
-        .context("the node disappeared while starting")?;
+        n = wait_one(client, name, out).await?;
     }
     if out == Output::Json {
         return print_json(&n);
