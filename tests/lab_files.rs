@@ -222,6 +222,31 @@ fn router_example_forwards_between_its_lans() {
             .contains("default via 10.0.1.1"),
         "{route}"
     );
+    // The serial console, scripted: what is typed runs in the guest's shell.
+    let mut console = Command::new(env!("CARGO_BIN_EXE_ulan"))
+        .args(["console", "r1"])
+        .env("XDG_RUNTIME_DIR", u.run_dir())
+        .env("ULAN_LAB", &u.lab)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = console.stdin.take().unwrap();
+        stdin
+            .write_all(b"\necho console-$((6*7))-$(hostname)\n")
+            .unwrap();
+    }
+    let out = console.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("console-42-r1"), "console said: {text}");
     // Unplugging the router's right leg cuts the path.
     u.ok(&["port", "move", "r1.eth1", "--detach"]);
     assert!(!u.ping("h1", "10.0.2.10"));
