@@ -16,7 +16,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,6 +63,28 @@ struct Wire {
     sink_fd: OwnedFd,
     framing: Framing,
     lab: Option<Arc<Lab>>,
+    /// The switch's thread (ulan's data plane) or process (vde_switch).
+    switch_task: Option<SwitchTask>,
+}
+
+#[derive(Clone, Copy)]
+enum SwitchTask {
+    Thread(libc::pid_t),
+    Process(libc::pid_t),
+}
+
+impl SwitchTask {
+    fn stat_path(self) -> String {
+        match self {
+            SwitchTask::Thread(t) => format!("/proc/self/task/{t}/stat"),
+            SwitchTask::Process(p) => format!("/proc/{p}/stat"),
+        }
+    }
+
+    fn pin(self, cpu: usize) {
+        let (SwitchTask::Thread(t) | SwitchTask::Process(t)) = self;
+        pin(t, cpu);
+    }
 }
 
 /// What must stay alive for a case: endpoints, temp dirs, vde_switch.
@@ -74,6 +96,69 @@ struct Measured {
     sent: u64,
     received: u64,
     switch_drops: Option<u64>,
+    /// CPU time per frame sent, in ns: the switch's and the generator's.
+    switch_ns: Option<f64>,
+    gen_ns: Option<f64>,
+}
+
+/// Where the parties run. `Shared` leaves it to the scheduler (three busy
+/// threads on however many CPUs there are). `Pinned` gives the generator
+/// CPU 0 to itself and puts the sink on CPU 1, for every path, and the
+/// switch (if any) beside the sink: the generator runs alike everywhere,
+/// and the question is whether switch and sink together keep up with it on
+/// one core.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    Shared,
+    Pinned,
+}
+
+const GENERATOR_CPU: usize = 0;
+const SINK_CPU: usize = 1;
+
+/// Pins a thread (tid, 0 = the caller) or process to one CPU.
+fn pin(tid: libc::pid_t, cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn gettid() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// CPU time (user + system) of one thread or process from /proc, in ns.
+fn cpu_ns(stat_path: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    // Fields after the ")" that ends the command name: utime is the 12th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(ticks * 1_000_000_000 / hz)
+}
+
+const DATAPLANE_THREAD: &str = "ulan-dataplane";
+
+/// The threads of this process whose name is `name`.
+fn threads_named(name: &str) -> Vec<libc::pid_t> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            if comm.trim() != name {
+                return None;
+            }
+            e.file_name().to_str()?.parse().ok()
+        })
+        .collect()
 }
 
 fn wait_poll(fd: &OwnedFd, events: libc::c_short) {
@@ -212,6 +297,7 @@ fn setup(which: Setup) -> io::Result<(Wire, Keep)> {
                 sink_fd: b,
                 framing: Framing::Datagram,
                 lab: None,
+                switch_task: None,
             };
             Ok((wire, vec![Box::new(dir)]))
         }
@@ -245,11 +331,24 @@ fn setup(which: Setup) -> io::Result<(Wire, Keep)> {
                 sink_fd: b,
                 framing,
                 lab: None,
+                switch_task: None,
             };
             Ok((wire, vec![Box::new(dir)]))
         }
         Setup::Ulan(kind) => {
+            let before = threads_named(DATAPLANE_THREAD);
             let lab = Lab::start(LabConfig::new("bench", &dir.path().join("run")))?;
+            // A new thread names itself once it runs: look for a moment.
+            let mut dataplane = None;
+            for _ in 0..100 {
+                dataplane = threads_named(DATAPLANE_THREAD)
+                    .into_iter()
+                    .find(|t| !before.contains(t));
+                if dataplane.is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
             lab.add_lan("l").map_err(io::Error::other)?;
             let g = lab
                 .add_port("g", kind, Some("l"))
@@ -283,6 +382,7 @@ fn setup(which: Setup) -> io::Result<(Wire, Keep)> {
                 sink_fd,
                 framing,
                 lab: Some(lab),
+                switch_task: dataplane.map(SwitchTask::Thread),
             };
             Ok((wire, vec![Box::new(gen), Box::new(snk), Box::new(dir)]))
         }
@@ -295,6 +395,7 @@ fn setup(which: Setup) -> io::Result<(Wire, Keep)> {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?;
+            let vde_pid = child.id() as libc::pid_t;
             let child = KillOnDrop(child);
             let deadline = Instant::now() + Duration::from_secs(5);
             while !sw_dir.join("ctl").exists() {
@@ -316,6 +417,7 @@ fn setup(which: Setup) -> io::Result<(Wire, Keep)> {
                 sink_fd,
                 framing: Framing::Datagram,
                 lab: None,
+                switch_task: Some(SwitchTask::Process(vde_pid)),
             };
             Ok((
                 wire,
@@ -334,37 +436,78 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn measure(which: Setup, size: usize, warmup: Duration, window: Duration) -> io::Result<Measured> {
+fn measure(
+    which: Setup,
+    size: usize,
+    placement: Placement,
+    warmup: Duration,
+    window: Duration,
+) -> io::Result<Measured> {
     let (wire, _keep) = setup(which)?;
     let wire = Arc::new(wire);
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let got = Arc::new(AtomicU64::new(0));
+    let gen_tid = Arc::new(AtomicI32::new(0));
+    let pinned = placement == Placement::Pinned;
+    if pinned {
+        if let Some(task) = wire.switch_task {
+            task.pin(SINK_CPU);
+        }
+    }
     let sink_thread = {
         let (wire, stop, got) = (wire.clone(), stop.clone(), got.clone());
-        std::thread::spawn(move || sink(&wire.sink_fd, wire.framing, size, &stop, &got))
+        std::thread::Builder::new()
+            .name("bench-sink".into())
+            .spawn(move || {
+                if pinned {
+                    pin(0, SINK_CPU);
+                }
+                sink(&wire.sink_fd, wire.framing, size, &stop, &got)
+            })?
     };
     let gen_thread = {
-        let (wire, stop, sent) = (wire.clone(), stop.clone(), sent.clone());
-        std::thread::spawn(move || generator(&wire, size, &stop, &sent))
+        let (wire, stop, sent, tid) = (wire.clone(), stop.clone(), sent.clone(), gen_tid.clone());
+        std::thread::Builder::new()
+            .name("bench-gen".into())
+            .spawn(move || {
+                tid.store(gettid(), Relaxed);
+                if pinned {
+                    pin(0, GENERATOR_CPU);
+                }
+                generator(&wire, size, &stop, &sent)
+            })?
     };
     std::thread::sleep(warmup);
+    let switch_stat = wire.switch_task.map(SwitchTask::stat_path);
+    let gen_stat = format!("/proc/self/task/{}/stat", gen_tid.load(Relaxed));
+    let cpu = |path: &Option<String>| path.as_deref().and_then(cpu_ns);
     let drops0 = switch_drops(&wire);
+    let (sw0, gen0) = (cpu(&switch_stat), cpu_ns(&gen_stat));
     let (s0, g0, t0) = (sent.load(Relaxed), got.load(Relaxed), Instant::now());
     std::thread::sleep(window);
     let (s1, g1, t1) = (sent.load(Relaxed), got.load(Relaxed), Instant::now());
+    let (sw1, gen1) = (cpu(&switch_stat), cpu_ns(&gen_stat));
     let drops1 = switch_drops(&wire);
     stop.store(true, Relaxed);
     let _ = gen_thread.join();
     let _ = sink_thread.join();
     let secs = (t1 - t0).as_secs_f64();
     let received = g1 - g0;
+    let sent = s1 - s0;
+    let per_frame = |a: Option<u64>, b: Option<u64>| {
+        a.zip(b)
+            .filter(|_| sent > 0)
+            .map(|(a, b)| b.saturating_sub(a) as f64 / sent as f64)
+    };
     Ok(Measured {
         pps: received as f64 / secs,
         bps: received as f64 * size as f64 * 8.0 / secs,
-        sent: s1 - s0,
+        sent,
         received,
         switch_drops: drops0.zip(drops1).map(|(a, b)| b - a),
+        switch_ns: per_frame(sw0, sw1),
+        gen_ns: per_frame(gen0, gen1),
     })
 }
 
@@ -394,8 +537,67 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
+/// What systemd sets `net.unix.max_dgram_qlen` to on boot (Debian 12 and
+/// most distributions): how many datagrams may wait for a receiver that is
+/// not connected back to the sender, as a QEMU dgram netdev's socket is.
+/// The kernel's own default is 10; hosts without systemd (containers)
+/// keep it.
+const SYSTEMD_DGRAM_QLEN: u32 = 512;
+const QLEN_PATH: &str = "/proc/sys/net/unix/max_dgram_qlen";
+const IN_NAMESPACE: &str = "ULAN_BENCH_NETNS";
+
+fn dgram_qlen() -> Option<u32> {
+    std::fs::read_to_string(QLEN_PATH).ok()?.trim().parse().ok()
+}
+
+/// On a host that keeps the kernel's 10, runs the benchmark again in a
+/// private user and network namespace (no privilege needed) where it is
+/// set to systemd's 512, so the numbers are those of a stock Debian host.
+/// Returns the note for the header, or exits with the inner run's status.
+fn qlen_setup(args: &[String]) -> String {
+    let host = dgram_qlen();
+    if std::env::var_os(IN_NAMESPACE).is_some() {
+        let set = std::fs::write(QLEN_PATH, SYSTEMD_DGRAM_QLEN.to_string());
+        let host: String = std::env::var(IN_NAMESPACE).unwrap_or_default();
+        return match set {
+            Ok(()) => format!(
+                "net.unix.max_dgram_qlen {SYSTEMD_DGRAM_QLEN} (systemd's value; this host has {host}: \
+                 run in a private user+net namespace; --host-qlen keeps the host's)"
+            ),
+            Err(e) => format!("net.unix.max_dgram_qlen {host} (could not set {SYSTEMD_DGRAM_QLEN}: {e})"),
+        };
+    }
+    let keep = args.iter().any(|a| a == "--host-qlen");
+    match host {
+        Some(q) if q < SYSTEMD_DGRAM_QLEN && !keep => {
+            let status = std::env::current_exe().and_then(|exe| {
+                Command::new("unshare")
+                    .args(["--user", "--map-root-user", "--net", "--"])
+                    .arg(exe)
+                    .args(&args[1..])
+                    .env(IN_NAMESPACE, q.to_string())
+                    .status()
+            });
+            match status {
+                Ok(s) if s.code().is_some() => std::process::exit(s.code().unwrap_or(1)),
+                Ok(s) => {
+                    eprintln!("benchmark in a namespace ended by {s}");
+                    std::process::exit(1)
+                }
+                Err(e) => format!(
+                    "net.unix.max_dgram_qlen {q} (this host's; a user+net namespace to set \
+                     {SYSTEMD_DGRAM_QLEN} could not be made: {e})"
+                ),
+            }
+        }
+        Some(q) => format!("net.unix.max_dgram_qlen {q} (this host's)"),
+        None => "net.unix.max_dgram_qlen unknown".into(),
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let qlen_note = qlen_setup(&args);
     let quick = args.iter().any(|a| a == "--quick");
     let secs: f64 = std::env::var("ULAN_BENCH_SECS")
         .ok()
@@ -420,7 +622,12 @@ fn main() {
         "ulan frame-rate benchmark, {date}, Linux {kernel}, {cpus} CPUs, {}",
         cpu_model()
     );
-    println!("generator: one frame per syscall; sink: batched; {secs:.1} s per case after {warmup:?} warm-up\n");
+    println!("generator: one frame per syscall; sink: batched; {secs:.1} s per case after {warmup:?} warm-up");
+    println!("{qlen_note}");
+    println!(
+        "sw ns/f, gen ns/f: CPU time of the switch (ulan's data-plane thread, the vde_switch \
+         process) and of the generator per frame sent\n"
+    );
 
     let kinds = [PortKind::Dgram, PortKind::Stream, PortKind::Vde];
     let mut setups = Vec::new();
@@ -437,16 +644,54 @@ fn main() {
     if let Ok(only) = std::env::var("ULAN_BENCH_ONLY") {
         setups.retain(|s| s.label().contains(&only));
     }
+    let want = |name: &str| {
+        !args.iter().any(|a| a.starts_with("--placement"))
+            || args.iter().any(|a| a == &format!("--placement={name}"))
+    };
+    let mut placements = Vec::new();
+    if want("shared") {
+        placements.push(Placement::Shared);
+    }
+    if want("pinned") {
+        if cpus >= 2 {
+            placements.push(Placement::Pinned);
+        } else {
+            println!("SKIPPED pinned placement: it needs 2 CPUs, this machine has {cpus}\n");
+        }
+    }
+    for placement in placements {
+        run_table(&setups, placement, warmup, window);
+    }
+}
 
+fn run_table(setups: &[Setup], placement: Placement, warmup: Duration, window: Duration) {
+    match placement {
+        Placement::Shared => println!(
+            "== shared: the scheduler places generator, switch and sink on the CPUs there are"
+        ),
+        Placement::Pinned => println!(
+            "== pinned: the generator alone on CPU {GENERATOR_CPU}; the sink, and the switch if any, \
+             on CPU {SINK_CPU}"
+        ),
+    }
     println!(
-        "{:>5}  {:<14} {:>7} {:>8} {:>10} {:>10} {:>9} {:>9}",
-        "size", "path", "Mpps", "Gbit/s", "lost", "sw drops", "/direct", "/vde_sw"
+        "{:>5}  {:<14} {:>7} {:>8} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9}",
+        "size",
+        "path",
+        "Mpps",
+        "Gbit/s",
+        "lost",
+        "sw drops",
+        "sw ns/f",
+        "gen ns/f",
+        "/direct",
+        "/vde_sw"
     );
     let mut checks = Vec::new();
     for size in SIZES {
         let mut results: Vec<(Setup, Measured)> = Vec::new();
-        for &s in &setups {
-            match measure(s, size, warmup, window) {
+        for &s in setups {
+            match measure(s, size, placement, warmup, window) {
                 Ok(m) => results.push((s, m)),
                 Err(e) => println!("{size:>5}  {:<14} failed: {e}", s.label()),
             }
@@ -459,12 +704,13 @@ fn main() {
                     .map(|b| format!("{:.2}x", m.pps / b))
                     .unwrap_or_else(|| "-".into())
             };
+            let ns = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
             let direct = match s {
                 Setup::Ulan(k) | Setup::Direct(k) => rate(Setup::Direct(*k)),
                 Setup::VdeSwitch => rate(Setup::Direct(PortKind::Vde)),
             };
             println!(
-                "{:>5}  {:<14} {:>7.3} {:>8.3} {:>10} {:>10} {:>9} {:>9}",
+                "{:>5}  {:<14} {:>7.3} {:>8.3} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9}",
                 size,
                 s.label(),
                 m.pps / 1e6,
@@ -473,6 +719,8 @@ fn main() {
                 m.switch_drops
                     .map(|d| d.to_string())
                     .unwrap_or_else(|| "-".into()),
+                ns(m.switch_ns),
+                ns(m.gen_ns),
                 ratio(direct),
                 ratio(vde_sw),
             );
@@ -492,4 +740,5 @@ fn main() {
         let verdict = if ratio >= target { "PASS" } else { "BELOW" };
         println!("  {size:>5} B  ulan {kind:<7} >= {what:<16} {ratio:>5.2}x  {verdict}");
     }
+    println!();
 }

@@ -88,6 +88,8 @@ pub struct DoctorOptions {
     /// ulan's base run directory (labs live below it).
     pub run_dir: PathBuf,
     pub shm_dir: PathBuf,
+    /// `net.unix.max_dgram_qlen` of this network namespace.
+    pub dgram_qlen_file: PathBuf,
 }
 
 impl DoctorOptions {
@@ -105,6 +107,7 @@ impl DoctorOptions {
             image_store: default_image_store(),
             run_dir: crate::daemon::base_dir(),
             shm_dir: "/dev/shm".into(),
+            dgram_qlen_file: DGRAM_QLEN_FILE.into(),
         }
     }
 }
@@ -144,6 +147,7 @@ pub fn run_checks(opts: &DoctorOptions) -> Vec<Check> {
         check_uml(&opts.uml, opts.uml_timeout),
         check_vde_plug(&opts.vde_plug),
         check_shm(&opts.shm_dir),
+        check_dgram_qlen(&opts.dgram_qlen_file),
         check_run_dir(&opts.run_dir),
         check_image(opts.image_store.as_deref()),
     ]
@@ -379,6 +383,50 @@ pub fn check_shm(dir: &Path) -> Check {
                 "mount a tmpfs there: mount -t tmpfs -o mode=1777 tmpfs {}",
                 dir.display()
             ),
+        ),
+    }
+}
+
+pub const DGRAM_QLEN_FILE: &str = "/proc/sys/net/unix/max_dgram_qlen";
+/// What systemd sets at boot; the kernel's own default is 10.
+pub const GOOD_DGRAM_QLEN: u64 = 512;
+
+/// QEMU's `dgram` netdev receives on an unconnected socket, so the kernel
+/// lets anyone (ulan's port included) queue at most `max_dgram_qlen`
+/// frames to it; with the kernel's 10 a burst to a guest is mostly lost.
+pub fn check_dgram_qlen(file: &Path) -> Check {
+    const NAME: &str = "dgram-qlen";
+    let fix = format!(
+        "as root: sysctl -w net.unix.max_dgram_qlen={GOOD_DGRAM_QLEN} \
+         (systemd sets it at boot; add it to /etc/sysctl.d/ to keep it)"
+    );
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            return Check::bad(
+                NAME,
+                Status::Warn,
+                format!("cannot read {}: {e}", file.display()),
+                fix,
+            )
+        }
+    };
+    match text.trim().parse::<u64>() {
+        Ok(n) if n >= GOOD_DGRAM_QLEN => Check::ok(NAME, format!("net.unix.max_dgram_qlen is {n}")),
+        Ok(n) => Check::bad(
+            NAME,
+            Status::Warn,
+            format!(
+                "net.unix.max_dgram_qlen is {n}: a QEMU dgram NIC can have only {n} frames \
+                 queued to it, bursts to it are lost (stream and vde NICs are not affected)"
+            ),
+            fix,
+        ),
+        Err(_) => Check::bad(
+            NAME,
+            Status::Warn,
+            format!("{} holds {:?}, not a number", file.display(), text.trim()),
+            fix,
         ),
     }
 }
@@ -676,6 +724,27 @@ mod tests {
     }
 
     #[test]
+    fn dgram_qlen_values() {
+        let d = tmp();
+        let f = d.path().join("qlen");
+        std::fs::write(&f, "512\n").unwrap();
+        assert_eq!(check_dgram_qlen(&f).status, Status::Ok);
+        std::fs::write(&f, "10\n").unwrap();
+        let c = check_dgram_qlen(&f);
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.detail.contains("is 10"), "{}", c.detail);
+        assert!(c
+            .fix
+            .unwrap()
+            .contains("sysctl -w net.unix.max_dgram_qlen=512"));
+        std::fs::write(&f, "lots").unwrap();
+        assert_eq!(check_dgram_qlen(&f).status, Status::Warn);
+        assert!(check_dgram_qlen(&d.path().join("none"))
+            .detail
+            .contains("cannot read"));
+    }
+
+    #[test]
     fn run_dir_states() {
         let d = tmp();
         let dir = d.path().join("ulan");
@@ -752,12 +821,23 @@ mod tests {
             image_store: Some(d.path().join("store")),
             run_dir: d.path().join("run"),
             shm_dir: d.path().to_path_buf(),
+            dgram_qlen_file: d.path().join("qlen"),
         };
         let checks = run_checks(&o);
         let names: Vec<_> = checks.iter().map(|c| c.name).collect();
         assert_eq!(
             names,
-            ["qemu", "qemu-img", "kvm", "uml", "vde_plug", "shm", "run-dir", "image"]
+            [
+                "qemu",
+                "qemu-img",
+                "kvm",
+                "uml",
+                "vde_plug",
+                "shm",
+                "dgram-qlen",
+                "run-dir",
+                "image"
+            ]
         );
         assert_eq!(worst(&checks), Status::Fail); // no QEMU at all
         assert_eq!(render(&checks).lines().count(), checks.len());
