@@ -15,17 +15,33 @@ packages=(
     socat curl                   # the README's examples
 )
 
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+find_missing() {
+    missing=()
+    for p in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+}
 
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+find_missing
 if ((${#missing[@]})); then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "setup: installing ${missing[*]}"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    # apt may remove a package to install another (a newer qemu-utils
+    # from elsewhere goes when Debian's qemu-system-x86 pulls in its own
+    # qemu-block-extra): install what went missing again, from Debian.
+    find_missing
+    if ((${#missing[@]})); then
+        echo "setup: installing again ${missing[*]}"
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+        find_missing
+        if ((${#missing[@]})); then
+            echo "setup: could not install ${missing[*]}" >&2
+            exit 1
+        fi
+    fi
 fi
 
 if ! command -v cargo >/dev/null; then
