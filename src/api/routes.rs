@@ -6,6 +6,8 @@
 //! [`ROUTES`] is the dispatcher's own table (not a copy of it), so the
 //! contract test can hold it against `api/openapi.json`.
 
+use std::sync::Arc;
+
 use hyper::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -474,8 +476,23 @@ struct FdbReply<'a> {
     entries: Vec<crate::lab::FdbEntryInfo>,
 }
 
+/// Runs a node lifecycle operation as a task of its own. hyper drops a
+/// handler whose client hangs up; a start, stop, add or remove cut off
+/// halfway would leave a node half-made, so the task runs to the end and
+/// the handler only waits for it.
+async fn detached<T, F>(op: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, LabError>> + Send + 'static,
+{
+    match tokio::spawn(op).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => Err(ApiError::internal(format!("the operation failed: {e}"))),
+    }
+}
+
 /// Runs the operation against the lab.
-pub async fn execute(lab: &Lab, m: &Matched<'_>, input: Input) -> Result<Reply, ApiError> {
+pub async fn execute(lab: &Arc<Lab>, m: &Matched<'_>, input: Input) -> Result<Reply, ApiError> {
     let ok = StatusCode::OK;
     match (m.route.op, input) {
         (Op::GetLab, _) => json(ok, &lab.info()),
@@ -526,21 +543,36 @@ pub async fn execute(lab: &Lab, m: &Matched<'_>, input: Input) -> Result<Reply, 
         (Op::ListNodes, _) => json(ok, &lab.nodes()),
         (Op::AddNode, Input::NewNode(spec)) => {
             let name = spec.name.clone();
-            let info = lab.add_node(*spec).await?;
+            let lab = lab.clone();
+            let info = detached(async move { lab.add_node(*spec).await }).await?;
             created(&info, format!("/v1/nodes/{name}"))
         }
         (Op::GetNode, _) => json(ok, &lab.node(m.name())?),
         (Op::RemoveNode, _) => {
-            lab.remove_node(m.name()).await?;
+            let (lab, name) = (lab.clone(), m.name().to_string());
+            detached(async move { lab.remove_node(&name).await }).await?;
             Ok(Reply::NoContent)
         }
-        (Op::StartNode, _) => json(ok, &lab.start_node(m.name()).await?),
-        (Op::StopNode, Input::Stop { grace }) => json(ok, &lab.stop_node(m.name(), grace).await?),
+        (Op::StartNode, _) => {
+            let (lab, name) = (lab.clone(), m.name().to_string());
+            json(
+                ok,
+                &detached(async move { lab.start_node(&name).await }).await?,
+            )
+        }
+        (Op::StopNode, Input::Stop { grace }) => {
+            let (lab, name) = (lab.clone(), m.name().to_string());
+            json(
+                ok,
+                &detached(async move { lab.stop_node(&name, grace).await }).await?,
+            )
+        }
         (Op::ExecNode, Input::Exec { argv, timeout }) => {
             json(ok, &lab.exec_node(m.name(), &argv, timeout).await?)
         }
         (Op::CommitNode, Input::Commit { image }) => {
-            let img = lab.commit_node(m.name(), &image).await?;
+            let (lab, name, target) = (lab.clone(), m.name().to_string(), image.clone());
+            let img = detached(async move { lab.commit_node(&name, &target).await }).await?;
             created(&img.view(), format!("/v1/images/{image}"))
         }
         (Op::GetLabSpec, _) => json(ok, &lab.spec()),

@@ -346,6 +346,21 @@ fn find_binary(name: &Path) -> Option<PathBuf> {
         .unwrap_or(None)
 }
 
+/// [`resolve_boot`] off the control side's worker: it may run `qemu-img
+/// info` and read the image store.
+async fn resolve_boot_blocking(spec: &NodeSpec, images_dir: &Path) -> Result<BootPlan, NodeError> {
+    let node = spec.name.clone();
+    let (spec, dir) = (spec.clone(), images_dir.to_path_buf());
+    tokio::task::spawn_blocking(move || resolve_boot(&spec, &ImageStore::open(&dir)))
+        .await
+        .unwrap_or_else(|e| {
+            Err(NodeError::Files {
+                node,
+                message: format!("boot plan: {e}"),
+            })
+        })
+}
+
 fn resolve_boot(spec: &NodeSpec, store: &ImageStore) -> Result<BootPlan, NodeError> {
     if let Some(b) = &spec.binary {
         if find_binary(Path::new(b)).is_none() {
@@ -440,21 +455,38 @@ async fn run_qemu_img(args: Vec<OsString>, what: String) -> Result<(), NodeError
     }
 }
 
-/// The KVM probe costs seconds, so one answer per daemon (and the probe
-/// itself caches on disk across daemons).
+/// How long a "KVM unusable" answer is kept in memory: the cause may be
+/// fixed meanwhile (QEMU installed, /dev/kvm permissions), and a usable
+/// answer is kept for the daemon's life.
+const KVM_UNUSABLE_TTL: Duration = Duration::from_secs(60);
+
+/// The KVM probe costs seconds, so answers are kept per (QEMU binary,
+/// kernel) in memory, and the probe itself caches conclusive ones on disk
+/// across daemons.
 fn kvm_status(qemu: &Path, kernel: Option<&Path>) -> KvmStatus {
-    static STATUS: OnceLock<KvmStatus> = OnceLock::new();
-    STATUS
-        .get_or_init(|| {
-            let fallback = newest_boot_kernel();
-            match kernel.map(Path::to_path_buf).or(fallback) {
-                Some(k) => accel::probe_kvm_cached(qemu, &k, Duration::from_secs(20)),
-                None => KvmStatus::Unusable {
-                    reason: "no guest kernel to probe KVM with".into(),
-                },
-            }
-        })
-        .clone()
+    type Answers =
+        std::collections::HashMap<(PathBuf, Option<PathBuf>), (KvmStatus, std::time::Instant)>;
+    static ANSWERS: OnceLock<std::sync::Mutex<Answers>> = OnceLock::new();
+    let answers = ANSWERS.get_or_init(Default::default);
+    let key = (qemu.to_path_buf(), kernel.map(Path::to_path_buf));
+    let known = answers
+        .lock()
+        .ok()
+        .and_then(|a| a.get(&key).cloned())
+        .filter(|(status, at)| status.is_usable() || at.elapsed() < KVM_UNUSABLE_TTL);
+    if let Some((status, _)) = known {
+        return status;
+    }
+    let status = match kernel.map(Path::to_path_buf).or_else(newest_boot_kernel) {
+        Some(k) => accel::probe_kvm_cached(qemu, &k, Duration::from_secs(20)),
+        None => KvmStatus::Unusable {
+            reason: "no guest kernel to probe KVM with".into(),
+        },
+    };
+    if let Ok(mut a) = answers.lock() {
+        a.insert(key, (status.clone(), std::time::Instant::now()));
+    }
+    status
 }
 
 fn newest_boot_kernel() -> Option<PathBuf> {
@@ -610,6 +642,16 @@ impl Lab {
             .clone())
     }
 
+    /// After waiting for a node's op lock: is `runtime` still the node's?
+    /// A remove (and even a new node of the same name) may have gone first.
+    fn still_current(&self, name: &str, runtime: &Arc<Runtime>) -> Result<(), LabError> {
+        let table = self.node_table().lock();
+        match table.get(name) {
+            Some(e) if Arc::ptr_eq(&e.runtime, runtime) => Ok(()),
+            _ => Err(node_not_found(name)),
+        }
+    }
+
     /// Checks the spec, makes the NIC ports and starts the guest. On any
     /// error nothing is left behind.
     pub async fn add_node(&self, spec: NodeSpec) -> Result<NodeInfo, LabError> {
@@ -626,8 +668,7 @@ impl Lab {
                 });
             }
         }
-        let store = ImageStore::open(&self.node_config().images_dir);
-        let plan = resolve_boot(&spec, &store)?;
+        let plan = resolve_boot_blocking(&spec, &self.node_config().images_dir).await?;
         let name = spec.name.clone();
         let dir = self.run_dir().join("nodes").join(&name);
         let macs: Vec<MacAddr> = spec
@@ -710,6 +751,7 @@ impl Lab {
     pub async fn start_node(&self, name: &str) -> Result<NodeInfo, LabError> {
         let runtime = self.runtime(name)?;
         let _op = runtime.op.lock().await;
+        self.still_current(name, &runtime)?;
         let state = runtime.status().state;
         if let Some(s) = state.filter(|s| s.is_live()) {
             if s == NodeState::Stopping {
@@ -741,7 +783,7 @@ impl Lab {
         };
         let plan = match plan {
             Some(p) => p,
-            None => resolve_boot(&spec, &ImageStore::open(&cfg.images_dir))?,
+            None => resolve_boot_blocking(&spec, &cfg.images_dir).await?,
         };
         let paths = NodePaths::new(&dir);
         // Sockets of an earlier run: QEMU binds them anew.
@@ -850,6 +892,9 @@ impl Lab {
                 node: name.into(),
                 message: format!("{}: {e}", paths.log.display()),
             })?;
+        // Where this run's part of the log starts: a crash is explained by
+        // what this run wrote, not by an earlier run's last words.
+        let log_from = log.metadata().map(|m| m.len()).unwrap_or(0);
         let log2 = log.try_clone().map_err(|e| NodeError::Files {
             node: name.into(),
             message: e.to_string(),
@@ -916,7 +961,7 @@ impl Lab {
             child,
             run,
             ready,
-            paths.log.clone(),
+            (paths.log.clone(), log_from),
         ));
         Ok(())
     }
@@ -1020,6 +1065,7 @@ impl Lab {
     ) -> Result<NodeInfo, LabError> {
         let runtime = self.runtime(name)?;
         let _op = runtime.op.lock().await;
+        self.still_current(name, &runtime)?;
         let grace = grace.unwrap_or(self.node_config().stop_grace);
         self.stop_locked(name, &runtime, grace).await;
         self.node(name)
@@ -1055,21 +1101,25 @@ impl Lab {
         if !grace.is_zero() {
             match (&qmp_path, pid) {
                 (Some(q), _) => {
-                    if let Ok(mut qmp) = qmp::Qmp::connect(q, Duration::from_secs(2)).await {
-                        let _ = qmp.execute("system_powerdown").await;
+                    if let Err(e) = qmp_command(q, "system_powerdown").await {
+                        // Waiting out the grace would only delay the quit.
+                        tracing::warn!(node = name, "power-off request failed: {e}");
+                    } else {
+                        wait(&mut exited, grace).await;
                     }
                 }
-                (None, Some(pid)) => kill(pid, libc::SIGTERM),
+                (None, Some(pid)) => {
+                    kill(pid, libc::SIGTERM);
+                    wait(&mut exited, grace).await;
+                }
                 (None, None) => {}
             }
-            wait(&mut exited, grace).await;
         }
         if !gone(&exited) {
             if let Some(q) = &qmp_path {
-                if let Ok(mut qmp) = qmp::Qmp::connect(q, Duration::from_secs(2)).await {
-                    let _ = qmp.execute("quit").await;
+                if qmp_command(q, "quit").await.is_ok() {
+                    wait(&mut exited, Duration::from_secs(3)).await;
                 }
-                wait(&mut exited, Duration::from_secs(3)).await;
             }
         }
         if !gone(&exited) {
@@ -1080,6 +1130,12 @@ impl Lab {
                 kill(pid, libc::SIGKILL);
             }
             wait(&mut exited, Duration::from_secs(5)).await;
+            if !gone(&exited) {
+                tracing::warn!(
+                    node = name,
+                    "guest process still not reaped 5 s after SIGKILL"
+                );
+            }
         }
     }
 
@@ -1089,11 +1145,19 @@ impl Lab {
     pub async fn remove_node(&self, name: &str) -> Result<(), LabError> {
         let runtime = self.runtime(name)?;
         let _op = runtime.op.lock().await;
+        self.still_current(name, &runtime)?;
         self.stop_locked(name, &runtime, Duration::ZERO).await;
-        let entry = self.node_table().lock().remove(name);
-        if let Some(e) = entry {
-            self.unmake_node(name, &e.spec, &e.dir).await;
-        }
+        let entry = {
+            let mut table = self.node_table().lock();
+            match table.get(name) {
+                Some(e) if Arc::ptr_eq(&e.runtime, &runtime) => table.remove(name),
+                _ => None,
+            }
+        };
+        let Some(e) = entry else {
+            return Err(node_not_found(name));
+        };
+        self.unmake_node(name, &e.spec, &e.dir).await;
         tracing::info!(node = name, "node removed");
         self.events().emit(Event::NodeRemoved { node: name.into() });
         Ok(())
@@ -1138,10 +1202,25 @@ impl Lab {
             }
             .into());
         }
-        let _agent = runtime.agent.lock().await;
-        // Still booting: the agent answers once the guest is up. Give up
-        // at once if the guest stops meanwhile.
-        let deadline = tokio::time::Instant::now() + self.node_config().boot_timeout;
+        // One exec at a time per agent; waiting for another is bounded by
+        // this one's own timeout.
+        let Ok(_agent) = tokio::time::timeout(timeout, runtime.agent.lock()).await else {
+            return Err(NodeError::Busy {
+                node: name.into(),
+                state,
+                hint: "another command still runs in it through the agent; try again",
+            }
+            .into());
+        };
+        // Still booting: the agent answers once the guest is up. A running
+        // guest's agent should answer at once: no boot-long wait for it.
+        // Give up at once if the guest stops meanwhile.
+        let patience = if state == NodeState::Running {
+            RUNNING_AGENT_PATIENCE
+        } else {
+            self.node_config().boot_timeout
+        };
+        let deadline = tokio::time::Instant::now() + patience;
         loop {
             let state = runtime.status().state.unwrap_or(NodeState::Stopped);
             if !matches!(state, NodeState::Running | NodeState::Starting) {
@@ -1184,6 +1263,7 @@ impl Lab {
         let cfg = self.node_config().clone();
         let runtime = self.runtime(name)?;
         let _op = runtime.op.lock().await;
+        self.still_current(name, &runtime)?;
         let state = runtime.status().state.unwrap_or(NodeState::Stopped);
         if state.is_live() {
             return Err(NodeError::Busy {
@@ -1220,36 +1300,69 @@ impl Lab {
         };
         let src = overlay.clone();
         let what = format!("commit of node {name}");
-        let img = store
-            .add_disk(
-                image_name,
-                &format!("committed from node {name}"),
-                boot_from.as_ref(),
-                |dst| {
-                    let out = std::process::Command::new("qemu-img")
-                        .args(["convert", "-q", "-O", "qcow2"])
-                        .arg(&src)
-                        .arg(dst)
-                        .output()
-                        .map_err(|e| image::ImageError::Tool {
-                            tool: "qemu-img".into(),
-                            message: e.to_string(),
-                        })?;
-                    if out.status.success() {
-                        Ok(())
-                    } else {
-                        Err(image::ImageError::Tool {
-                            tool: "qemu-img convert".into(),
-                            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                        })
-                    }
-                },
-            )
-            .map_err(|e| NodeError::Disk {
+        let description = format!("committed from node {name}");
+        let image_name = image_name.to_string();
+        // The store's lock and the copy take as long as they take: not on
+        // the control side's worker.
+        let added = tokio::task::spawn_blocking(move || {
+            store.add_disk(&image_name, &description, boot_from.as_ref(), |dst| {
+                let out = std::process::Command::new("qemu-img")
+                    .args(["convert", "-q", "-O", "qcow2"])
+                    .arg(&src)
+                    .arg(dst)
+                    .output()
+                    .map_err(|e| image::ImageError::Tool {
+                        tool: "qemu-img".into(),
+                        message: e.to_string(),
+                    })?;
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(image::ImageError::Tool {
+                        tool: "qemu-img convert".into(),
+                        message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                    })
+                }
+            })
+        })
+        .await;
+        let img = match added {
+            Ok(r) => r.map_err(|e| NodeError::Disk {
                 what,
                 message: e.to_string(),
-            })?;
+            })?,
+            Err(e) => {
+                return Err(NodeError::Disk {
+                    what,
+                    message: format!("the copy did not finish: {e}"),
+                }
+                .into())
+            }
+        };
         Ok(img)
+    }
+}
+
+/// How long exec waits for the agent of a node that is already running.
+const RUNNING_AGENT_PATIENCE: Duration = Duration::from_secs(10);
+
+/// How long one QMP command may take, connection included: a QEMU that
+/// stalls after the handshake must not hold a stop (and its lock) forever.
+const QMP_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn qmp_command(sock: &Path, command: &str) -> Result<(), String> {
+    let run = async {
+        let mut qmp = qmp::Qmp::connect(sock, Duration::from_secs(2))
+            .await
+            .map_err(|e| e.to_string())?;
+        qmp.execute(command).await.map_err(|e| e.to_string())?;
+        Ok(())
+    };
+    match tokio::time::timeout(QMP_COMMAND_TIMEOUT, run).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "QMP {command} got no answer in {QMP_COMMAND_TIMEOUT:?}"
+        )),
     }
 }
 
@@ -1283,10 +1396,27 @@ async fn serve_uml_console(sock: PathBuf, log: PathBuf, mut stdin: tokio::proces
         Ok(l) => l,
         Err(e) => {
             tracing::warn!("UML console socket {}: {e}", sock.display());
+            // Keep the guest's stdin open all the same: EOF would end it.
+            // The supervisor aborts this task when the guest ends.
+            std::future::pending::<()>().await;
+            drop(stdin);
             return;
         }
     };
-    while let Ok((client, _)) = listener.accept().await {
+    let mut warned = false;
+    loop {
+        let client = match listener.accept().await {
+            Ok((c, _)) => c,
+            Err(e) => {
+                // EMFILE and the like pass; the guest's stdin stays open.
+                if !warned {
+                    tracing::warn!("UML console socket {}: accept: {e}", sock.display());
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
         let (mut from_client, mut to_client) = client.into_split();
         let Ok(mut file) = tokio::fs::File::open(&log).await else {
             continue;
@@ -1355,11 +1485,17 @@ fn describe_exit(status: &std::process::ExitStatus) -> String {
     }
 }
 
-/// The last non-empty line of the emulator's log, to say why it failed.
-fn last_log_line(log: &Path) -> Option<String> {
-    let text = std::fs::read(log).ok()?;
-    let tail = &text[text.len().saturating_sub(4096)..];
-    String::from_utf8_lossy(tail)
+/// The last non-empty line this run wrote to the emulator's log (from
+/// byte `from` on), to say why it failed. Reads at most the last 4 KiB.
+fn last_log_line(log: &Path, from: u64) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(log).ok()?;
+    let len = file.metadata().ok()?.len();
+    let start = from.max(len.saturating_sub(4096));
+    file.seek(SeekFrom::Start(start)).ok()?;
+    let mut tail = Vec::new();
+    file.take(4096).read_to_end(&mut tail).ok()?;
+    String::from_utf8_lossy(&tail)
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
@@ -1373,8 +1509,10 @@ async fn supervise(
     mut child: tokio::process::Child,
     run: u64,
     ready: Readiness,
-    log: PathBuf,
+    (log, log_from): (PathBuf, u64),
 ) {
+    // Known while the process lives; the group outlives it (see below).
+    let pid = child.id();
     let emit = |state: NodeState, reason: Option<String>| {
         events.emit(Event::NodeState {
             node: name.clone(),
@@ -1422,6 +1560,11 @@ async fn supervise(
             }
         }
     };
+    // The leader is gone; what it started in its group (UML's helper
+    // processes) goes with it.
+    if let Some(pid) = pid {
+        kill(pid, libc::SIGKILL);
+    }
     if let Some(task) = console {
         task.abort();
         let _ = std::fs::remove_file(&ready.console);
@@ -1442,7 +1585,7 @@ async fn supervise(
             NodeState::Crashed
         };
         let reason = if state == NodeState::Crashed {
-            match last_log_line(&log) {
+            match last_log_line(&log, log_from) {
                 Some(l) => format!("{how}: {l}"),
                 None => how,
             }
