@@ -103,18 +103,30 @@ struct Measured {
 
 /// Where the parties run. `Shared` leaves it to the scheduler (three busy
 /// threads on however many CPUs there are). `Pinned` gives the generator
-/// CPU 0 to itself and puts the sink on CPU 1, for every path, and the
+/// one CPU to itself and puts the sink on another, for every path, and the
 /// switch (if any) beside the sink: the generator runs alike everywhere,
 /// and the question is whether switch and sink together keep up with it on
 /// one core.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Placement {
     Shared,
-    Pinned,
+    Pinned { generator: usize, sink: usize },
 }
 
-const GENERATOR_CPU: usize = 0;
-const SINK_CPU: usize = 1;
+/// The CPUs this process may run on (its affinity mask, which a cgroup
+/// or taskset may have narrowed), in order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
 
 /// Pins a thread (tid, 0 = the caller) or process to one CPU.
 fn pin(tid: libc::pid_t, cpu: usize) {
@@ -449,19 +461,20 @@ fn measure(
     let sent = Arc::new(AtomicU64::new(0));
     let got = Arc::new(AtomicU64::new(0));
     let gen_tid = Arc::new(AtomicI32::new(0));
-    let pinned = placement == Placement::Pinned;
-    if pinned {
-        if let Some(task) = wire.switch_task {
-            task.pin(SINK_CPU);
-        }
+    let cpus = match placement {
+        Placement::Pinned { generator, sink } => Some((generator, sink)),
+        Placement::Shared => None,
+    };
+    if let (Some((_, sink)), Some(task)) = (cpus, wire.switch_task) {
+        task.pin(sink);
     }
     let sink_thread = {
         let (wire, stop, got) = (wire.clone(), stop.clone(), got.clone());
         std::thread::Builder::new()
             .name("bench-sink".into())
             .spawn(move || {
-                if pinned {
-                    pin(0, SINK_CPU);
+                if let Some((_, cpu)) = cpus {
+                    pin(0, cpu);
                 }
                 sink(&wire.sink_fd, wire.framing, size, &stop, &got)
             })?
@@ -472,8 +485,8 @@ fn measure(
             .name("bench-gen".into())
             .spawn(move || {
                 tid.store(gettid(), Relaxed);
-                if pinned {
-                    pin(0, GENERATOR_CPU);
+                if let Some((cpu, _)) = cpus {
+                    pin(0, cpu);
                 }
                 generator(&wire, size, &stop, &sent)
             })?
@@ -653,10 +666,9 @@ fn main() {
         placements.push(Placement::Shared);
     }
     if want("pinned") {
-        if cpus >= 2 {
-            placements.push(Placement::Pinned);
-        } else {
-            println!("SKIPPED pinned placement: it needs 2 CPUs, this machine has {cpus}\n");
+        match allowed_cpus()[..] {
+            [generator, sink, ..] => placements.push(Placement::Pinned { generator, sink }),
+            _ => println!("SKIPPED pinned placement: it needs 2 CPUs this process may use\n"),
         }
     }
     for placement in placements {
@@ -669,9 +681,9 @@ fn run_table(setups: &[Setup], placement: Placement, warmup: Duration, window: D
         Placement::Shared => println!(
             "== shared: the scheduler places generator, switch and sink on the CPUs there are"
         ),
-        Placement::Pinned => println!(
-            "== pinned: the generator alone on CPU {GENERATOR_CPU}; the sink, and the switch if any, \
-             on CPU {SINK_CPU}"
+        Placement::Pinned { generator, sink } => println!(
+            "== pinned: the generator alone on CPU {generator}; the sink, and the switch if any, \
+             on CPU {sink}"
         ),
     }
     println!(
