@@ -293,3 +293,136 @@ fn read_exact(fd: &OwnedFd, mut buf: &mut [u8], timeout: Duration) -> io::Result
     }
     Ok(())
 }
+
+/// The learning switch driven by a script of operations decoded from any
+/// bytes (frames from any ports, ports moved between lans and off them,
+/// time passing), checking on every step that a frame never goes back to
+/// its ingress port nor leaves its lan, that a port on no lan gets
+/// `NoLan`, and that an address just learned on one port draws unicast from
+/// the other ports of its lan. Panics on a violation. For the
+/// `forwarding` fuzz target and its stand-in test.
+pub mod forwarding_script {
+    use crate::switch::fdb::Learned;
+    use crate::switch::forward::{Decision, Forwarder};
+    use crate::switch::topology::Snapshot;
+    use crate::switch::{LanId, PortId};
+    use crate::wire::EthernetFrame;
+
+    const PORTS: usize = 6;
+    const LANS: usize = 3;
+    const AGING_MS: u64 = 1_000;
+    /// Small, so a full table is reached too.
+    const CAPACITY: usize = 8;
+
+    fn snapshot(port_lan: &[Option<LanId>; PORTS], generation: u64) -> Snapshot {
+        let mut lan_ports = vec![Some(Vec::new()); LANS];
+        for (p, lan) in port_lan.iter().enumerate() {
+            if let Some(l) = lan {
+                if let Some(Some(v)) = lan_ports.get_mut(*l as usize) {
+                    v.push(p as PortId);
+                }
+            }
+        }
+        Snapshot {
+            generation,
+            port_lan: port_lan.to_vec(),
+            lan_ports,
+        }
+    }
+
+    pub fn run(data: &[u8]) {
+        let mut port_lan: [Option<LanId>; PORTS] =
+            [Some(0), Some(0), Some(0), Some(1), Some(1), None];
+        let mut generation = 1;
+        let mut snap = snapshot(&port_lan, generation);
+        let mut fwd = Forwarder::new(AGING_MS, CAPACITY);
+        let mut now = 0u64;
+        let mut rest = data;
+        while let Some((&op, tail)) = rest.split_first() {
+            rest = tail;
+            match op % 4 {
+                // A frame: ingress port, length, bytes (MACs come from the data,
+                // a few values only, so they repeat and get learned).
+                0 | 1 => {
+                    let Some((&head, tail)) = rest.split_first() else {
+                        return;
+                    };
+                    let ingress = (head as usize % PORTS) as PortId;
+                    let len = (head as usize >> 3).min(tail.len()) + 14;
+                    let mut frame = [0u8; 14 + 32];
+                    let take = (len - 14).min(tail.len()).min(32);
+                    frame[14..14 + take].copy_from_slice(&tail[..take]);
+                    rest = &tail[take..];
+                    // dst and src: 02:00:00:00:00:xx or a group address.
+                    let pick = |b: u8| -> [u8; 6] {
+                        match b % 8 {
+                            0 => [0xff; 6],
+                            1 => [0x01, 0x00, 0x5e, 0, 0, b],
+                            _ => [0x02, 0, 0, 0, 0, b % 5],
+                        }
+                    };
+                    let d = frame[14];
+                    let s = frame.get(15).copied().unwrap_or(0);
+                    frame[0..6].copy_from_slice(&pick(d));
+                    frame[6..12].copy_from_slice(&pick(s));
+                    let Ok(eth) = EthernetFrame::new_checked(&frame[..len.min(frame.len())]) else {
+                        continue;
+                    };
+                    let (decision, learned) = fwd.decide(&snap, ingress, &eth, now);
+                    let lan = snap.lan_of(ingress);
+                    match decision {
+                        Decision::NoLan => assert!(lan.is_none()),
+                        Decision::Filtered => assert!(lan.is_some()),
+                        Decision::Unicast(p) => {
+                            assert_ne!(p, ingress, "unicast back to the ingress port");
+                            assert_eq!(snap.lan_of(p), lan, "unicast across lans");
+                        }
+                        Decision::Flood(l) => assert_eq!(Some(l), lan, "flood on another lan"),
+                    }
+                    // Just learned: every other port of the lan reaches it.
+                    let learnable = matches!(
+                        learned,
+                        Learned::New | Learned::Refreshed | Learned::Moved { .. }
+                    );
+                    if let (true, Some(l)) = (learnable, lan) {
+                        let mut back = frame;
+                        back[0..6].copy_from_slice(&frame[6..12]);
+                        back[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0xee]);
+                        let back =
+                            EthernetFrame::new_checked(&back[..len.min(frame.len())]).unwrap();
+                        for &other in snap.ports_of(l) {
+                            if other == ingress {
+                                continue;
+                            }
+                            let (d, _) = fwd.decide(&snap, other, &back, now);
+                            assert_eq!(d, Decision::Unicast(ingress), "a fresh entry is not used");
+                        }
+                    }
+                }
+                // Move a port to another lan, or off every lan.
+                2 => {
+                    let Some((&b, tail)) = rest.split_first() else {
+                        return;
+                    };
+                    rest = tail;
+                    let port = b as usize % PORTS;
+                    let to = (b as usize / PORTS) % (LANS + 1);
+                    port_lan[port] = (to < LANS).then_some(to as LanId);
+                    generation += 1;
+                    let new = snapshot(&port_lan, generation);
+                    fwd.sync(&snap, &new);
+                    snap = new;
+                }
+                // Time passes; sometimes past the aging time.
+                _ => {
+                    let Some((&b, tail)) = rest.split_first() else {
+                        return;
+                    };
+                    rest = tail;
+                    now += b as u64 * 10;
+                    fwd.age(now);
+                }
+            }
+        }
+    }
+}

@@ -238,4 +238,22 @@ mod tests {
         assert_eq!(fw.age(5000), 2);
         assert!(fw.rows(0, 5000).is_empty());
     }
+
+    /// The `forwarding` fuzz target's checks over pseudo-random scripts
+    /// (a cheap stand-in that runs with every `cargo test`).
+    #[test]
+    fn random_scripts_keep_the_forwarding_rules() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..3000 {
+            let len = (next() % 600) as usize;
+            let script: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            crate::testkit::forwarding_script::run(&script);
+        }
+    }
 }
