@@ -257,6 +257,102 @@ fn bogus_vde_requests_are_refused() {
     calm.check();
 }
 
+/// A request_v3 naming `data` as the client's data socket.
+fn vde_request(data: &std::path::Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut r = 0xfeedfaceu32.to_ne_bytes().to_vec();
+    r.extend(3u32.to_ne_bytes());
+    r.extend(0u32.to_ne_bytes());
+    r.extend((libc::AF_UNIX as u16).to_ne_bytes());
+    r.extend(data.as_os_str().as_bytes());
+    r.push(0);
+    r.resize(12 + std::mem::size_of::<libc::sockaddr_un>(), 0);
+    r.extend(b"hostile\0");
+    r
+}
+
+#[test]
+fn vde_requests_naming_the_labs_own_sockets_are_refused() {
+    let fx = Fixture::new();
+    let mut calm = Bystanders::new(&fx);
+    fx.lab.add_port("v", PortKind::Vde, None).unwrap();
+    fx.lab.add_port("d", PortKind::Dgram, Some("calm")).unwrap();
+    let vdir = std::path::PathBuf::from(fx.lab.port("v").unwrap().path);
+    let dgram_path = std::path::PathBuf::from(fx.lab.port("d").unwrap().path);
+    // The data socket the port would make next (001), its own ctl, and
+    // another port's socket: a loop into itself, or a bridge between lans.
+    for target in [vdir.join("001"), vdir.join("ctl"), dgram_path] {
+        let before = fx.stats("v");
+        let ctl = raw_ctl(&fx, "v");
+        write_all(&ctl, &vde_request(&target)).unwrap();
+        assert!(
+            closed_by_peer(&ctl, WAIT),
+            "request naming {} not refused",
+            target.display()
+        );
+        let s = fx.wait_stats("v", |s| s.rejected_clients > before.rejected_clients);
+        assert_eq!(s.connects, before.connects, "{} attached", target.display());
+        calm.check();
+    }
+    // A client's own socket in the port's directory (where libvdeplug
+    // puts it, as a dot-file) is fine.
+    let own = vdir.join(".12345-00000");
+    let data = sys::bound_socket(libc::SOCK_DGRAM, &own).unwrap();
+    let ctl = raw_ctl(&fx, "v");
+    write_all(&ctl, &vde_request(&own)).unwrap();
+    fx.wait_up("v", true);
+    drop((ctl, data));
+    fx.wait_up("v", false);
+    calm.check();
+}
+
+#[test]
+fn a_vde_client_chattering_on_its_control_connection_is_cut_off() {
+    let fx = Fixture::new();
+    let mut calm = Bystanders::new(&fx);
+    fx.lab.add_port("v", PortKind::Vde, Some("calm")).unwrap();
+    let own = fx.scratch.join("chatter.sock");
+    let _data = sys::bound_socket(libc::SOCK_DGRAM, &own).unwrap();
+    let ctl = raw_ctl(&fx, "v");
+    write_all(&ctl, &vde_request(&own)).unwrap();
+    fx.wait_up("v", true);
+    let before = fx.stats("v");
+    // Write on the control connection as fast as it takes it, from a
+    // thread, while the bystanders must keep talking.
+    let writer = {
+        let ctl = ctl.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let junk = [0x5au8; 16 * 1024];
+            let deadline = std::time::Instant::now() + WAIT;
+            while std::time::Instant::now() < deadline {
+                match sys::write(&ctl, &junk) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
+                    Err(_) => return true, // cut off
+                }
+            }
+            false
+        })
+    };
+    for _ in 0..20 {
+        calm.check();
+    }
+    assert!(
+        writer.join().unwrap(),
+        "the chattering client was never cut off"
+    );
+    let s = fx.wait_stats("v", |s| s.rejected_clients > before.rejected_clients);
+    assert_eq!(s.disconnects, before.disconnects + 1);
+    fx.wait_up("v", false);
+    // The port takes the next client.
+    let path = fx.lab.port("v").unwrap().path;
+    let _ok = Endpoint::connect(PortKind::Vde, path.as_ref(), &fx.scratch).unwrap();
+    fx.wait_up("v", true);
+    calm.check();
+}
+
 #[test]
 fn silent_vde_client_times_out_and_frees_the_port() {
     let fx = Fixture::new();

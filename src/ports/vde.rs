@@ -35,6 +35,10 @@ pub const REQUEST_HEADER_LEN: usize = 12 + size_of::<libc::sockaddr_un>();
 pub const MAX_DESCRIPTION: usize = 128;
 /// A client that connects and sends no request is dropped after this.
 const REQUEST_TIMEOUT_MS: u64 = 5_000;
+/// What an attached client may write on its control connection (clients
+/// send nothing after the request; vde_switch ignores what comes). More
+/// ends the session: a client cannot keep the data plane reading it.
+const MAX_CTL_CHATTER: usize = 64 * 1024;
 
 const SUB_CTL_LISTENER: usize = 0;
 const SUB_CTL: usize = 1;
@@ -111,6 +115,8 @@ enum Session {
         data: OwnedFd,
         data_path: PathBuf,
         want_write: bool,
+        /// Bytes read from `ctl` since the request.
+        chatter: usize,
     },
 }
 
@@ -219,6 +225,10 @@ impl VdePort {
     }
 
     fn attach(&mut self, ctl: OwnedFd, req: &VdeRequest, cx: &mut PortCx<'_>) -> io::Result<()> {
+        if let Err(e) = check_data_addr(&self.dir, &req.data_addr) {
+            deregister_fd(cx.registry, &ctl);
+            return Err(e);
+        }
         let id = self.next_data_id;
         self.next_data_id = self.next_data_id.wrapping_add(1).max(1);
         let data_path = self.dir.join(format!("{id:03}"));
@@ -258,22 +268,31 @@ impl VdePort {
             data,
             data_path,
             want_write: false,
+            chatter: 0,
         });
         self.link.up(cx.counters, Some(peer));
         Ok(())
     }
 
     /// Anything on an attached control connection: EOF ends the session,
-    /// other bytes are read and ignored (vde_switch ignores them too).
+    /// other bytes are read and ignored (vde_switch ignores them too), up
+    /// to [`MAX_CTL_CHATTER`].
     fn watch_ctl(&mut self, cx: &mut PortCx<'_>) {
-        let Some(Session::Attached { ctl, .. }) = self.session.as_ref() else {
+        let Some(Session::Attached { ctl, chatter, .. }) = self.session.as_mut() else {
             return;
         };
-        let mut scratch = [0u8; 256];
+        let mut scratch = [0u8; 4096];
         loop {
             match sys::read(ctl, &mut scratch) {
                 Ok(0) => return self.end_session(cx, "client closed"),
-                Ok(_) => {}
+                Ok(n) => {
+                    *chatter += n;
+                    if *chatter > MAX_CTL_CHATTER {
+                        cx.counters.rejected_clients += 1;
+                        return self
+                            .end_session(cx, "client kept writing on its control connection");
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return self.end_session(cx, "control connection failed"),
@@ -292,6 +311,52 @@ impl VdePort {
         }
         rx.state
     }
+}
+
+/// The client's data socket must be its own, not one of the lab's port
+/// sockets: naming this port's `ctl` or data socket would loop the port
+/// into itself, naming another port's would bridge two lans. libvdeplug
+/// binds its data socket in the switch's directory as a dot-file, so that
+/// directory is fine except for the names the port itself makes.
+fn check_data_addr(port_dir: &Path, addr: &UnixAddr) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = addr.path_bytes();
+    let bytes = bytes.split(|&b| b == 0).next().unwrap_or_default();
+    if bytes.is_empty() {
+        return Ok(()); // abstract: none of ours are
+    }
+    let path = Path::new(std::ffi::OsStr::from_bytes(bytes));
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(());
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let Ok(parent) = std::fs::canonicalize(parent) else {
+        return Ok(()); // connect will fail and say so
+    };
+    let refuse = |why: &str| {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("its data socket {} {why}", path.display()),
+        ))
+    };
+    let ours = std::fs::canonicalize(port_dir)?;
+    if parent == ours {
+        let name = name.as_bytes();
+        if name == b"ctl" || (!name.is_empty() && name.iter().all(u8::is_ascii_digit)) {
+            return refuse("is this port's own socket");
+        }
+        return Ok(());
+    }
+    if let Some(ports_dir) = ours.parent() {
+        if parent == ports_dir || parent.parent() == Some(ports_dir) {
+            return refuse("is another port's socket");
+        }
+    }
+    Ok(())
 }
 
 impl PortIo for VdePort {
