@@ -330,3 +330,68 @@ fn dgram_port_with_expected_peer_delivers_before_the_client_speaks() {
     sender.send(&f).unwrap();
     assert_eq!(client.recv(WAIT).unwrap(), Some(f));
 }
+
+/// The expected client's socket file outlives the client (a stopped guest
+/// leaves it until its next start): the port goes down once and stays
+/// down, then comes up for the next client bound there.
+#[test]
+fn dgram_port_ignores_a_stale_socket_file_of_its_expected_client() {
+    use ulan::ports::sys;
+    use ulan::ports::PortOptions;
+    let fx = Fixture::new();
+    fx.lan("l");
+    let mut sender = fx.plug("s", PortKind::Stream, Some("l"));
+    let client_path = fx.scratch.join("guest.sock");
+    let info = fx
+        .lab
+        .add_port_with(
+            "g",
+            PortKind::Dgram,
+            Some("l"),
+            &PortOptions {
+                dgram_peer: Some(client_path.clone()),
+            },
+        )
+        .unwrap();
+    // A client that binds the path, then closes without removing it.
+    let gone = sys::bound_socket(libc::SOCK_DGRAM, &client_path).unwrap();
+    fx.wait_up("g", true);
+    drop(gone);
+    let mut n = 0;
+    let mut flood = |sender: &mut Endpoint| {
+        n += 1;
+        sender
+            .send(&frame(MacAddr::BROADCAST, mac(1), 100, n))
+            .unwrap();
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while fx.lab.port("g").unwrap().up {
+        assert!(std::time::Instant::now() < deadline, "port stayed up");
+        flood(&mut sender);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = fx.stats("g");
+    // Three ticks with traffic: no flapping.
+    for _ in 0..30 {
+        flood(&mut sender);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !fx.lab.port("g").unwrap().up,
+            "port came up for a dead socket"
+        );
+    }
+    let after = fx.stats("g");
+    assert_eq!(
+        after.connects, before.connects,
+        "connects while nobody is there"
+    );
+    assert_eq!(after.disconnects, before.disconnects);
+    // The next client bound at the path gets the port and the frames.
+    std::fs::remove_file(&client_path).unwrap();
+    let mut client =
+        Endpoint::connect_bound(PortKind::Dgram, info.path.as_ref(), &client_path).unwrap();
+    fx.wait_up("g", true);
+    let f = frame(MacAddr::BROADCAST, mac(1), 100, 999);
+    sender.send(&f).unwrap();
+    assert_eq!(client.recv(WAIT).unwrap(), Some(f));
+}

@@ -80,6 +80,10 @@ impl DgramPort {
 
     fn set_peer(&mut self, addr: UnixAddr, cx: &mut PortCx<'_>) {
         let connected = socket_file_id(&addr).filter(|_| sys::connect(&self.sock, &addr).is_ok());
+        self.adopt_peer(addr, connected, cx);
+    }
+
+    fn adopt_peer(&mut self, addr: UnixAddr, connected: Option<(u64, u64)>, cx: &mut PortCx<'_>) {
         let first = self.peer.is_none();
         self.peer = Some(Peer { addr, connected });
         if first {
@@ -195,9 +199,14 @@ impl PortIo for DgramPort {
 
     fn tick(&mut self, cx: &mut PortCx<'_>) {
         if self.peer.is_none() {
+            // Only a socket someone is bound to: the file of a guest that
+            // has stopped stays until its next start, and adopting it would
+            // bring the port up and down every second.
             if let Some(addr) = self.expected_peer {
-                if socket_file_id(&addr).is_some() {
-                    self.set_peer(addr, cx);
+                if let Some(id) = socket_file_id(&addr) {
+                    if sys::connect(&self.sock, &addr).is_ok() {
+                        self.adopt_peer(addr, Some(id), cx);
+                    }
                 }
             }
             return;
