@@ -395,3 +395,75 @@ fn dgram_port_ignores_a_stale_socket_file_of_its_expected_client() {
     sender.send(&f).unwrap();
     assert_eq!(client.recv(WAIT).unwrap(), Some(f));
 }
+
+/// A stuck client's queued frames stay on the lan it leaves: after a move,
+/// it gets only what had already gone to the kernel before the move, then
+/// the new lan's traffic; the rest is counted as `tx_drop_moved`.
+#[test]
+fn frames_queued_for_a_port_do_not_follow_it_to_another_lan() {
+    for kind in [PortKind::Stream, PortKind::Vde] {
+        let fx = Fixture::new();
+        fx.lan("a");
+        fx.lan("b");
+        let mut src_a = fx.plug("src-a", PortKind::Dgram, Some("a"));
+        let mut src_b = fx.plug("src-b", PortKind::Dgram, Some("b"));
+        let mut stuck = fx.plug("stuck", kind, Some("a"));
+        // Fill the client's socket and then the port's queue: the client
+        // does not read.
+        let mut tag = 0u32;
+        loop {
+            for _ in 0..64 {
+                tag += 1;
+                src_a
+                    .send(&frame(MacAddr::BROADCAST, mac(1), 1400, tag))
+                    .unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            if fx.stats("stuck").tx_drop_queue_full > 0 {
+                break;
+            }
+            assert!(tag < 200_000, "{}: the queue never filled", kind.as_str());
+        }
+        let sent_before_move = fx.stats("stuck").tx_frames;
+        fx.lab.move_port("stuck", Some("b")).unwrap();
+        let moved = fx.wait_stats("stuck", |s| s.tx_drop_moved > 0);
+        assert_eq!(
+            moved.tx_frames,
+            sent_before_move,
+            "{}: nothing left for the old lan",
+            kind.as_str()
+        );
+        // Now read: lan a's frames that were already in the socket, then
+        // lan b's.
+        src_b
+            .send(&frame(MacAddr::BROADCAST, mac(2), 100, 0xb0b))
+            .unwrap();
+        let mut from_a = 0u64;
+        loop {
+            let f = stuck
+                .recv(WAIT)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{}: lan b's frame never came", kind.as_str()));
+            if f.len() == 1400 {
+                from_a += 1;
+            } else {
+                assert_eq!(tag_of(&f), Some(0xb0b));
+                break;
+            }
+        }
+        // A stream record half written at the move is finished (a torn
+        // record would break the stream); nothing else of lan a follows.
+        let started = u64::from(kind == PortKind::Stream);
+        assert!(
+            (sent_before_move..=sent_before_move + started).contains(&from_a),
+            "{}: {from_a} lan a frames after the move, {sent_before_move} had gone before",
+            kind.as_str()
+        );
+        let s = fx.stats("stuck");
+        assert_eq!(s.tx_frames, from_a + 1, "{}", kind.as_str());
+        assert_eq!(
+            s.tx_dropped,
+            s.tx_drop_queue_full + s.tx_drop_moved + s.tx_drop_no_peer + s.tx_drop_error
+        );
+    }
+}

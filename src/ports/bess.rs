@@ -150,6 +150,10 @@ impl PortIo for BessPort {
         }
     }
 
+    fn discard_queued(&mut self, cx: &mut PortCx<'_>) {
+        crate::ports::count_moved(cx.counters, self.queue.clear());
+    }
+
     fn deregister(&mut self, registry: &mio::Registry) {
         deregister_fd(registry, &self.listener);
         if let Some(c) = &self.client {

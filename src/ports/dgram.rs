@@ -223,6 +223,10 @@ impl PortIo for DgramPort {
         }
     }
 
+    fn discard_queued(&mut self, cx: &mut PortCx<'_>) {
+        crate::ports::count_moved(cx.counters, self.queue.clear());
+    }
+
     fn deregister(&mut self, registry: &mio::Registry) {
         crate::ports::deregister_fd(registry, &self.sock);
     }

@@ -123,6 +123,11 @@ pub trait PortIo: Send {
     /// Called about once a second: timeouts of half-open clients.
     fn tick(&mut self, _cx: &mut PortCx<'_>) {}
 
+    /// The port left its lan: drops what is queued for the client and not
+    /// yet handed to the kernel (a stream record already partly written is
+    /// finished, so the stream stays whole), counted as `tx_drop_moved`.
+    fn discard_queued(&mut self, cx: &mut PortCx<'_>);
+
     /// Removes the port's fds from the poll before it is dropped.
     fn deregister(&mut self, registry: &mio::Registry);
 }
@@ -257,6 +262,11 @@ pub(crate) fn count_lost(counters: &mut PortCounters, (frames, _bytes): (u64, u6
     counters.tx_dropped += frames;
 }
 
+pub(crate) fn count_moved(counters: &mut PortCounters, (frames, _bytes): (u64, u64)) {
+    counters.tx_drop_moved += frames;
+    counters.tx_dropped += frames;
+}
+
 pub(crate) fn count_tx_drop_full(counters: &mut PortCounters) {
     counters.tx_drop_queue_full += 1;
     counters.tx_dropped += 1;
@@ -315,9 +325,15 @@ pub(crate) struct DatagramRx {
     pub error: Option<io::Error>,
 }
 
+/// recvmmsg calls one [`receive_datagrams`] may make: rejected messages
+/// (runts, oversized) never fill the batch, and a client spraying them
+/// must not keep the data plane in one port.
+const MAX_RECV_CALLS: usize = 8;
+
 /// Receives datagrams (or seqpacket messages) into `batch` until the
-/// socket is empty or the batch is full, as edge-triggered polling needs.
-/// Rejected frames are counted and logged (rate-limited) here.
+/// socket is empty or the batch is full, as edge-triggered polling needs,
+/// or [`MAX_RECV_CALLS`] calls were made (then it says `More`). Rejected
+/// frames are counted and logged (rate-limited) here.
 pub(crate) fn receive_datagrams(
     fd: &std::os::fd::OwnedFd,
     batch: &mut RxBatch,
@@ -332,11 +348,13 @@ pub(crate) fn receive_datagrams(
         eof: false,
         error: None,
     };
+    let mut calls = 0;
     loop {
-        if batch.is_full() {
+        if batch.is_full() || calls == MAX_RECV_CALLS {
             out.state = RxState::More;
             break;
         }
+        calls += 1;
         match sys::recv_batch(fd, batch, &mut rejects, sender.as_deref_mut()) {
             Ok(_) if seqpacket && rejects.zero_len > 0 => {
                 rejects.zero_len = 0;

@@ -155,6 +155,22 @@ impl StreamQueue {
         (frames, bytes)
     }
 
+    /// Drops every record not yet started; one partly written is kept,
+    /// so the peer never sees a torn record. Returns (frames, bytes)
+    /// dropped.
+    pub fn discard_unsent(&mut self) -> (u64, u64) {
+        let keep = usize::from(self.first_done > 0);
+        let dropped: Vec<u32> = self.records.drain(keep..).collect();
+        let end = match self.records.front() {
+            Some(&first) => self.sent - self.first_done + first as usize,
+            None => self.sent,
+        };
+        self.buf.truncate(end);
+        let frames = dropped.len() as u64;
+        let bytes = dropped.iter().map(|&r| u64::from(r) - 4).sum();
+        (frames, bytes)
+    }
+
     pub fn flush(&mut self, fd: &OwnedFd, counters: &mut PortCounters) -> io::Result<bool> {
         while self.sent < self.buf.len() {
             match sys::write(fd, &self.buf[self.sent..]) {
@@ -206,6 +222,63 @@ mod tests {
         assert!(!q.push(&[4; 20]));
         assert_eq!(q.clear(), (3, 60));
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn stream_queue_discards_whole_records_and_finishes_a_started_one() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let a: OwnedFd = a.into();
+        let mut q = StreamQueue::new(1 << 20);
+        // Nothing written yet: everything goes.
+        assert!(q.push(&[1; 30]));
+        assert!(q.push(&[2; 30]));
+        assert_eq!(q.discard_unsent(), (2, 60));
+        assert!(q.is_empty());
+        // Fill the socket so a record is left half written.
+        sys::set_buffer_sizes(&a, 4096);
+        let mut c = PortCounters::default();
+        let mut n = 0u8;
+        while q.flush(&a, &mut c).unwrap() {
+            n = n.wrapping_add(1);
+            assert!(q.push(&[n; 999]));
+        }
+        assert!(q.push(&[0xee; 999]));
+        let (frames, _) = q.discard_unsent();
+        assert!(frames >= 1);
+        // What reaches the peer is whole records only.
+        let mut peer = std::os::unix::net::UnixStream::from(OwnedFd::from(b));
+        peer.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            use std::io::Read;
+            match peer.read(&mut buf) {
+                Ok(k) => got.extend_from_slice(&buf[..k]),
+                Err(_) => {
+                    if q.flush(&a, &mut c).unwrap() {
+                        if let Ok(k) = peer.read(&mut buf) {
+                            got.extend_from_slice(&buf[..k]);
+                            continue;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        let mut rest = &got[..];
+        let mut records = 0;
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            assert_eq!(len, 999, "torn record");
+            let body = &rest[4..4 + len];
+            assert!(body.iter().all(|&x| x == body[0]));
+            rest = &rest[4 + len..];
+            records += 1;
+        }
+        assert_eq!(
+            records, c.tx_frames,
+            "counted as sent = whole records received"
+        );
     }
 
     #[test]

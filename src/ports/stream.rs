@@ -233,6 +233,12 @@ impl PortIo for StreamPort {
         }
     }
 
+    fn discard_queued(&mut self, cx: &mut PortCx<'_>) {
+        if let Some(c) = self.client.as_mut() {
+            crate::ports::count_moved(cx.counters, c.out.discard_unsent());
+        }
+    }
+
     fn deregister(&mut self, registry: &mio::Registry) {
         deregister_fd(registry, &self.listener);
         if let Some(c) = &self.client {

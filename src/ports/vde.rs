@@ -465,6 +465,10 @@ impl PortIo for VdePort {
         }
     }
 
+    fn discard_queued(&mut self, cx: &mut PortCx<'_>) {
+        crate::ports::count_moved(cx.counters, self.queue.clear());
+    }
+
     fn deregister(&mut self, registry: &mio::Registry) {
         deregister_fd(registry, &self.ctl_listener);
         match &self.session {

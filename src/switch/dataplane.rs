@@ -206,7 +206,7 @@ impl DataPlane {
             if !self.apply_commands(now) {
                 break;
             }
-            self.reload_snapshot();
+            self.reload_snapshot(now);
 
             let pending = std::mem::take(&mut self.rx_pending);
             for (id, sub) in pending {
@@ -265,6 +265,9 @@ impl DataPlane {
                     let _ = done.send(());
                 }
                 Ok(Command::Fdb { lan, reply }) => {
+                    // A topology change published before this question
+                    // must show in the answer.
+                    self.reload_snapshot(now);
                     let _ = reply.send(self.forwarder.rows(lan, now));
                 }
                 Ok(Command::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => return false,
@@ -273,10 +276,23 @@ impl DataPlane {
         }
     }
 
-    fn reload_snapshot(&mut self) {
+    fn reload_snapshot(&mut self, now: u64) {
         if self.published.load().generation != self.snapshot.generation {
             let new = self.published.load_full();
             self.forwarder.sync(&self.snapshot, &new);
+            // Frames queued for a lan a port has left stay on that lan.
+            let registry = self.poll.registry();
+            let n = self.snapshot.port_lan.len();
+            for port in 0..n as PortId {
+                let old_lan = self.snapshot.lan_of(port);
+                if old_lan.is_some() && new.lan_of(port) != old_lan {
+                    if let Some(Some(slot)) = self.ports.get_mut(port as usize) {
+                        slot.io
+                            .discard_queued(&mut cx(registry, port, &mut slot.counters, now));
+                        mark(&mut self.touched, &mut slot.touched, port);
+                    }
+                }
+            }
             self.snapshot = new;
         }
     }
@@ -298,8 +314,13 @@ impl DataPlane {
                 &mut self.batch,
             );
             mark(&mut self.touched, &mut slot.touched, id);
-            note_link_state(&mut self.forwarder, slot, id);
             self.forward_batch(id, now);
+            // After forwarding: a client's last frames and its leaving in
+            // one call must not leave addresses learned on a port that is
+            // down.
+            if let Some(Some(slot)) = self.ports.get_mut(id as usize) {
+                note_link_state(&mut self.forwarder, slot, id);
+            }
             // Flush after every batch, not once per round: output queues
             // stay short, so a burst of RX_BUDGET batches cannot overrun a
             // queue that a fast client is draining.
@@ -405,6 +426,7 @@ impl DataPlane {
                 slot.io
                     .tick(&mut cx(registry, i as PortId, &mut slot.counters, now));
                 mark(&mut self.touched, &mut slot.touched, i as PortId);
+                note_link_state(&mut self.forwarder, slot, i as PortId);
             }
         }
     }

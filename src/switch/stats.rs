@@ -57,6 +57,9 @@ counters! {
     tx_drop_no_peer,
     /// The send failed for another reason (client went away mid-batch).
     tx_drop_error,
+    /// Still queued for the lan the port left when it moved (or was
+    /// detached): frames never cross lans.
+    tx_drop_moved,
     /// Clients that connected.
     connects,
     /// Clients that left or were disconnected.
