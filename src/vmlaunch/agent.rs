@@ -3,7 +3,10 @@
 //! `guest/agent.sh` for the guest side and the protocol).
 //!
 //! Every request carries an id; a reply with another id is a leftover of
-//! an earlier request that timed out, and is read and dropped.
+//! an earlier request that timed out, and is read and dropped. Bytes that
+//! are no reply at all (the rest of a reply an earlier request gave up on
+//! part-way) are skipped up to the next line that is one, so one abandoned
+//! request does not spoil the next.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +21,9 @@ use tokio::time::Instant;
 pub const MAX_OUTPUT: u64 = 16 << 20;
 /// Longest header line the guest sends.
 const MAX_HEADER: u64 = 256;
+/// Most bytes skipped (leftovers, foreign replies' bodies) while looking
+/// for one reply; more is an error.
+const MAX_SKIP: u64 = 4 * MAX_OUTPUT;
 /// Longest command line sent.
 pub const MAX_COMMAND: usize = 256 << 10;
 
@@ -100,8 +106,24 @@ pub enum Reply {
     },
 }
 
-/// Parses one header line (without its newline); strict.
+/// Parses one header line (without its newline); strict, and refuses a
+/// RESULT announcing more than [`MAX_OUTPUT`] per stream.
 pub fn parse_reply(line: &str) -> Result<Reply, AgentError> {
+    let r = parse_header(line)?;
+    if let Reply::Result {
+        out_len, err_len, ..
+    } = r
+    {
+        if out_len > MAX_OUTPUT || err_len > MAX_OUTPUT {
+            return Err(AgentError::TooLarge);
+        }
+    }
+    Ok(r)
+}
+
+/// [`parse_reply`] without the size limit: a reply too large to keep can
+/// still be skipped exactly.
+fn parse_header(line: &str) -> Result<Reply, AgentError> {
     let bad = || AgentError::Protocol(line.chars().take(80).collect());
     let f: Vec<&str> = line.split(' ').collect();
     let num = |s: &str| -> Result<u64, AgentError> {
@@ -115,9 +137,6 @@ pub fn parse_reply(line: &str) -> Result<Reply, AgentError> {
         ["RESULT", id, code, out, err] => {
             let code = num(code)?;
             let (out_len, err_len) = (num(out)?, num(err)?);
-            if out_len > MAX_OUTPUT || err_len > MAX_OUTPUT {
-                return Err(AgentError::TooLarge);
-            }
             Ok(Reply::Result {
                 id: num(id)?,
                 exit_code: i32::try_from(code).map_err(|_| bad())?,
@@ -149,7 +168,9 @@ impl Conn {
         })
     }
 
-    async fn header(&mut self) -> Result<Reply, AgentError> {
+    /// The next header line, parsed without the size limit. `Ok(None)`:
+    /// the line was no header (it was skipped, `skipped` counts it).
+    async fn header(&mut self, skipped: &mut u64) -> Result<Option<Reply>, AgentError> {
         let mut line = Vec::new();
         let n = (&mut self.reader)
             .take(MAX_HEADER)
@@ -158,15 +179,43 @@ impl Conn {
         if n == 0 {
             return Err(AgentError::Closed);
         }
+        *skipped += n as u64;
         if line.last() != Some(&b'\n') {
-            return Err(AgentError::Protocol(format!(
-                "header line longer than {MAX_HEADER} bytes or cut short"
-            )));
+            // Too long for a header: skip to the end of this line.
+            let mut chunk = Vec::new();
+            loop {
+                chunk.clear();
+                let k = (&mut self.reader)
+                    .take(64 << 10)
+                    .read_until(b'\n', &mut chunk)
+                    .await?;
+                *skipped += k as u64;
+                if k == 0 || chunk.last() == Some(&b'\n') || *skipped > MAX_SKIP {
+                    return Ok(None);
+                }
+            }
         }
         line.pop();
-        let text = String::from_utf8(line)
-            .map_err(|_| AgentError::Protocol("header is not text".into()))?;
-        parse_reply(&text)
+        let Ok(text) = String::from_utf8(line) else {
+            return Ok(None);
+        };
+        match parse_header(&text) {
+            Ok(r) => {
+                *skipped -= n as u64;
+                Ok(Some(r))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Reads and drops `len` bytes.
+    async fn discard(&mut self, len: u64) -> Result<(), AgentError> {
+        let got =
+            tokio::io::copy(&mut (&mut self.reader).take(len), &mut tokio::io::sink()).await?;
+        if got < len {
+            return Err(AgentError::Closed);
+        }
+        Ok(())
     }
 
     async fn body(&mut self, len: u64) -> Result<Vec<u8>, AgentError> {
@@ -178,21 +227,63 @@ impl Conn {
         Ok(buf)
     }
 
-    /// Reads replies until the one for `id`; earlier ones are dropped.
+    /// Reads replies until the one for `id`; earlier ones, and bytes that
+    /// are no reply, are dropped (up to [`MAX_SKIP`] bytes).
     async fn reply_for(&mut self, id: u64) -> Result<(Reply, Vec<u8>, Vec<u8>), AgentError> {
+        let mut skipped = 0u64;
+        let mut junk = false;
         loop {
-            let r = self.header().await?;
-            let (rid, out, err) = match r {
-                Reply::Pong { id } => (id, Vec::new(), Vec::new()),
+            if skipped > MAX_SKIP {
+                return Err(AgentError::Protocol(format!(
+                    "no reply in the first {MAX_SKIP} bytes"
+                )));
+            }
+            let r = match self.header(&mut skipped).await {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    junk = true;
+                    continue;
+                }
+                // Nothing but junk, then the end: say it was junk.
+                Err(AgentError::Closed) if junk => {
+                    return Err(AgentError::Protocol(
+                        "no valid reply before the agent closed the connection".into(),
+                    ))
+                }
+                Err(e) => return Err(e),
+            };
+            match r {
+                Reply::Pong { id: rid } if rid == id => return Ok((r, Vec::new(), Vec::new())),
+                Reply::Pong { .. } => {}
                 Reply::Result {
-                    id,
+                    id: rid,
                     out_len,
                     err_len,
                     ..
-                } => (id, self.body(out_len).await?, self.body(err_len).await?),
-            };
-            if rid == id {
-                return Ok((r, out, err));
+                } => {
+                    let total = out_len.saturating_add(err_len);
+                    if rid == id && out_len <= MAX_OUTPUT && err_len <= MAX_OUTPUT {
+                        let out = self.body(out_len).await?;
+                        let err = self.body(err_len).await?;
+                        return Ok((r, out, err));
+                    }
+                    // Someone else's reply, or ours too large to keep:
+                    // read past it, so what comes next starts clean.
+                    skipped = skipped.saturating_add(total);
+                    if skipped > MAX_SKIP {
+                        return Err(if rid == id {
+                            AgentError::TooLarge
+                        } else {
+                            AgentError::Protocol(format!("a reply of {total} bytes to skip"))
+                        });
+                    }
+                    let drained = self.discard(total).await;
+                    if rid == id {
+                        // Too large either way; drained or not, say so.
+                        return Err(AgentError::TooLarge);
+                    }
+                    drained?;
+                }
             }
         }
     }
@@ -421,6 +512,47 @@ mod tests {
             assert!(matches!(
                 exec(&p, &long, t).await,
                 Err(AgentError::CommandTooLong)
+            ));
+        });
+    }
+
+    /// The rest of a reply an earlier request gave up on (no header at
+    /// all, long lines, stray newlines), then a foreign RESULT too large to
+    /// keep: all skipped, and ours is read.
+    #[test]
+    fn leftovers_of_abandoned_replies_are_skipped() {
+        rt().block_on(async {
+            let (_d, p) = fake_guest(|line, _| {
+                let mut out = vec![b'a'; 300_000];
+                out.extend_from_slice(b"\nshort junk\n\n\0PONG 1\n");
+                out.extend_from_slice(format!("RESULT 5 0 {} 0\n", MAX_OUTPUT + 1).as_bytes());
+                out.extend(std::iter::repeat(b'z').take(MAX_OUTPUT as usize + 1));
+                out.extend_from_slice(format!("RESULT {} 0 2 0\nok", id_of(line)).as_bytes());
+                out
+            })
+            .await;
+            let r = exec(&p, &["true".into()], Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert_eq!(r.stdout, "ok");
+            let (_d, p) = fake_guest(|line, _| {
+                let mut out = b"junk without end".repeat(100);
+                out.extend_from_slice(format!("\nPONG {}\n", id_of(line)).as_bytes());
+                out
+            })
+            .await;
+            ping(&p, Duration::from_secs(2)).await.unwrap();
+            // Ours, too large: refused, and read past.
+            let (_d, p) = fake_guest(|line, _| {
+                let mut out =
+                    format!("RESULT {} 0 {} 0\n", id_of(line), MAX_OUTPUT + 1).into_bytes();
+                out.extend(std::iter::repeat(b'z').take(MAX_OUTPUT as usize + 1));
+                out
+            })
+            .await;
+            assert!(matches!(
+                exec(&p, &["true".into()], Duration::from_secs(5)).await,
+                Err(AgentError::TooLarge)
             ));
         });
     }
