@@ -536,7 +536,8 @@ pub async fn execute(lab: &Arc<Lab>, m: &Matched<'_>, input: Input) -> Result<Re
                     ),
                 ));
             }
-            lab.remove_port(m.name()).await?;
+            let (lab, name) = (lab.clone(), m.name().to_string());
+            detached(async move { lab.remove_port(&name).await }).await?;
             Ok(Reply::NoContent)
         }
         (Op::GetPortStats, _) => json(ok, &lab.port_stats(m.name())?),

@@ -223,6 +223,16 @@ impl PortIo for DgramPort {
         }
     }
 
+    fn needs_retry_timer(&self) -> bool {
+        matches!(
+            self.peer,
+            Some(Peer {
+                connected: None,
+                ..
+            })
+        ) && !self.queue.is_empty()
+    }
+
     fn discard_queued(&mut self, cx: &mut PortCx<'_>) {
         crate::ports::count_moved(cx.counters, self.queue.clear());
     }

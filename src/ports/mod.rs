@@ -120,6 +120,13 @@ pub trait PortIo: Send {
     /// Sends what is queued. Returns true while output is backed up.
     fn flush(&mut self, cx: &mut PortCx<'_>) -> bool;
 
+    /// Backed-up output that epoll will not announce (a datagram peer the
+    /// socket is not connected to): the data plane retries it on a short
+    /// timer. Others are flushed when their fd turns writable.
+    fn needs_retry_timer(&self) -> bool {
+        false
+    }
+
     /// Called about once a second: timeouts of half-open clients.
     fn tick(&mut self, _cx: &mut PortCx<'_>) {}
 

@@ -151,7 +151,8 @@ struct DataPlane {
     ports: Vec<Option<Slot>>,
     /// Ports with frames queued in this round.
     dirty: Vec<PortId>,
-    /// Ports whose output is backed up: retried every round.
+    /// Ports whose backed-up output epoll will not announce: retried
+    /// every round, and at least every [`BACKLOG_RETRY`].
     backlog: Vec<PortId>,
     /// (port, sub) that stopped reading on budget, not on an empty socket.
     rx_pending: Vec<(PortId, usize)>,
@@ -412,7 +413,7 @@ impl DataPlane {
                 .flush(&mut cx(registry, *id, &mut slot.counters, now));
             mark(&mut self.touched, &mut slot.touched, *id);
             note_link_state(&mut self.forwarder, slot, *id);
-            if backed_up && !self.backlog.contains(id) {
+            if backed_up && slot.io.needs_retry_timer() && !self.backlog.contains(id) {
                 self.backlog.push(*id);
             }
         }
