@@ -76,6 +76,10 @@ pub struct PortCx<'a> {
     pub token: usize,
     pub counters: &'a mut PortCounters,
     pub now_ms: u64,
+    /// The event that brought this call may carry the peer's close (or is
+    /// a retry): read to the end, take no short-read shortcut, or the
+    /// close is never seen (no new edge follows it).
+    pub read_to_end: bool,
 }
 
 impl PortCx<'_> {
@@ -362,12 +366,17 @@ pub(crate) fn receive_datagrams(
             break;
         }
         calls += 1;
+        let room = sys::BATCH - batch.len();
         match sys::recv_batch(fd, batch, &mut rejects, sender.as_deref_mut()) {
             Ok(_) if seqpacket && rejects.zero_len > 0 => {
                 rejects.zero_len = 0;
                 out.eof = true;
                 break;
             }
+            // Fewer than asked for: the queue was empty. Edge-triggered
+            // polling needs no EAGAIN to prove it; the next datagram is a
+            // new edge. Saves a syscall per wakeup.
+            Ok(n) if n < room && !cx.read_to_end => break,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

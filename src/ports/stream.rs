@@ -109,6 +109,7 @@ impl StreamPort {
         let Some(c) = self.client.as_mut() else {
             return RxState::Drained;
         };
+        let mut drained = false;
         loop {
             // Hand out every whole record already buffered.
             loop {
@@ -139,6 +140,10 @@ impl StreamPort {
                 c.end -= c.start;
                 c.start = 0;
             }
+            if drained {
+                return RxState::Drained;
+            }
+            let room = c.inbuf.len() - c.end;
             match sys::read(&c.fd, &mut c.inbuf[c.end..]) {
                 Ok(0) => {
                     let reason = if c.end > 0 {
@@ -149,7 +154,12 @@ impl StreamPort {
                     self.drop_client(cx, reason);
                     return RxState::Drained;
                 }
-                Ok(n) => c.end += n,
+                Ok(n) => {
+                    c.end += n;
+                    // A short read emptied the socket (the next bytes are a
+                    // new edge): hand out the records, then stop.
+                    drained = n < room && !cx.read_to_end;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return RxState::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {

@@ -177,6 +177,7 @@ fn cx<'a>(
         token: id as usize * TOKENS_PER_PORT,
         counters,
         now_ms,
+        read_to_end: true,
     }
 }
 
@@ -211,7 +212,7 @@ impl DataPlane {
 
             let pending = std::mem::take(&mut self.rx_pending);
             for (id, sub) in pending {
-                self.service(id, sub, true, false, now);
+                self.service(id, sub, true, false, true, now);
             }
             for ev in events.iter() {
                 if ev.token() == WAKER {
@@ -221,7 +222,8 @@ impl DataPlane {
                 let id = (t / TOKENS_PER_PORT) as PortId;
                 let sub = t % TOKENS_PER_PORT;
                 let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                self.service(id, sub, readable, ev.is_writable(), now);
+                let closed = ev.is_read_closed() || ev.is_error();
+                self.service(id, sub, readable, ev.is_writable(), closed, now);
             }
             self.flush_all(now);
             if now.saturating_sub(last_tick) >= TICK_MS {
@@ -300,20 +302,27 @@ impl DataPlane {
 
     /// Handles readiness on one port fd, forwarding what it receives, up to
     /// the budget.
-    fn service(&mut self, id: PortId, sub: usize, readable: bool, writable: bool, now: u64) {
+    /// `peer_closed`: the event said the peer hung up (or may have).
+    fn service(
+        &mut self,
+        id: PortId,
+        sub: usize,
+        readable: bool,
+        writable: bool,
+        peer_closed: bool,
+        now: u64,
+    ) {
         for _ in 0..RX_BUDGET {
             let Some(slot) = self.ports.get_mut(id as usize).and_then(Option::as_mut) else {
                 return;
             };
             self.batch.clear();
             let registry = self.poll.registry();
-            let state = slot.io.on_ready(
-                sub,
-                readable,
-                writable,
-                &mut cx(registry, id, &mut slot.counters, now),
-                &mut self.batch,
-            );
+            let mut port_cx = cx(registry, id, &mut slot.counters, now);
+            port_cx.read_to_end = peer_closed;
+            let state = slot
+                .io
+                .on_ready(sub, readable, writable, &mut port_cx, &mut self.batch);
             mark(&mut self.touched, &mut slot.touched, id);
             self.forward_batch(id, now);
             // After forwarding: a client's last frames and its leaving in
