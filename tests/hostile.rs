@@ -353,6 +353,47 @@ fn a_vde_client_chattering_on_its_control_connection_is_cut_off() {
     calm.check();
 }
 
+/// Clients connecting and hanging up in a loop on an occupied port: they
+/// are refused and counted, the port's own client and everyone else keep
+/// talking.
+#[test]
+fn a_connect_flood_on_an_occupied_port_slows_nobody() {
+    let fx = Fixture::new();
+    let mut calm = Bystanders::new(&fx);
+    fx.lan("l");
+    let mut owner = fx.plug("s", PortKind::Stream, Some("l"));
+    let mut peer = fx.plug("p", PortKind::Dgram, Some("l"));
+    let path = std::path::PathBuf::from(fx.lab.port("s").unwrap().path);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (0..2)
+        .map(|_| {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let fd = sys::unix_socket(libc::SOCK_STREAM).unwrap();
+                    if sys::connect(&fd, &UnixAddr::from_path(&path).unwrap()).is_ok() {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    for i in 0..50u32 {
+        calm.check();
+        peer.send(&frame(MacAddr::BROADCAST, mac(7), 80, i))
+            .unwrap();
+        assert_eq!(tag_of(&owner.recv(WAIT).unwrap().unwrap()), Some(i));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let connected: u64 = flooders.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(connected > 0, "the flood never got through to the listener");
+    let s = fx.wait_stats("s", |s| s.rejected_clients > 0);
+    assert_eq!(s.connects, 1, "the owner stays the only client");
+    assert!(fx.lab.port("s").unwrap().up);
+}
+
 #[test]
 fn silent_vde_client_times_out_and_frees_the_port() {
     let fx = Fixture::new();

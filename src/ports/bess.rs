@@ -10,8 +10,8 @@ use crate::ports::queue::{FrameQueue, FRAME_QUEUE_DEPTH};
 use crate::ports::sys;
 use crate::ports::{
     accept_single, count_lost, count_tx_drop_full, count_tx_drop_no_peer, deregister_fd,
-    receive_datagrams, set_interest, track_backlog, PortCx, PortIo, PortKind, PortLink, RxBatch,
-    RxState,
+    receive_datagrams, set_interest, track_backlog, Accepted, PortCx, PortIo, PortKind, PortLink,
+    RxBatch, RxState,
 };
 
 const SUB_LISTENER: usize = 0;
@@ -90,7 +90,12 @@ impl PortIo for BessPort {
         match sub {
             SUB_LISTENER => {
                 let occupied = self.client.is_some();
-                if let Some(fd) = accept_single(&self.listener, occupied, &mut self.link, cx) {
+                let fd = match accept_single(&self.listener, occupied, &mut self.link, cx) {
+                    Accepted::Client(fd) => Some(fd),
+                    Accepted::Busy => return RxState::More,
+                    Accepted::Done => None,
+                };
+                if let Some(fd) = fd {
                     sys::set_buffer_sizes(&fd, 1 << 20);
                     match set_interest(cx.registry, &fd, cx.token(SUB_CLIENT), false, true) {
                         Ok(()) => {

@@ -297,20 +297,34 @@ pub(crate) fn count_rx_rejects(counters: &mut PortCounters, r: &sys::RxRejects) 
     counters.rx_dropped += runt + r.oversized;
 }
 
+/// What [`accept_single`] did.
+pub(crate) enum Accepted {
+    /// Took this client; call again for any others (return `More`).
+    Client(std::os::fd::OwnedFd),
+    /// Refused [`MAX_REFUSALS`] in a row and more may wait: return `More`,
+    /// so other ports get a turn before the rest.
+    Busy,
+    /// Nobody else is waiting.
+    Done,
+}
+
+/// Connections one [`accept_single`] call refuses before giving others a
+/// turn: a client connecting in a loop cannot hold the data plane.
+const MAX_REFUSALS: usize = 64;
+
 /// Accepts waiting connections on `listener`. When the port has no client
 /// it takes the first one and stops, so the caller can look at it before
-/// deciding about the rest (it returns [`RxState::More`] to be called
-/// again). When it has one, every waiting connection is closed at once and
-/// counted: these ports take one client at a time.
+/// deciding about the rest. When it has one, waiting connections are
+/// closed at once and counted: these ports take one client at a time.
 pub(crate) fn accept_single(
     listener: &std::os::fd::OwnedFd,
     occupied: bool,
     link: &mut PortLink,
     cx: &mut PortCx<'_>,
-) -> Option<std::os::fd::OwnedFd> {
-    loop {
+) -> Accepted {
+    for _ in 0..MAX_REFUSALS {
         match sys::accept(listener) {
-            Ok(Some(fd)) if !occupied => return Some(fd),
+            Ok(Some(fd)) if !occupied => return Accepted::Client(fd),
             Ok(Some(_refused)) => {
                 cx.counters.rejected_clients += 1;
                 link.warn(
@@ -318,13 +332,14 @@ pub(crate) fn accept_single(
                     format_args!("refused a second client: this port takes one at a time"),
                 );
             }
-            Ok(None) => return None,
+            Ok(None) => return Accepted::Done,
             Err(e) => {
                 link.warn(cx.now_ms, format_args!("accept failed: {e}"));
-                return None;
+                return Accepted::Done;
             }
         }
     }
+    Accepted::Busy
 }
 
 /// How a run of datagram receives ended.

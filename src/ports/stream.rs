@@ -10,7 +10,7 @@ use crate::ports::queue::{StreamQueue, STREAM_QUEUE_BYTES};
 use crate::ports::sys::{self, RX_BUF_LEN};
 use crate::ports::{
     accept_single, count_lost, count_tx_drop_full, count_tx_drop_no_peer, deregister_fd,
-    set_interest, track_backlog, PortCx, PortIo, PortKind, PortLink, RxBatch, RxState,
+    set_interest, track_backlog, Accepted, PortCx, PortIo, PortKind, PortLink, RxBatch, RxState,
 };
 use crate::wire::{check_frame_len, FrameError};
 
@@ -79,11 +79,14 @@ impl StreamPort {
         }
     }
 
-    /// Returns true when it took a client (there may be more waiting).
+    /// Returns true when it should be called again (it took a client, or
+    /// refused its share of them, and more may be waiting).
     fn accept(&mut self, cx: &mut PortCx<'_>) -> bool {
         let occupied = self.client.is_some();
-        let Some(fd) = accept_single(&self.listener, occupied, &mut self.link, cx) else {
-            return false;
+        let fd = match accept_single(&self.listener, occupied, &mut self.link, cx) {
+            Accepted::Client(fd) => fd,
+            Accepted::Busy => return true,
+            Accepted::Done => return false,
         };
         sys::set_buffer_sizes(&fd, 1 << 20);
         if let Err(e) = set_interest(cx.registry, &fd, cx.token(SUB_CLIENT), false, true) {

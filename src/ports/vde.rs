@@ -22,7 +22,7 @@ use crate::ports::queue::{FrameQueue, FRAME_QUEUE_DEPTH};
 use crate::ports::sys::{self, UnixAddr};
 use crate::ports::{
     accept_single, count_lost, count_tx_drop_full, count_tx_drop_no_peer, deregister_fd,
-    set_interest, PortCx, PortIo, PortKind, PortLink, RxBatch, RxState,
+    set_interest, Accepted, PortCx, PortIo, PortKind, PortLink, RxBatch, RxState,
 };
 use crate::ports::{receive_datagrams, track_backlog};
 
@@ -390,7 +390,12 @@ impl PortIo for VdePort {
                     self.read_request(cx);
                 }
                 let occupied = self.session.is_some();
-                if let Some(ctl) = accept_single(&self.ctl_listener, occupied, &mut self.link, cx) {
+                let ctl = match accept_single(&self.ctl_listener, occupied, &mut self.link, cx) {
+                    Accepted::Client(fd) => Some(fd),
+                    Accepted::Busy => return RxState::More,
+                    Accepted::Done => None,
+                };
+                if let Some(ctl) = ctl {
                     if set_interest(cx.registry, &ctl, cx.token(SUB_CTL), false, true).is_ok() {
                         self.session = Some(Session::Pending {
                             ctl,
