@@ -261,3 +261,50 @@ async fn a_stop_whose_client_hangs_up_still_finishes() {
     let _ = stop_server.send(true);
     let _ = tokio::time::timeout(WAIT, server).await;
 }
+
+/// A node's events come in order: added, then its states (its supervisor
+/// sends those on its own); a node whose emulator cannot even start is
+/// added and removed again, and the request fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_events_come_in_order() {
+    let f = Fixture::new(Duration::from_secs(1));
+    let mut events = f.lab.events().subscribe();
+    f.lab
+        .add_node(f.uml_node("n1", "sleep 0.5; exit 3"))
+        .await
+        .unwrap();
+    wait_for_state(&f.lab, "n1", NodeState::Crashed).await;
+    let mut seen = Vec::new();
+    while let Ok(rec) = events.try_recv() {
+        match rec.event {
+            Event::NodeAdded { node } => seen.push(format!("added {node}")),
+            Event::NodeState { node, state, .. } => seen.push(format!("{state} {node}")),
+            Event::NodeRemoved { node } => seen.push(format!("removed {node}")),
+            _ => {}
+        }
+    }
+    // No agent or monitor to wait for: running as soon as it runs.
+    assert_eq!(
+        seen,
+        ["added n1", "starting n1", "running n1", "crashed n1"]
+    );
+
+    // An interpreter that is not there: the launch itself fails.
+    let spec = f.uml_node("n2", "exit 0");
+    let binary = PathBuf::from(spec.binary.clone().unwrap());
+    std::fs::write(&binary, "#!/nonexistent/interpreter\n").unwrap();
+    let err = f.lab.add_node(spec).await.unwrap_err();
+    assert!(err.to_string().contains("n2-emulator"), "{err}");
+    assert!(f.lab.node("n2").is_err(), "nothing left of n2");
+    let mut seen = Vec::new();
+    while let Ok(rec) = events.try_recv() {
+        match rec.event {
+            Event::NodeAdded { node } => seen.push(format!("added {node}")),
+            Event::NodeState { node, state, .. } => seen.push(format!("{state} {node}")),
+            Event::NodeRemoved { node } => seen.push(format!("removed {node}")),
+            _ => {}
+        }
+    }
+    assert_eq!(seen, ["added n2", "removed n2"]);
+    f.lab.remove_node("n1").await.unwrap();
+}

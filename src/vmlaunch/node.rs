@@ -700,18 +700,22 @@ impl Lab {
             );
         }
         let _op = runtime.op.lock().await;
-        let made = self.make_node_files(&spec, &dir).await;
-        let started = match made {
-            Ok(()) => self.start_locked(&name, &runtime, Some(plan)).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = started {
+        if let Err(e) = self.make_node_files(&spec, &dir).await {
             self.unmake_node(&name, &spec, &dir).await;
             self.node_table().lock().remove(&name);
             return Err(e);
         }
-        tracing::info!(node = %name, "node added");
+        // Announced before the guest runs, so that its state events (which
+        // its supervisor sends on its own) come after this one.
         self.events().emit(Event::NodeAdded { node: name.clone() });
+        if let Err(e) = self.start_locked(&name, &runtime, Some(plan)).await {
+            self.unmake_node(&name, &spec, &dir).await;
+            self.node_table().lock().remove(&name);
+            self.events()
+                .emit(Event::NodeRemoved { node: name.clone() });
+            return Err(e);
+        }
+        tracing::info!(node = %name, "node added");
         self.node(&name)
     }
 
