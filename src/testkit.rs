@@ -426,3 +426,24 @@ pub mod forwarding_script {
         }
     }
 }
+
+/// Says loudly that a test is skipped, and why: on stderr (which `cargo
+/// test` shows only for failing tests) and, when `ULAN_SKIP_LOG` names a
+/// file, appended to it, so `scripts/test.sh` lists every skip at the end
+/// of the run.
+#[track_caller]
+pub fn skipped(why: std::fmt::Arguments<'_>) {
+    let at = std::panic::Location::caller();
+    let line = format!("SKIPPED: {}:{}: {why}", at.file(), at.line());
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("ULAN_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}

@@ -22,7 +22,9 @@ fn have_qemu() -> bool {
             std::env::var_os("CI").is_none(),
             "{QEMU} missing under CI: .ci/run should install it"
         );
-        eprintln!("SKIPPED: {QEMU} is not installed (apt-get install qemu-system-x86)");
+        ulan::testkit::skipped(format_args!(
+            "{QEMU} is not installed (apt-get install qemu-system-x86)"
+        ));
     }
     ok
 }
@@ -37,7 +39,9 @@ fn real_probe_tells_the_truth_about_this_host() {
             std::env::var_os("CI").is_none(),
             "no /boot/vmlinuz-* under CI: .ci/run should install linux-image-amd64"
         );
-        eprintln!("SKIPPED: no readable /boot/vmlinuz-* to boot for the probe");
+        ulan::testkit::skipped(format_args!(
+            "no readable /boot/vmlinuz-* to boot for the probe"
+        ));
         return;
     };
     let timeout = Duration::from_secs(15);
@@ -97,7 +101,7 @@ fn a_working_accelerator_is_recognised() {
             std::env::var_os("CI").is_none(),
             "no /boot/vmlinuz-* under CI: .ci/run should install linux-image-amd64"
         );
-        eprintln!("SKIPPED: no readable /boot/vmlinuz-* to boot");
+        ulan::testkit::skipped(format_args!("no readable /boot/vmlinuz-* to boot"));
         return;
     };
     let dir = tempfile::tempdir().unwrap();

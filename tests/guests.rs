@@ -263,7 +263,9 @@ fn a_uml_node_talks_over_daemon_vde_and_bess() {
     ) {
         UmlStatus::Boots => {}
         UmlStatus::Fails { reason } => {
-            eprintln!("SKIPPED: a_uml_node_talks: UML cannot boot on this host: {reason}");
+            ulan::testkit::skipped(format_args!(
+                "a_uml_node_talks_over_daemon_vde_and_bess: {reason}"
+            ));
             return;
         }
         UmlStatus::Missing => {
@@ -271,7 +273,7 @@ fn a_uml_node_talks_over_daemon_vde_and_bess() {
                 std::env::var_os("CI").is_none(),
                 "linux.uml missing under CI"
             );
-            eprintln!("SKIPPED: a_uml_node_talks: linux.uml is not installed");
+            ulan::testkit::skipped(format_args!("a_uml_node_talks: linux.uml is not installed"));
             return;
         }
     }

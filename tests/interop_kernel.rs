@@ -68,9 +68,9 @@ fn kernel_stacks_in_namespaces_ping_through_ulan() {
             std::env::var_os("CI").is_none(),
             "cannot run under CI: {why}"
         );
-        eprintln!(
-            "SKIPPED: kernel interop needs vde_plug, unshare, ip, ping and user namespaces: {why}"
-        );
+        ulan::testkit::skipped(format_args!(
+            "kernel interop needs vde_plug, unshare, ip, ping and user namespaces: {why}"
+        ));
         return;
     }
     let fx = Fixture::new();

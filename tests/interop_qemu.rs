@@ -97,7 +97,9 @@ fn slirpvde_answers_through_a_vde_port() {
             std::env::var_os("CI").is_none(),
             "slirpvde missing under CI"
         );
-        eprintln!("SKIPPED: slirpvde is not installed (apt-get install vde2)");
+        ulan::testkit::skipped(format_args!(
+            "slirpvde is not installed (apt-get install vde2)"
+        ));
         return;
     }
     let fx = Fixture::new();
@@ -130,7 +132,7 @@ fn qemu_stream_and_vde_netdevs_answer_through_ulan() {
             std::env::var_os("CI").is_none(),
             "cannot run under CI: {why}"
         );
-        eprintln!("SKIPPED: QEMU interop needs qemu-system-x86_64: {why}");
+        ulan::testkit::skipped(format_args!("QEMU interop needs qemu-system-x86_64: {why}"));
         return;
     }
     for kind in [PortKind::Stream, PortKind::Vde] {

@@ -28,7 +28,9 @@ fn have(tool: &str) -> bool {
             std::env::var_os("CI").is_none(),
             "{tool} missing under CI: .ci/run should install it"
         );
-        eprintln!("SKIPPED: {tool} is not installed (apt-get install vde2 vdeplug)");
+        ulan::testkit::skipped(format_args!(
+            "{tool} is not installed (apt-get install vde2 vdeplug)"
+        ));
     }
     found
 }

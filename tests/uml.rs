@@ -257,7 +257,9 @@ fn uml_probe_on_this_host() {
                 std::env::var_os("CI").is_none(),
                 "linux.uml missing under CI: .ci/run should install user-mode-linux"
             );
-            eprintln!("SKIPPED: linux.uml is not installed (apt-get install user-mode-linux)");
+            ulan::testkit::skipped(format_args!(
+                "linux.uml is not installed (apt-get install user-mode-linux)"
+            ));
         }
         UmlStatus::Fails { reason } => {
             assert!(!reason.is_empty());
@@ -356,16 +358,22 @@ fn uml_guest_on_daemon_vde_and_bess_ports() {
         UmlStatus::Boots => {}
         // UML boot tests skip even under CI: some hosts cannot run UML.
         UmlStatus::Fails { reason } => {
-            eprintln!("SKIPPED: UML cannot boot on this host: {reason}");
+            ulan::testkit::skipped(format_args!(
+                "uml_guest_on_daemon_vde_and_bess_ports: {reason}"
+            ));
             return;
         }
         UmlStatus::Missing => {
-            eprintln!("SKIPPED: linux.uml is not installed (apt-get install user-mode-linux)");
+            ulan::testkit::skipped(format_args!(
+                "linux.uml is not installed (apt-get install user-mode-linux)"
+            ));
             return;
         }
     }
     let Some(busybox) = uml::find_static_busybox() else {
-        eprintln!("SKIPPED: no static busybox (apt-get install busybox-static)");
+        ulan::testkit::skipped(format_args!(
+            "no static busybox (apt-get install busybox-static)"
+        ));
         return;
     };
 

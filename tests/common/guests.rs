@@ -47,7 +47,7 @@ pub fn skip_without_guests(test: &str) -> bool {
                 std::env::var_os("CI").is_none(),
                 "{test}: guests cannot run under CI: {why}"
             );
-            eprintln!("SKIPPED: {test}: {why}");
+            ulan::testkit::skipped(format_args!("{test}: {why}"));
             true
         }
     }
