@@ -38,7 +38,7 @@ pub enum DaemonError {
     Spawn(io::Error),
     #[error("no daemon is running for lab {lab:?}")]
     NotRunning { lab: String },
-    #[error("the daemon (pid {pid}) did not stop within 10 s")]
+    #[error("the daemon (pid {pid}) did not stop within 25 s")]
     StopTimeout { pid: u32 },
 }
 
@@ -91,8 +91,8 @@ fn make_private_dir(dir: &Path) -> Result<(), DaemonError> {
 /// Holds the lab's lock file for the daemon's lifetime.
 pub struct LabLock {
     file: File,
-    path: PathBuf,
-    remove_on_drop: bool,
+    /// Empty the file when let go (the daemon's own lock, not a probe).
+    clear_on_drop: bool,
 }
 
 impl LabLock {
@@ -123,8 +123,7 @@ impl LabLock {
         writeln!(file, "{}", std::process::id()).map_err(run_dir_err(&path))?;
         Ok(LabLock {
             file,
-            path,
-            remove_on_drop: true,
+            clear_on_drop: true,
         })
     }
 }
@@ -135,15 +134,18 @@ impl LabLock {
         let mut lock = LabLock::acquire(lab, dir)?;
         // Leave the file for the daemon; only release the lock.
         let _ = lock.file.set_len(0);
-        lock.remove_on_drop = false;
+        lock.clear_on_drop = false;
         Ok(())
     }
 }
 
 impl Drop for LabLock {
+    /// The lock file stays (emptied): unlinking a file someone else may
+    /// have just opened would let two daemons each lock a file of the same
+    /// name, one of them no longer in the directory.
     fn drop(&mut self) {
-        if self.remove_on_drop {
-            let _ = std::fs::remove_file(&self.path);
+        if self.clear_on_drop {
+            let _ = self.file.set_len(0);
         }
     }
 }
@@ -190,23 +192,41 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     result
 }
 
+/// How long a stop signal waits for guests to stop in order (a stop or
+/// commit in progress holds a node); then they are killed. A second
+/// signal kills them at once.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 async fn serve_until_signal(opts: &DaemonOptions, dir: &Path) -> Result<(), DaemonError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let sock_path = dir.join("api.sock");
-    let sock_err = |source| DaemonError::ApiSocket {
-        path: sock_path.clone(),
-        source,
-    };
-    let listener = tokio::net::UnixListener::bind(&sock_path).map_err(sock_err)?;
-    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))
-        .map_err(sock_err)?;
+    // Signals first: a stop that comes while starting must not kill the
+    // process with the default action, leaving its files behind.
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Start)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Start)?;
     let lab = Lab::start(LabConfig {
         aging_secs: opts.aging_secs,
         ..LabConfig::new(&opts.lab, dir)
     })
     .map_err(DaemonError::Start)?;
-    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Start)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Start)?;
+    // The socket last: once it answers (what `--detach` waits for), the
+    // daemon is whole.
+    let sock_path = dir.join("api.sock");
+    let sock_err = |source| DaemonError::ApiSocket {
+        path: sock_path.clone(),
+        source,
+    };
+    let bound = tokio::net::UnixListener::bind(&sock_path).and_then(|l| {
+        std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(l)
+    });
+    let listener = match bound {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = std::fs::remove_file(&sock_path);
+            shutdown_lab(&lab, dir);
+            return Err(sock_err(e));
+        }
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(crate::api::serve(listener, lab.clone(), stop_rx));
     tracing::info!(lab = %opts.lab, socket = %sock_path.display(), pid = std::process::id(), "ulan daemon ready");
@@ -217,7 +237,11 @@ async fn serve_until_signal(opts: &DaemonOptions, dir: &Path) -> Result<(), Daem
     tracing::info!("{which}: stopping");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
-    lab.stop_all_nodes().await;
+    tokio::select! {
+        _ = tokio::time::timeout(SHUTDOWN_GRACE, lab.stop_all_nodes()) => {}
+        _ = term.recv() => tracing::warn!("SIGTERM again: killing the guests"),
+        _ = int.recv() => tracing::warn!("SIGINT again: killing the guests"),
+    }
     shutdown_lab(&lab, dir);
     let _ = std::fs::remove_file(&sock_path);
     tracing::info!("stopped");
@@ -283,8 +307,11 @@ pub fn detach(opts: &DaemonOptions) -> Result<u32, DaemonError> {
     Err(DaemonError::DetachTimeout { log: log_path })
 }
 
+/// How long `stop` waits: the daemon's own shutdown grace, and a little.
+const STOP_WAIT: Duration = Duration::from_secs(25);
+
 /// Stops the lab's daemon (SIGTERM to the pid in its lock file) and waits
-/// until it has removed its API socket.
+/// until it has exited (its lock is free).
 pub fn stop(lab: &str) -> Result<u32, DaemonError> {
     check_name(lab)?;
     let dir = run_dir(lab);
@@ -305,9 +332,11 @@ pub fn stop(lab: &str) -> Result<u32, DaemonError> {
     if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
         return Err(not_running());
     }
-    let sock = dir.join("api.sock");
-    for _ in 0..200 {
-        if !sock.exists() {
+    // Gone when its lock is free (the socket goes a little earlier): a
+    // daemon started right after this returns finds the lab free.
+    let deadline = std::time::Instant::now() + STOP_WAIT;
+    while std::time::Instant::now() < deadline {
+        if LabLock::probe(lab, &dir).is_ok() {
             return Ok(pid as u32);
         }
         std::thread::sleep(Duration::from_millis(50));

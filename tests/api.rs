@@ -259,6 +259,15 @@ async fn every_route_happy_path() {
     );
     assert!(c.lans().await.unwrap().is_empty());
     assert!(c.ports().await.unwrap().is_empty());
+    // The lab as a lab file: every key the schema requires, even empty.
+    let spec = c.call(Method::GET, "/v1/lab/spec", None).await.unwrap();
+    for key in doc["components"]["schemas"]["LabSpec"]["required"]
+        .as_array()
+        .unwrap()
+    {
+        let key = key.as_str().unwrap();
+        assert_eq!(spec[key], json!([]), "{key} in {spec}");
+    }
 
     // POST /v1/lans: 201 with Location.
     let r = api

@@ -235,3 +235,25 @@ fn cli_round_trip() {
         .collect();
     assert_eq!(names, ["hello", "lan_added", "port_added"]);
 }
+
+/// `ulan stop` returns once the daemon is gone, lock included: a daemon
+/// started right after it gets the lab, every time.
+#[test]
+fn stop_then_start_again_at_once() {
+    let env = Env::new();
+    for round in 0..3 {
+        let started = env.ulan("again", &["daemon", "--detach"]);
+        assert!(
+            started.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&started.stderr)
+        );
+        env.ok("again", &["lan", "add", "x"]);
+        let stopped = env.ok("again", &["stop"]);
+        assert!(stopped.contains("stopped"), "round {round}: {stopped}");
+    }
+    assert!(!env.ulan("again", &["stop"]).status.success());
+    // The lock file stays, empty: no pid to signal by mistake.
+    let lock = std::fs::read_to_string(env.run_dir("again").join("lock")).unwrap();
+    assert_eq!(lock, "");
+}

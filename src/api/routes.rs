@@ -476,6 +476,20 @@ struct FdbReply<'a> {
     entries: Vec<crate::lab::FdbEntryInfo>,
 }
 
+/// The lab file as the API shows it: `lans`, `nodes` and `ports` always
+/// there (the YAML form leaves empty ones out).
+fn lab_spec_body(spec: &crate::labfile::LabFile) -> Result<serde_json::Value, ApiError> {
+    let mut v = serde_json::to_value(spec)
+        .map_err(|e| ApiError::internal(format!("cannot encode the lab: {e}")))?;
+    if let Some(map) = v.as_object_mut() {
+        for key in ["lans", "nodes", "ports"] {
+            map.entry(key)
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        }
+    }
+    Ok(v)
+}
+
 /// Runs a node lifecycle operation as a task of its own. hyper drops a
 /// handler whose client hangs up; a start, stop, add or remove cut off
 /// halfway would leave a node half-made, so the task runs to the end and
@@ -574,9 +588,10 @@ pub async fn execute(lab: &Arc<Lab>, m: &Matched<'_>, input: Input) -> Result<Re
         (Op::CommitNode, Input::Commit { image }) => {
             let (lab, name, target) = (lab.clone(), m.name().to_string(), image.clone());
             let img = detached(async move { lab.commit_node(&name, &target).await }).await?;
-            created(&img.view(), format!("/v1/images/{image}"))
+            // No Location: images have no route of their own yet.
+            json(StatusCode::CREATED, &img.view())
         }
-        (Op::GetLabSpec, _) => json(ok, &lab.spec()),
+        (Op::GetLabSpec, _) => json(ok, &lab_spec_body(&lab.spec())?),
         (Op::Events, _) => Ok(Reply::Events),
         (Op::OpenApi, _) => Ok(Reply::OpenApi),
         (op, input) => Err(ApiError::internal(format!(
