@@ -2,7 +2,6 @@
 //! Emitting never blocks: a subscriber that falls behind loses old events
 //! and is told so, the emitter (possibly the data plane) never waits.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -88,7 +87,7 @@ pub struct EventRecord {
 #[derive(Debug)]
 pub struct EventSink {
     tx: broadcast::Sender<EventRecord>,
-    seq: AtomicU64,
+    seq: std::sync::Mutex<u64>,
 }
 
 impl Default for EventSink {
@@ -102,7 +101,7 @@ impl EventSink {
         let (tx, _) = broadcast::channel(1024);
         EventSink {
             tx,
-            seq: AtomicU64::new(1),
+            seq: std::sync::Mutex::new(1),
         }
     }
 
@@ -111,10 +110,15 @@ impl EventSink {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        // Numbered and sent under one lock: the data plane and the control
+        // side both emit, and readers take a gap in the numbers for missed
+        // events, so the numbers must go out in order.
+        let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+        let n = *seq;
+        *seq += 1;
         // No subscriber is not an error.
         let _ = self.tx.send(EventRecord {
-            seq,
+            seq: n,
             time_ms,
             event,
         });

@@ -172,6 +172,14 @@ enum PortCmd {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if !matches!(args.cmd, Cmd::Daemon { .. }) {
+        // A CLI whose reader went away (`ulan node ls --json | head -1`)
+        // ends quietly, as other tools do, instead of panicking on EPIPE.
+        // Sockets are unaffected (Rust sends with MSG_NOSIGNAL); the
+        // daemon keeps ignoring SIGPIPE.
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let explicit_lab = args.lab.clone();
     let lab = explicit_lab.clone().unwrap_or_else(|| "default".into());
     let out = if args.json {

@@ -1327,6 +1327,47 @@ async fn connections_over_the_limit_get_503() {
     }
 }
 
+/// Event readers that never leave take at most their own share of the
+/// connection slots: requests still get in.
+#[tokio::test(flavor = "multi_thread")]
+async fn event_streams_cannot_take_every_slot() {
+    let api = Api::start_with(ServerConfig {
+        max_connections: 4,
+        max_event_streams: 2,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut ev = api.client.events().await.unwrap();
+        assert_eq!(next_event(&mut ev).await.event, "hello");
+        held.push(ev);
+    }
+    let r = api.http("GET", "/v1/events", None, b"").await;
+    assert_eq!((r.status, r.code().as_str()), (503, "too_many_connections"));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("event streams"));
+    // Requests are served meanwhile.
+    assert_eq!(api.client.lab().await.unwrap().name, "t");
+    // A stream that ends gives its place back.
+    drop(held.pop());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match api.client.events().await {
+            Ok(mut ev) => {
+                assert_eq!(next_event(&mut ev).await.event, "hello");
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "stream slot never freed: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_finishes_in_flight_requests_and_ends_streams() {
     let mut api = Api::start().await;

@@ -308,3 +308,57 @@ async fn node_events_come_in_order() {
     assert_eq!(seen, ["added n2", "removed n2"]);
     f.lab.remove_node("n1").await.unwrap();
 }
+
+/// `ulan apply` replacing a node: a missing file in the new spec stops it
+/// before the old node is touched, and a new spec that fails to launch
+/// puts the old node back.
+#[tokio::test(flavor = "multi_thread")]
+async fn apply_keeps_a_node_whose_replacement_cannot_start() {
+    let f = Fixture::new(Duration::from_secs(1));
+    let sock = f.path("api.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let (stop_server, rx) = watch::channel(false);
+    let server = tokio::spawn(api::serve(listener, f.lab.clone(), rx));
+    let client = api::Client::new(&sock, "t");
+    let good = f.uml_node("n1", "exec sleep 600");
+    let lab_with = |spec: &NodeSpec| ulan::labfile::LabFile {
+        nodes: vec![spec.clone()],
+        ..Default::default()
+    };
+    ulan::cli::labctl::apply_file(&client, &lab_with(&good), false)
+        .await
+        .unwrap();
+    let pid = f.lab.node("n1").unwrap().pid.unwrap();
+
+    // A memory change with an initrd that is not there.
+    let mut typo = good.clone();
+    typo.memory_mb = 512;
+    typo.initrd = Some(f.path("no-such-initrd").display().to_string());
+    let err = ulan::cli::labctl::apply_file(&client, &lab_with(&typo), false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not a file"), "{err}");
+    assert_eq!(f.lab.node("n1").unwrap().pid, Some(pid), "old node touched");
+
+    // A memory change whose emulator cannot be launched.
+    let mut broken = good.clone();
+    broken.memory_mb = 512;
+    let bad_binary = f.path("bad-emulator");
+    std::fs::write(&bad_binary, "#!/nonexistent/interpreter\n").unwrap();
+    std::fs::set_permissions(&bad_binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    broken.binary = Some(bad_binary.display().to_string());
+    let err = ulan::cli::labctl::apply_file(&client, &lab_with(&broken), false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("the old node is back"), "{err}");
+    let back = f.lab.node("n1").unwrap();
+    assert_eq!(back.spec.memory_mb, good.memory_mb, "{back:?}");
+    assert!(
+        matches!(back.state, NodeState::Starting | NodeState::Running),
+        "{back:?}"
+    );
+
+    f.lab.remove_node("n1").await.unwrap();
+    let _ = stop_server.send(true);
+    let _ = tokio::time::timeout(WAIT, server).await;
+}

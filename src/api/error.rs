@@ -112,6 +112,15 @@ impl ApiError {
         )
     }
 
+    /// 503 `too_many_connections`, for event streams.
+    pub fn too_many_event_streams(limit: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            format!("the daemon already serves {limit} event streams; try again later"),
+        )
+    }
+
     /// 500 `internal`.
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)

@@ -40,6 +40,10 @@ pub struct ServerConfig {
     /// Connections served at once (event streams included). One more is
     /// answered with a 503 `too_many_connections` and closed.
     pub max_connections: usize,
+    /// Event streams open at once, fewer than `max_connections` so that
+    /// readers that never leave cannot take every slot from requests. One
+    /// more gets a 503 `too_many_connections`.
+    pub max_event_streams: usize,
     /// Largest request body; larger ones get 413 `body_too_large`.
     pub max_body: usize,
     /// A request's headers must arrive within this long (also how long an
@@ -58,6 +62,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_connections: 64,
+            max_event_streams: 48,
             max_body: 64 * 1024,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
@@ -71,6 +76,7 @@ struct Ctx {
     lab: Arc<Lab>,
     config: ServerConfig,
     stop: watch::Receiver<bool>,
+    streams: Arc<Semaphore>,
 }
 
 /// Resolves once the stop flag is `true` or its sender is gone.
@@ -95,10 +101,12 @@ pub async fn serve_with(
     // Refusing takes a moment too; never more than a few at once.
     let refusals = Arc::new(Semaphore::new(8));
     let grace = config.shutdown_grace;
+    let streams = Arc::new(Semaphore::new(config.max_event_streams.max(1)));
     let ctx = Arc::new(Ctx {
         lab,
         config,
         stop: shutdown.clone(),
+        streams,
     });
     let mut stop = shutdown;
     let mut conns = JoinSet::new();
@@ -257,7 +265,14 @@ async fn respond(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Ap
             set(&mut resp, header::CONTENT_TYPE, "application/json");
             resp
         }
-        Reply::Events => events_response(ctx),
+        Reply::Events => {
+            let Ok(permit) = ctx.streams.clone().try_acquire_owned() else {
+                return Err(ApiError::too_many_event_streams(
+                    ctx.config.max_event_streams,
+                ));
+            };
+            events_response(ctx, permit)
+        }
     })
 }
 
@@ -330,6 +345,8 @@ fn sse(id: Option<u64>, event: &str, data: &str) -> Bytes {
 }
 
 struct EventFeed {
+    /// This stream's place among the event streams, given back when it ends.
+    _permit: tokio::sync::OwnedSemaphorePermit,
     hello: Option<Bytes>,
     rx: broadcast::Receiver<crate::events::EventRecord>,
     stop: watch::Receiver<bool>,
@@ -364,7 +381,7 @@ impl EventFeed {
 
 /// `GET /v1/events`: subscribes first, then takes the `hello` snapshot, so
 /// no change is lost between the two (one may show in both).
-fn events_response(ctx: &Ctx) -> Response<Body> {
+fn events_response(ctx: &Ctx, permit: tokio::sync::OwnedSemaphorePermit) -> Response<Body> {
     let rx = ctx.lab.events().subscribe();
     let hello = serde_json::json!({
         "lab": ctx.lab.info(),
@@ -376,6 +393,7 @@ fn events_response(ctx: &Ctx) -> Response<Body> {
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let feed = EventFeed {
+        _permit: permit,
         hello: Some(sse(None, "hello", &hello.to_string())),
         rx,
         stop: ctx.stop.clone(),
