@@ -59,6 +59,32 @@ impl Fixture {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// The API on `api.sock` in the fixture's directory: its path, the
+    /// stop switch and the server task.
+    fn serve(&self) -> (PathBuf, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let sock = self.path("api.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let (stop, rx) = watch::channel(false);
+        let server = tokio::spawn(api::serve(listener, self.lab.clone(), rx));
+        (sock, stop, server)
+    }
+}
+
+/// The node events received so far, as "added n1", "running n1", ...
+fn node_events(
+    rx: &mut tokio::sync::broadcast::Receiver<ulan::events::EventRecord>,
+) -> Vec<String> {
+    let mut seen = Vec::new();
+    while let Ok(rec) = rx.try_recv() {
+        match rec.event {
+            Event::NodeAdded { node } => seen.push(format!("added {node}")),
+            Event::NodeState { node, state, .. } => seen.push(format!("{state} {node}")),
+            Event::NodeRemoved { node } => seen.push(format!("removed {node}")),
+            _ => {}
+        }
+    }
+    seen
 }
 
 async fn wait_for_state(lab: &Lab, node: &str, want: NodeState) -> NodeInfo {
@@ -211,10 +237,7 @@ fn is_zombie(pid: i32) -> bool {
 async fn a_stop_whose_client_hangs_up_still_finishes() {
     // Ignores SIGTERM: the stop waits out the grace, then kills.
     let f = Fixture::new(Duration::from_millis(1500));
-    let sock = f.path("api.sock");
-    let listener = UnixListener::bind(&sock).unwrap();
-    let (stop_server, rx) = watch::channel(false);
-    let server = tokio::spawn(api::serve(listener, f.lab.clone(), rx));
+    let (sock, stop_server, server) = f.serve();
     let ready = f.path("ready");
     let body = format!(
         "trap '' TERM; touch {r}; sleep 600 & wait",
@@ -274,15 +297,7 @@ async fn node_events_come_in_order() {
         .await
         .unwrap();
     wait_for_state(&f.lab, "n1", NodeState::Crashed).await;
-    let mut seen = Vec::new();
-    while let Ok(rec) = events.try_recv() {
-        match rec.event {
-            Event::NodeAdded { node } => seen.push(format!("added {node}")),
-            Event::NodeState { node, state, .. } => seen.push(format!("{state} {node}")),
-            Event::NodeRemoved { node } => seen.push(format!("removed {node}")),
-            _ => {}
-        }
-    }
+    let seen = node_events(&mut events);
     // No agent or monitor to wait for: running as soon as it runs.
     assert_eq!(
         seen,
@@ -296,15 +311,7 @@ async fn node_events_come_in_order() {
     let err = f.lab.add_node(spec).await.unwrap_err();
     assert!(err.to_string().contains("n2-emulator"), "{err}");
     assert!(f.lab.node("n2").is_err(), "nothing left of n2");
-    let mut seen = Vec::new();
-    while let Ok(rec) = events.try_recv() {
-        match rec.event {
-            Event::NodeAdded { node } => seen.push(format!("added {node}")),
-            Event::NodeState { node, state, .. } => seen.push(format!("{state} {node}")),
-            Event::NodeRemoved { node } => seen.push(format!("removed {node}")),
-            _ => {}
-        }
-    }
+    let seen = node_events(&mut events);
     assert_eq!(seen, ["added n2", "removed n2"]);
     f.lab.remove_node("n1").await.unwrap();
 }
@@ -315,10 +322,7 @@ async fn node_events_come_in_order() {
 #[tokio::test(flavor = "multi_thread")]
 async fn apply_keeps_a_node_whose_replacement_cannot_start() {
     let f = Fixture::new(Duration::from_secs(1));
-    let sock = f.path("api.sock");
-    let listener = UnixListener::bind(&sock).unwrap();
-    let (stop_server, rx) = watch::channel(false);
-    let server = tokio::spawn(api::serve(listener, f.lab.clone(), rx));
+    let (sock, stop_server, server) = f.serve();
     let client = api::Client::new(&sock, "t");
     let good = f.uml_node("n1", "exec sleep 600");
     let lab_with = |spec: &NodeSpec| ulan::labfile::LabFile {

@@ -300,27 +300,35 @@ fn a_port_going_down_forgets_its_addresses() {
     assert!(fdb.iter().all(|e| e.port != "a"), "{fdb:?}");
 }
 
+/// A dgram port `name` on lan `l`, told its client binds `client_path`
+/// (as ulan does for the QEMU guests it launches).
+fn dgram_port_expecting(
+    fx: &Fixture,
+    name: &str,
+    client_path: &std::path::Path,
+) -> ulan::lab::PortInfo {
+    fx.lab
+        .add_port_with(
+            name,
+            PortKind::Dgram,
+            Some("l"),
+            &ulan::ports::PortOptions {
+                dgram_peer: Some(client_path.to_path_buf()),
+            },
+        )
+        .unwrap()
+}
+
 /// A dgram port told its client's socket path (as ulan does for the QEMU
 /// guests it launches) comes up as soon as that socket exists and delivers
 /// frames to it before the client has sent anything.
 #[test]
 fn dgram_port_with_expected_peer_delivers_before_the_client_speaks() {
-    use ulan::ports::PortOptions;
     let fx = Fixture::new();
     fx.lan("l");
     let mut sender = fx.plug("s", PortKind::Stream, Some("l"));
     let client_path = fx.scratch.join("guest.sock");
-    let info = fx
-        .lab
-        .add_port_with(
-            "g",
-            PortKind::Dgram,
-            Some("l"),
-            &PortOptions {
-                dgram_peer: Some(client_path.clone()),
-            },
-        )
-        .unwrap();
+    let info = dgram_port_expecting(&fx, "g", &client_path);
     assert!(!fx.lab.port("g").unwrap().up);
     // The client binds exactly the expected path and never sends.
     let mut client =
@@ -337,22 +345,11 @@ fn dgram_port_with_expected_peer_delivers_before_the_client_speaks() {
 #[test]
 fn dgram_port_ignores_a_stale_socket_file_of_its_expected_client() {
     use ulan::ports::sys;
-    use ulan::ports::PortOptions;
     let fx = Fixture::new();
     fx.lan("l");
     let mut sender = fx.plug("s", PortKind::Stream, Some("l"));
     let client_path = fx.scratch.join("guest.sock");
-    let info = fx
-        .lab
-        .add_port_with(
-            "g",
-            PortKind::Dgram,
-            Some("l"),
-            &PortOptions {
-                dgram_peer: Some(client_path.clone()),
-            },
-        )
-        .unwrap();
+    let info = dgram_port_expecting(&fx, "g", &client_path);
     // A client that binds the path, then closes without removing it.
     let gone = sys::bound_socket(libc::SOCK_DGRAM, &client_path).unwrap();
     fx.wait_up("g", true);
