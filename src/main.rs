@@ -249,11 +249,18 @@ fn main() -> ExitCode {
             };
             if detach {
                 daemon::detach(&opts).map(|pid| {
-                    println!(
-                        "ulan daemon for lab {} running (pid {pid}), API at {}",
-                        lab,
-                        daemon::api_socket(&lab).display()
-                    );
+                    let api = daemon::api_socket(&lab);
+                    if out == Output::Json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"lab": lab, "pid": pid, "api_socket": api})
+                        );
+                    } else {
+                        println!(
+                            "ulan daemon for lab {lab} running (pid {pid}), API at {}",
+                            api.display()
+                        );
+                    }
                 })
             } else {
                 init_logging();
@@ -262,7 +269,16 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
         }
         Cmd::Stop => daemon::stop(&lab)
-            .map(|pid| println!("ulan daemon for lab {lab} (pid {pid}) stopped"))
+            .map(|pid| {
+                if out == Output::Json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"lab": lab, "pid": pid, "stopped": true})
+                    );
+                } else {
+                    println!("ulan daemon for lab {lab} (pid {pid}) stopped");
+                }
+            })
             .map_err(anyhow::Error::from),
         cmd => {
             let request = match cmd {

@@ -252,6 +252,13 @@ fn stop_then_start_again_at_once() {
         let stopped = env.ok("again", &["stop"]);
         assert!(stopped.contains("stopped"), "round {round}: {stopped}");
     }
+    // And for scripts: JSON only.
+    let started = env.json("again", &["daemon", "--detach"]);
+    assert!(started["pid"].as_u64().is_some(), "{started}");
+    assert_eq!(started["lab"], "again");
+    let stopped = env.json("again", &["stop"]);
+    assert_eq!(stopped["stopped"], true, "{stopped}");
+    assert_eq!(stopped["pid"], started["pid"]);
     assert!(!env.ulan("again", &["stop"]).status.success());
     // The lock file stays, empty: no pid to signal by mistake.
     let lock = std::fs::read_to_string(env.run_dir("again").join("lock")).unwrap();
