@@ -203,6 +203,9 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
 fn print_node(n: &NodeView) {
     println!("node      {} ({})", n.name, n.kind.as_str());
     println!("state     {}", n.state);
+    if let Some(w) = &n.warning {
+        println!("warning   {w}");
+    }
     if let Some(e) = &n.exit {
         println!("last exit {e}");
     }

@@ -177,7 +177,9 @@ pub struct NodeInfo {
     pub agent: bool,
     /// How the last run ended.
     pub exit: Option<String>,
-    /// Why the guest runs slower than it could (e.g. TCG, KVM unusable).
+    /// What is wrong with the running guest: it runs slower than it could
+    /// (TCG, KVM unusable), or it runs but did not answer as it should
+    /// (QMP, the exec agent).
     pub warning: Option<String>,
     /// Milliseconds since the Unix epoch of the last start.
     pub started_ms: Option<u64>,
@@ -1553,10 +1555,14 @@ async fn supervise(
                         emit(NodeState::Running, None);
                     }
                     Err(why) => {
-                        // The process lives on; say why it is not usable.
+                        // The process lives on; say why it is not usable
+                        // (a warning: `exit` is for how a run ended).
                         tracing::warn!(node = %name, "{why}");
                         st.state = Some(NodeState::Running);
-                        st.exit = Some(why.clone());
+                        st.warning = Some(match st.warning.take() {
+                            Some(w) => format!("{why}; {w}"),
+                            None => why.clone(),
+                        });
                         drop(st);
                         emit(NodeState::Running, Some(why));
                     }
