@@ -366,3 +366,27 @@ async fn apply_keeps_a_node_whose_replacement_cannot_start() {
     let _ = stop_server.send(true);
     let _ = tokio::time::timeout(WAIT, server).await;
 }
+
+/// An emulator told to end by someone else (QEMU exits 0 on SIGTERM and
+/// logs it) is stopped, and the reason says it was no power-off.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_emulator_ended_from_outside_is_not_a_power_off() {
+    let f = Fixture::new(Duration::from_secs(1));
+    let body = "sleep 0.3; echo 'qemu-system-x86_64: terminating on signal 15 from pid 4242 (kill)' >&2; exit 0";
+    f.lab.add_node(f.uml_node("n1", body)).await.unwrap();
+    let info = wait_for_state(&f.lab, "n1", NodeState::Stopped).await;
+    let why = info.exit.unwrap_or_default();
+    assert!(
+        why.starts_with("ended from outside") && why.contains("signal 15"),
+        "{why}"
+    );
+    // One that ends by itself, quietly, powered off.
+    f.lab.remove_node("n1").await.unwrap();
+    f.lab
+        .add_node(f.uml_node("n1", "sleep 0.3; exit 0"))
+        .await
+        .unwrap();
+    let info = wait_for_state(&f.lab, "n1", NodeState::Stopped).await;
+    assert_eq!(info.exit.as_deref(), Some("the guest powered off"));
+    f.lab.remove_node("n1").await.unwrap();
+}

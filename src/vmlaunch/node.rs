@@ -1602,7 +1602,12 @@ async fn supervise(
         } else if st.stop_requested {
             "stopped".to_string()
         } else {
-            "the guest powered off".to_string()
+            // QEMU exits 0 when someone else sends it SIGTERM or SIGINT,
+            // and says so in its log: that is no power-off.
+            match last_log_line(&log, log_from).filter(|l| l.contains("terminating on signal")) {
+                Some(l) => format!("ended from outside: {l}"),
+                None => "the guest powered off".to_string(),
+            }
         };
         st.state = Some(state);
         st.pid = None;
