@@ -51,14 +51,10 @@ pub struct DgramPort {
     expected_peer: Option<UnixAddr>,
 }
 
+/// (device, inode) of the socket file at `addr`; None for an abstract
+/// address or a missing file.
 fn socket_file_id(addr: &UnixAddr) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = addr.path_bytes();
-    let bytes = bytes.split(|&b| b == 0).next()?;
-    if bytes.is_empty() {
-        return None; // abstract
-    }
-    let meta = std::fs::metadata(std::ffi::OsStr::from_bytes(bytes)).ok()?;
+    let meta = std::fs::metadata(addr.fs_path()?).ok()?;
     Some((meta.dev(), meta.ino()))
 }
 
@@ -78,8 +74,14 @@ impl DgramPort {
         })
     }
 
+    /// Connects the port's socket to `addr` if it is a socket file
+    /// someone is bound to; returns that file's id.
+    fn try_connect(&self, addr: &UnixAddr) -> Option<(u64, u64)> {
+        socket_file_id(addr).filter(|_| sys::connect(&self.sock, addr).is_ok())
+    }
+
     fn set_peer(&mut self, addr: UnixAddr, cx: &mut PortCx<'_>) {
-        let connected = socket_file_id(&addr).filter(|_| sys::connect(&self.sock, &addr).is_ok());
+        let connected = self.try_connect(&addr);
         self.adopt_peer(addr, connected, cx);
     }
 
@@ -203,10 +205,8 @@ impl PortIo for DgramPort {
             // has stopped stays until its next start, and adopting it would
             // bring the port up and down every second.
             if let Some(addr) = self.expected_peer {
-                if let Some(id) = socket_file_id(&addr) {
-                    if sys::connect(&self.sock, &addr).is_ok() {
-                        self.adopt_peer(addr, Some(id), cx);
-                    }
+                if let Some(id) = self.try_connect(&addr) {
+                    self.adopt_peer(addr, Some(id), cx);
                 }
             }
             return;

@@ -160,14 +160,16 @@ impl StreamQueue {
     /// dropped.
     pub fn discard_unsent(&mut self) -> (u64, u64) {
         let keep = usize::from(self.first_done > 0);
-        let dropped: Vec<u32> = self.records.drain(keep..).collect();
+        let (mut frames, mut bytes) = (0, 0);
+        for record in self.records.drain(keep..) {
+            frames += 1;
+            bytes += u64::from(record) - 4;
+        }
         let end = match self.records.front() {
             Some(&first) => self.sent - self.first_done + first as usize,
             None => self.sent,
         };
         self.buf.truncate(end);
-        let frames = dropped.len() as u64;
-        let bytes = dropped.iter().map(|&r| u64::from(r) - 4).sum();
         (frames, bytes)
     }
 

@@ -88,6 +88,15 @@ impl UnixAddr {
         unsafe { std::slice::from_raw_parts(self.raw.sun_path.as_ptr().cast::<u8>(), n) }
     }
 
+    /// The file-system path of a named address; None for an abstract or
+    /// unnamed one.
+    pub fn fs_path(&self) -> Option<&Path> {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = self.path_bytes();
+        let bytes = bytes.split(|&b| b == 0).next()?;
+        (!bytes.is_empty()).then(|| Path::new(std::ffi::OsStr::from_bytes(bytes)))
+    }
+
     /// An unbound sender has no name we can answer to.
     pub fn is_named(&self) -> bool {
         self.len as usize > size_of::<libc::sa_family_t>()

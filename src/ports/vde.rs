@@ -320,12 +320,9 @@ impl VdePort {
 /// directory is fine except for the names the port itself makes.
 fn check_data_addr(port_dir: &Path, addr: &UnixAddr) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
-    let bytes = addr.path_bytes();
-    let bytes = bytes.split(|&b| b == 0).next().unwrap_or_default();
-    if bytes.is_empty() {
+    let Some(path) = addr.fs_path() else {
         return Ok(()); // abstract: none of ours are
-    }
-    let path = Path::new(std::ffi::OsStr::from_bytes(bytes));
+    };
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return Ok(());
     };

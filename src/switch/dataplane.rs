@@ -302,14 +302,14 @@ impl DataPlane {
 
     /// Handles readiness on one port fd, forwarding what it receives, up to
     /// the budget.
-    /// `peer_closed`: the event said the peer hung up (or may have).
+    /// `read_to_end`: see [`PortCx::read_to_end`].
     fn service(
         &mut self,
         id: PortId,
         sub: usize,
         readable: bool,
         writable: bool,
-        peer_closed: bool,
+        read_to_end: bool,
         now: u64,
     ) {
         for _ in 0..RX_BUDGET {
@@ -319,7 +319,7 @@ impl DataPlane {
             self.batch.clear();
             let registry = self.poll.registry();
             let mut port_cx = cx(registry, id, &mut slot.counters, now);
-            port_cx.read_to_end = peer_closed;
+            port_cx.read_to_end = read_to_end;
             let state = slot
                 .io
                 .on_ready(sub, readable, writable, &mut port_cx, &mut self.batch);

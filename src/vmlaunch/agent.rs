@@ -179,8 +179,8 @@ impl Conn {
         if n == 0 {
             return Err(AgentError::Closed);
         }
-        *skipped += n as u64;
         if line.last() != Some(&b'\n') {
+            *skipped += n as u64;
             // Too long for a header: skip to the end of this line.
             let mut chunk = Vec::new();
             loop {
@@ -196,16 +196,13 @@ impl Conn {
             }
         }
         line.pop();
-        let Ok(text) = String::from_utf8(line) else {
-            return Ok(None);
-        };
-        match parse_header(&text) {
-            Ok(r) => {
-                *skipped -= n as u64;
-                Ok(Some(r))
-            }
-            Err(_) => Ok(None),
+        let reply = String::from_utf8(line)
+            .ok()
+            .and_then(|text| parse_header(&text).ok());
+        if reply.is_none() {
+            *skipped += n as u64;
         }
+        Ok(reply)
     }
 
     /// Reads and drops `len` bytes.

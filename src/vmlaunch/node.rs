@@ -1153,17 +1153,11 @@ impl Lab {
         let _op = runtime.op.lock().await;
         self.still_current(name, &runtime)?;
         self.stop_locked(name, &runtime, Duration::ZERO).await;
-        let entry = {
-            let mut table = self.node_table().lock();
-            match table.get(name) {
-                Some(e) if Arc::ptr_eq(&e.runtime, &runtime) => table.remove(name),
-                _ => None,
-            }
-        };
-        let Some(e) = entry else {
-            return Err(node_not_found(name));
-        };
-        self.unmake_node(name, &e.spec, &e.dir).await;
+        // Still this runtime's entry: no add can take a name in the table.
+        let entry = self.node_table().lock().remove(name);
+        if let Some(e) = entry {
+            self.unmake_node(name, &e.spec, &e.dir).await;
+        }
         tracing::info!(node = name, "node removed");
         self.events().emit(Event::NodeRemoved { node: name.into() });
         Ok(())
@@ -1402,10 +1396,10 @@ async fn serve_uml_console(sock: PathBuf, log: PathBuf, mut stdin: tokio::proces
         Ok(l) => l,
         Err(e) => {
             tracing::warn!("UML console socket {}: {e}", sock.display());
-            // Keep the guest's stdin open all the same: EOF would end it.
-            // The supervisor aborts this task when the guest ends.
+            // Keep the guest's stdin (ours until this task ends) open all
+            // the same: EOF would end it. The supervisor aborts this task
+            // when the guest ends.
             std::future::pending::<()>().await;
-            drop(stdin);
             return;
         }
     };
