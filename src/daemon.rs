@@ -38,7 +38,7 @@ pub enum DaemonError {
     Spawn(io::Error),
     #[error("no daemon is running for lab {lab:?}")]
     NotRunning { lab: String },
-    #[error("the daemon (pid {pid}) did not stop within 25 s")]
+    #[error("the daemon (pid {pid}) did not stop within {} s", STOP_WAIT.as_secs())]
     StopTimeout { pid: u32 },
 }
 

@@ -95,7 +95,8 @@ pub async fn apply_file(
                 // The new spec's files first: a typo must not cost the old
                 // node. And if the new one fails all the same, the old one
                 // is put back.
-                check_node_files(spec)?;
+                crate::vmlaunch::node::check_boot(spec, &image::default_store_dir())
+                    .map_err(|e| anyhow::anyhow!("cannot replace node {}: {e}", spec.name))?;
                 let old = current.nodes.iter().find(|n| n.name == spec.name);
                 client.remove_node(&spec.name).await?;
                 if let Err(e) = client.add_node(spec).await {
@@ -121,31 +122,6 @@ pub async fn apply_file(
         wait_running(client, &new_nodes, BOOT_TIMEOUT, progress).await?;
     }
     Ok(plan.steps)
-}
-
-/// The files a node spec names by path (kernel, initrd, image, binary)
-/// exist here: the daemon runs on this machine, as this user.
-fn check_node_files(spec: &crate::vmlaunch::spec::NodeSpec) -> anyhow::Result<()> {
-    let paths = [
-        ("kernel", spec.kernel.as_deref()),
-        ("initrd", spec.initrd.as_deref()),
-        (
-            "image",
-            spec.image.as_deref().filter(|i| i.starts_with('/')),
-        ),
-        (
-            "binary",
-            spec.binary.as_deref().filter(|b| b.starts_with('/')),
-        ),
-    ];
-    for (what, path) in paths {
-        if let Some(p) = path {
-            if !Path::new(p).is_file() {
-                anyhow::bail!("node {}: its {what} {p} is not a file", spec.name);
-            }
-        }
-    }
-    Ok(())
 }
 
 fn load(path: &Path) -> anyhow::Result<LabFile> {

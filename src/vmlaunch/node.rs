@@ -348,6 +348,13 @@ fn find_binary(name: &Path) -> Option<PathBuf> {
         .unwrap_or(None)
 }
 
+/// Checks that everything `spec` boots from is there (kernel, initrd,
+/// image, emulator binary), as starting it would: for a client that must
+/// know before it changes anything (`ulan apply` replacing a node).
+pub fn check_boot(spec: &NodeSpec, images_dir: &Path) -> Result<(), NodeError> {
+    resolve_boot(spec, &ImageStore::open(images_dir)).map(drop)
+}
+
 /// [`resolve_boot`] off the control side's worker: it may run `qemu-img
 /// info` and read the image store.
 async fn resolve_boot_blocking(spec: &NodeSpec, images_dir: &Path) -> Result<BootPlan, NodeError> {
