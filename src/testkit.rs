@@ -84,6 +84,11 @@ impl Endpoint {
             inbuf: Vec::new(),
         };
         match kind {
+            PortKind::VhostUser => {
+                return Err(io::Error::other(
+                    "a vhost-user port needs a vhost-user frontend, not a socket endpoint",
+                ))
+            }
             PortKind::Stream | PortKind::Bess => {
                 let ty = if kind == PortKind::Stream {
                     libc::SOCK_STREAM

@@ -13,6 +13,7 @@ pub mod queue;
 pub mod stream;
 pub mod sys;
 pub mod vde;
+pub mod vhost_user;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -31,10 +32,21 @@ pub enum PortKind {
     Dgram,
     Vde,
     Bess,
+    #[serde(rename = "vhost-user")]
+    VhostUser,
 }
 
 impl PortKind {
-    pub const ALL: [PortKind; 4] = [
+    pub const ALL: [PortKind; 5] = [
+        PortKind::Stream,
+        PortKind::Dgram,
+        PortKind::Vde,
+        PortKind::Bess,
+        PortKind::VhostUser,
+    ];
+
+    /// The kinds whose clients speak over plain sockets (no shared memory).
+    pub const SOCKETS: [PortKind; 4] = [
         PortKind::Stream,
         PortKind::Dgram,
         PortKind::Vde,
@@ -47,6 +59,7 @@ impl PortKind {
             PortKind::Dgram => "dgram",
             PortKind::Vde => "vde",
             PortKind::Bess => "bess",
+            PortKind::VhostUser => "vhost-user",
         }
     }
 }
@@ -57,7 +70,9 @@ impl std::str::FromStr for PortKind {
         PortKind::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown port kind {s:?} (stream, dgram, vde, bess)"))
+            .ok_or_else(|| {
+                format!("unknown port kind {s:?} (stream, dgram, vde, bess, vhost-user)")
+            })
     }
 }
 
@@ -235,6 +250,7 @@ pub fn open(
         ),
         PortKind::Vde => Box::new(vde::VdePort::open(path, link).map_err(wrap)?),
         PortKind::Bess => Box::new(bess::BessPort::open(path, link).map_err(wrap)?),
+        PortKind::VhostUser => Box::new(vhost_user::VhostUserPort::open(path, link).map_err(wrap)?),
     })
 }
 

@@ -48,6 +48,19 @@ impl FrameQueue {
         true
     }
 
+    /// The oldest frame, if any.
+    pub fn front(&self) -> Option<&[u8]> {
+        (self.len > 0).then(|| &self.slots[self.head][..])
+    }
+
+    /// Forgets the oldest frame.
+    pub fn pop_front(&mut self) {
+        if self.len > 0 {
+            self.head = (self.head + 1) % self.slots.len();
+            self.len -= 1;
+        }
+    }
+
     /// Empties the queue; returns (frames, bytes) that were in it.
     pub fn clear(&mut self) -> (u64, u64) {
         let mut bytes = 0;

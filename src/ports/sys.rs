@@ -314,6 +314,24 @@ impl RxBatch {
         &self.bufs[i][..self.lens[i]]
     }
 
+    /// The next free buffer, to fill in place (a vhost-user ring copies
+    /// straight into it); [`RxBatch::commit`] keeps what was written.
+    /// Empty when the batch is full.
+    pub fn next_buf(&mut self) -> &mut [u8] {
+        if self.is_full() {
+            return &mut [];
+        }
+        &mut self.bufs[self.count]
+    }
+
+    /// Keeps the first `len` bytes of the buffer [`RxBatch::next_buf`] gave.
+    pub fn commit(&mut self, len: usize) {
+        if !self.is_full() && len <= RX_BUF_LEN {
+            self.lens[self.count] = len;
+            self.count += 1;
+        }
+    }
+
     /// Copies one frame in (stream framing). False when the batch is full.
     pub fn push(&mut self, frame: &[u8]) -> bool {
         if self.is_full() || frame.len() > RX_BUF_LEN {

@@ -78,6 +78,7 @@ fn netdev(index: usize, nic: &QemuNic) -> Result<String, QemuError> {
             )
         }
         Transport::Vde => format!("vde,id={id},sock={port}"),
+        Transport::VhostUser => format!("vhost-user,id={id},chardev=vu{index}"),
         transport @ (Transport::Daemon | Transport::Bess) => {
             return Err(QemuError::Transport { index, transport })
         }
@@ -102,6 +103,7 @@ pub fn qemu_args(
         "none".into(),
     ];
     a.extend(accel.iter().cloned());
+    let kvm = accel.iter().any(|a| a.starts_with("kvm"));
     a.extend([
         "-m".into(),
         format!("{}M", spec.memory_mb),
@@ -148,15 +150,45 @@ pub fn qemu_args(
             format!("virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}"),
         ]);
     }
+    if nics.iter().any(|n| n.transport == Transport::VhostUser) {
+        // ulan reads and writes the guest's rings: its RAM must be shared
+        // (a memfd, sealed by QEMU's default, which ulan requires).
+        a.extend([
+            "-object".into(),
+            format!(
+                "memory-backend-memfd,id=ulan-mem,size={}M,share=on",
+                spec.memory_mb
+            ),
+            "-numa".into(),
+            "node,memdev=ulan-mem".into(),
+        ]);
+    }
     for (i, nic) in nics.iter().enumerate() {
+        if nic.transport == Transport::VhostUser {
+            // reconnect: QEMU comes back to a restarted daemon's port.
+            a.extend([
+                "-chardev".into(),
+                format!(
+                    "socket,id=vu{i},path={},reconnect=1",
+                    escape(&nic.port_path)
+                ),
+            ]);
+        }
         a.extend([
             "-netdev".into(),
             netdev(i, nic)?,
             "-device".into(),
             format!(
-                "virtio-net-pci,netdev=n{i},mac={},addr={:#x}",
+                "virtio-net-pci,netdev=n{i},mac={},addr={:#x}{}",
                 nic.mac,
-                NIC_PCI_SLOT + i
+                NIC_PCI_SLOT + i,
+                if nic.transport == Transport::VhostUser && !kvm {
+                    // QEMU 7.2 segfaults starting a vhost-user NIC with
+                    // MSI-X under TCG (no irqfd); INTx works.
+                    ",vectors=0"
+                } else {
+                    ""
+                }
             ),
         ]);
     }

@@ -79,7 +79,12 @@ impl NodeKind {
     /// The NIC transports this kind of guest can use, default first.
     pub fn transports(self) -> &'static [Transport] {
         match self {
-            NodeKind::Qemu => &[Transport::Stream, Transport::Dgram, Transport::Vde],
+            NodeKind::Qemu => &[
+                Transport::Stream,
+                Transport::Dgram,
+                Transport::Vde,
+                Transport::VhostUser,
+            ],
             NodeKind::Uml => &[Transport::Daemon, Transport::Vde, Transport::Bess],
         }
     }
@@ -109,6 +114,10 @@ pub enum Transport {
     Daemon,
     /// UML vector `bess` transport: SOCK_SEQPACKET.
     Bess,
+    /// QEMU `-netdev vhost-user`: ulan serves the guest's virtqueues in
+    /// shared memory (no system call per frame).
+    #[serde(rename = "vhost-user")]
+    VhostUser,
 }
 
 impl Transport {
@@ -119,6 +128,7 @@ impl Transport {
             Transport::Vde => "vde",
             Transport::Daemon => "daemon",
             Transport::Bess => "bess",
+            Transport::VhostUser => "vhost-user",
         }
     }
 
@@ -129,6 +139,7 @@ impl Transport {
             Transport::Dgram => PortKind::Dgram,
             Transport::Vde | Transport::Daemon => PortKind::Vde,
             Transport::Bess => PortKind::Bess,
+            Transport::VhostUser => PortKind::VhostUser,
         }
     }
 }

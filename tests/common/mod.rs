@@ -103,4 +103,5 @@ pub fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-pub const ALL_KINDS: [PortKind; 4] = PortKind::ALL;
+/// The kinds a socket endpoint of the testkit can be a client of.
+pub const ALL_KINDS: [PortKind; 4] = PortKind::SOCKETS;
