@@ -489,8 +489,7 @@ impl VhostUserBackendReqHandlerMut for Session {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
-        self.enable_ring(index, u32::from(enable))
-            .or_else(refuse)
+        self.enable_ring(index, u32::from(enable)).or_else(refuse)
     }
 
     fn get_config(&mut self, _o: u32, _s: u32, _f: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
