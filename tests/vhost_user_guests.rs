@@ -6,7 +6,23 @@ mod common;
 use std::time::Duration;
 
 use common::guests::*;
+use ulan::ports::PortKind;
+use ulan::testkit::Endpoint;
 use ulan::vmlaunch::spec::{NodeSpec, Transport};
+use ulan::wire::MacAddr;
+
+/// An ARP request from `mac`/`ip` for `target`.
+fn arp_request(mac: MacAddr, ip: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target);
+    f.resize(60, 0);
+    f
+}
 
 fn vhost_spec(name: &str, lan: &str, ip: &str) -> NodeSpec {
     let mut spec = GuestLab::spec(name, &[lan]);
@@ -27,7 +43,8 @@ fn iperf(g: &GuestLab, server: &str, client: &str, ip: &str) -> f64 {
         .unwrap()
 }
 
-/// Two vhost-user guests and a stream guest on one lan: every pair pings,
+/// Two vhost-user guests, a stream guest and a vde client on one lan: every
+/// pair of guests pings, the vde client reaches a vhost-user and a stream guest,
 /// iperf3 runs between the vhost-user guests and from a vhost-user guest
 /// to the stream guest, and the counters saw it.
 #[test]
@@ -68,6 +85,31 @@ fn vhost_user_guests_ping_and_iperf_with_a_stream_guest_on_the_lan() {
     let stats = g.lab.port_stats("v1.eth0").unwrap().counters;
     assert!(stats.rx_frames > 0 && stats.tx_frames > 0, "{stats:?}");
     assert_eq!(stats.protocol_errors, 0, "{stats:?}");
+
+    // A vde client on the same lan (a synthetic one of the testkit): it
+    // asks for both guests' MACs by ARP and both answer, so frames go
+    // vde -> vhost-user, vde -> stream and back.
+    let vde = g.lab.add_port("x.vde", PortKind::Vde, Some("l")).unwrap();
+    let mut ep =
+        Endpoint::connect(PortKind::Vde, std::path::Path::new(&vde.path), g.dir.path()).unwrap();
+    let me = ulan::testkit::mac(0x77);
+    for (ip, guest_mac) in [([10, 9, 0, 1], "v1"), ([10, 9, 0, 3], "s3")] {
+        ep.send(&arp_request(me, [10, 9, 0, 99], ip)).unwrap();
+        let want = g.lab.node(guest_mac).unwrap().nics[0].mac;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut answered = false;
+        while !answered && std::time::Instant::now() < deadline {
+            if let Some(f) = ep.recv(Duration::from_millis(200)).unwrap() {
+                // An ARP reply (EtherType 0x0806, op 2) from the guest to us.
+                answered = f.len() >= 42
+                    && f[12..14] == [0x08, 0x06]
+                    && f[20..22] == [0, 2]
+                    && f[6..12] == want.0
+                    && f[0..6] == me.0;
+            }
+        }
+        assert!(answered, "{guest_mac} did not answer the vde client's ARP");
+    }
 
     let vv = iperf(&g, "v2", "v1", "10.9.0.2");
     eprintln!("iperf3 vhost-user -> vhost-user: {:.0} Mbit/s", vv / 1e6);
