@@ -22,6 +22,7 @@ pub mod control;
 pub mod device;
 pub mod features;
 pub mod memory;
+pub mod ring;
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -124,19 +125,12 @@ impl VhostUserPort {
                 Reply::Done
             }
             Op::Memory { mem, rings } => {
-                self.dev.mem = Some(mem);
                 // Ring addresses in the new table; indexes carry on.
-                for (i, addrs) in rings.iter().enumerate() {
-                    let Some(a) = addrs else { continue };
-                    let r = &mut self.dev.rings[i];
-                    if r.started {
-                        let q = &mut r.queue;
-                        let _ = q.try_set_desc_table_address(vm_memory::GuestAddress(a.desc));
-                        let _ = q.try_set_avail_ring_address(vm_memory::GuestAddress(a.avail));
-                        let _ = q.try_set_used_ring_address(vm_memory::GuestAddress(a.used));
-                    }
+                let addrs = rings.map(|a| a.map(|a| (a.desc, a.avail, a.used)));
+                match self.dev.set_memory(mem, addrs) {
+                    Ok(()) => Reply::Done,
+                    Err(e) => Reply::Refused(format!("new memory table: {e}")),
                 }
-                Reply::Done
             }
             Op::Start { index, setup } => {
                 if let Err(e) = device::set_nonblocking(&setup.kick) {
