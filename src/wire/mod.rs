@@ -4,6 +4,7 @@
 //! after `EthernetFrame::new_checked` the accessors cannot index out of bounds.
 
 pub mod checksum;
+pub mod offload;
 
 use std::fmt;
 use std::str::FromStr;
