@@ -170,6 +170,9 @@ pub enum OffloadError {
     TcpHeaderLen(u8),
     #[error("{0} segments is more than {max}", max = MAX_SEGMENTS)]
     TooManySegments(usize),
+    /// What the checks before it rule out; never expected.
+    #[error("internal error in ulan's offload code (please report): {0}")]
+    Bug(&'static str),
 }
 
 impl Offload {
@@ -345,34 +348,32 @@ fn put16(b: &mut [u8], at: usize, v: u16) -> Option<()> {
     Some(())
 }
 
+fn truncated(frame: &[u8], what: &'static str, need: usize) -> OffloadError {
+    OffloadError::Truncated {
+        what,
+        need,
+        have: frame.len(),
+    }
+}
+
+/// The frame has at least `need` bytes, for its `what`.
 fn need(frame: &[u8], what: &'static str, need: usize) -> Result<(), OffloadError> {
     if frame.len() < need {
-        Err(OffloadError::Truncated {
-            what,
-            need,
-            have: frame.len(),
-        })
+        Err(truncated(frame, what, need))
     } else {
         Ok(())
     }
 }
 
 fn byte(frame: &[u8], at: usize, what: &'static str) -> Result<u8, OffloadError> {
-    need(frame, what, at + 1)?;
-    frame.get(at).copied().ok_or(OffloadError::Truncated {
-        what,
-        need: at + 1,
-        have: frame.len(),
-    })
+    frame
+        .get(at)
+        .copied()
+        .ok_or_else(|| truncated(frame, what, at + 1))
 }
 
 fn word(frame: &[u8], at: usize, what: &'static str) -> Result<u16, OffloadError> {
-    need(frame, what, at + 2)?;
-    get16(frame, at).ok_or(OffloadError::Truncated {
-        what,
-        need: at + 2,
-        have: frame.len(),
-    })
+    get16(frame, at).ok_or_else(|| truncated(frame, what, at + 2))
 }
 
 /// Reads and checks the headers of a TCP frame that asks for `gso`.
@@ -540,14 +541,9 @@ impl Segmenter {
                 tcp: layout.l4,
             });
         }
-        let (headers, payload) =
-            frame
-                .split_at_checked(layout.payload)
-                .ok_or(OffloadError::Truncated {
-                    what: "TCP options",
-                    need: layout.payload,
-                    have: frame.len(),
-                })?;
+        let (headers, payload) = frame
+            .split_at_checked(layout.payload)
+            .ok_or_else(|| truncated(frame, "TCP options", layout.payload))?;
         let mss = usize::from(off.gso_size);
         let count = payload.len().div_ceil(mss).max(1);
         if count > MAX_SEGMENTS {
@@ -558,12 +554,12 @@ impl Segmenter {
         let out = self
             .buf
             .get_mut(..total)
-            .ok_or(OffloadError::TooManySegments(count))?;
+            .ok_or(OffloadError::Bug("segments larger than the scratch space"))?;
         let mut chunks = payload.chunks(mss);
         for (i, seg) in out.chunks_mut(stride).enumerate() {
             let chunk = chunks.next().unwrap_or(&[]);
             write_segment(seg, headers, chunk, layout, i, count, mss)
-                .ok_or(OffloadError::TooManySegments(count))?;
+                .ok_or(OffloadError::Bug("a segment does not fit its layout"))?;
         }
         Ok(Segments {
             rest: out,
