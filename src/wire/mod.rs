@@ -3,6 +3,9 @@
 //! Everything here takes `&[u8]` that came from outside and checks it once;
 //! after `EthernetFrame::new_checked` the accessors cannot index out of bounds.
 
+pub mod checksum;
+pub mod offload;
+
 use std::fmt;
 use std::str::FromStr;
 
