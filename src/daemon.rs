@@ -150,6 +150,30 @@ impl Drop for LabLock {
     }
 }
 
+/// Opens (or makes, mode 0600) a file in the run directory for appending,
+/// never through a symlink (`O_NOFOLLOW`), and only a plain file with one
+/// name: a planted symlink or hard link must not make the daemon write to
+/// the file it points at.
+pub fn open_run_file_append(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not a plain file of its own (a hard link or a special file); remove it",
+                path.display()
+            ),
+        ));
+    }
+    Ok(file)
+}
+
 /// Everything left by a daemon that was killed: its API socket and port
 /// sockets. Only called with the lock held, so nobody is using them.
 fn remove_stale(dir: &Path) {
@@ -267,12 +291,7 @@ pub fn detach(opts: &DaemonOptions) -> Result<u32, DaemonError> {
     // would only find the lock taken.
     LabLock::probe(&opts.lab, &dir)?;
     let log_path = dir.join("daemon.log");
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&log_path)
-        .map_err(run_dir_err(&log_path))?;
+    let log = open_run_file_append(&log_path).map_err(run_dir_err(&log_path))?;
     let exe = std::env::current_exe().map_err(DaemonError::Spawn)?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["daemon", "--lab", &opts.lab])

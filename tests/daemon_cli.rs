@@ -264,3 +264,36 @@ fn stop_then_start_again_at_once() {
     let lock = std::fs::read_to_string(env.run_dir("again").join("lock")).unwrap();
     assert_eq!(lock, "");
 }
+
+/// A symlink or a hard link planted as `daemon.log` is not written
+/// through: `--detach` refuses to start and says which file, and the
+/// file it led to is untouched.
+#[test]
+fn detach_never_writes_through_a_planted_daemon_log() {
+    use std::os::unix::fs::DirBuilderExt;
+    let env = Env::new();
+    for (lab, hard) in [("planted-sym", false), ("planted-hard", true)] {
+        let dir = env.run_dir(lab);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&dir)
+            .unwrap();
+        let victim = env.xdg.path().join(format!("{lab}-victim"));
+        std::fs::write(&victim, b"precious\n").unwrap();
+        if hard {
+            std::fs::hard_link(&victim, dir.join("daemon.log")).unwrap();
+        } else {
+            std::os::unix::fs::symlink(&victim, dir.join("daemon.log")).unwrap();
+        }
+        let o = env.ulan(lab, &["daemon", "--detach"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{lab}: detach started: {err}");
+        assert!(err.contains("daemon.log"), "{lab}: {err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious\n", "{lab}");
+        assert!(
+            !dir.join("api.sock").exists(),
+            "{lab}: a daemon came up anyway"
+        );
+    }
+}

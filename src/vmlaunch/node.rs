@@ -897,11 +897,8 @@ impl Lab {
                 (binary, argv, None)
             }
         };
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&paths.log)
-            .map_err(|e| NodeError::Files {
+        let log =
+            crate::daemon::open_run_file_append(&paths.log).map_err(|e| NodeError::Files {
                 node: name.into(),
                 message: format!("{}: {e}", paths.log.display()),
             })?;
@@ -917,14 +914,12 @@ impl Lab {
         if spec.kind == NodeKind::Uml {
             // UML's console 0 is its stdin/stdout: output to the console
             // log, stdin held open by the supervisor (EOF would end it).
-            let console = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&paths.console_log)
-                .map_err(|e| NodeError::Files {
+            let console = crate::daemon::open_run_file_append(&paths.console_log).map_err(|e| {
+                NodeError::Files {
                     node: name.into(),
                     message: format!("{}: {e}", paths.console_log.display()),
-                })?;
+                }
+            })?;
             cmd.stdin(Stdio::piped()).stdout(console).stderr(log);
             drop(log2);
         } else {
