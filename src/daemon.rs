@@ -186,6 +186,11 @@ fn remove_stale(dir: &Path) {
     if ports.is_dir() {
         let _ = std::fs::remove_dir_all(&ports);
     }
+    // Its guests died with it; their run files are made anew.
+    let nodes = dir.join("nodes");
+    if nodes.is_dir() {
+        let _ = std::fs::remove_dir_all(&nodes);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -232,6 +237,12 @@ async fn serve_until_signal(opts: &DaemonOptions, dir: &Path) -> Result<(), Daem
         ..LabConfig::new(&opts.lab, dir)
     })
     .map_err(DaemonError::Start)?;
+    // The lab as it was (after a crash, or a stop): lans, ports, nodes
+    // (started once the API serves).
+    let state_path = crate::persist::state_path(&lab.node_config().data_dir);
+    let restored = crate::persist::restore(&lab, &state_path).await;
+    let persister = crate::persist::Persister::new(&lab, state_path, restored.as_ref());
+    lab.set_persister(persister.clone());
     // The socket last: once it answers (what `--detach` waits for), the
     // daemon is whole.
     let sock_path = dir.join("api.sock");
@@ -252,6 +263,12 @@ async fn serve_until_signal(opts: &DaemonOptions, dir: &Path) -> Result<(), Daem
         }
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let keeper = tokio::spawn(crate::persist::keep(
+        lab.clone(),
+        persister,
+        restored,
+        stop_rx.clone(),
+    ));
     let server = tokio::spawn(crate::api::serve(listener, lab.clone(), stop_rx));
     tracing::info!(lab = %opts.lab, socket = %sock_path.display(), pid = std::process::id(), "ulan daemon ready");
     let which = tokio::select! {
@@ -261,6 +278,7 @@ async fn serve_until_signal(opts: &DaemonOptions, dir: &Path) -> Result<(), Daem
     tracing::info!("{which}: stopping");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), keeper).await;
     tokio::select! {
         _ = tokio::time::timeout(SHUTDOWN_GRACE, lab.stop_all_nodes()) => {}
         _ = term.recv() => tracing::warn!("SIGTERM again: killing the guests"),

@@ -1,7 +1,7 @@
 //! The real `ulan` binary: daemon lifecycle (lock, stale socket, signals,
 //! file modes) and the CLI against a running daemon.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +22,8 @@ impl Env {
     fn cmd(&self, lab: &str) -> Command {
         let mut c = Command::new(BIN);
         c.env("XDG_RUNTIME_DIR", self.xdg.path())
+            // Saved lab states stay in the test's own data folder.
+            .env("XDG_DATA_HOME", self.xdg.path().join("data"))
             .env("ULAN_LAB", lab)
             .env_remove("RUST_LOG");
         c
@@ -125,16 +127,27 @@ fn daemon_lifecycle_lock_signals_and_stale_socket() {
     assert!(!dir.join("api.sock").exists());
     assert!(!dir.join("ports").exists());
 
-    // SIGKILL leaves a stale socket; the next daemon replaces it.
+    // SIGKILL leaves a stale socket; the next daemon replaces it. The
+    // lab itself is saved: it comes back after a stop and after a kill.
     let mut d = env.daemon("life");
+    let names = |v: serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(env.json("life", &["lan", "ls"])), ["x"]);
     env.ok("life", &["port", "add", "q", "--kind", "vde"]);
     signal(&d, libc::SIGKILL);
     d.wait().unwrap();
     assert!(dir.join("api.sock").exists(), "expected a stale socket");
+    let ctl_before = std::fs::metadata(dir.join("ports/q/ctl")).unwrap().ino();
     let mut d = env.daemon("life");
-    let lans = env.json("life", &["lan", "ls"]);
-    assert_eq!(lans, serde_json::json!([]), "state survived a restart");
-    assert!(!dir.join("ports/q").exists(), "stale port socket left");
+    assert_eq!(names(env.json("life", &["lan", "ls"])), ["x"]);
+    assert_eq!(names(env.json("life", &["port", "ls"])), ["p", "q"]);
+    let ctl_after = std::fs::metadata(dir.join("ports/q/ctl")).unwrap().ino();
+    assert_ne!(ctl_before, ctl_after, "the stale port socket was kept");
     // SIGINT works like SIGTERM.
     signal(&d, libc::SIGINT);
     assert!(d.wait().unwrap().success());
@@ -248,7 +261,17 @@ fn stop_then_start_again_at_once() {
             "round {round}: {}",
             String::from_utf8_lossy(&started.stderr)
         );
-        env.ok("again", &["lan", "add", "x"]);
+        // The lans of the rounds before are back.
+        let lans: Vec<String> = env
+            .json("again", &["lan", "ls"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["name"].as_str().unwrap().to_string())
+            .collect();
+        let earlier: Vec<String> = (0..round).map(|r| format!("x{r}")).collect();
+        assert_eq!(lans, earlier, "round {round}");
+        env.ok("again", &["lan", "add", &format!("x{round}")]);
         let stopped = env.ok("again", &["stop"]);
         assert!(stopped.contains("stopped"), "round {round}: {stopped}");
     }

@@ -443,7 +443,14 @@ async fn respond(
     } else {
         Input::None
     };
-    Ok(match routes::execute(&ctx.lab, &m, input).await? {
+    let reply = routes::execute(&ctx.lab, &m, input).await?;
+    // A change is on disk before it is answered.
+    if method != "GET" {
+        if let Some(p) = ctx.lab.persister() {
+            p.flush().await;
+        }
+    }
+    Ok(match reply {
         Reply::Json {
             status,
             body,
