@@ -213,8 +213,8 @@ pub fn set_aside(path: &Path, why: &str) -> Option<PathBuf> {
 pub struct Persister {
     lab: std::sync::Weak<Lab>,
     path: PathBuf,
-    /// Off while a restore is under way (its half-made lab is not the
-    /// desired state) and after the daemon began to stop.
+    /// Off once the daemon began to stop (it stops its guests: not what
+    /// is wanted back).
     enabled: Mutex<bool>,
     last: tokio::sync::Mutex<Option<SavedLab>>,
     /// Nodes restored stopped: still stopped on purpose while they have
@@ -227,7 +227,7 @@ impl Persister {
         Arc::new(Persister {
             lab: Arc::downgrade(lab),
             path,
-            enabled: Mutex::new(false),
+            enabled: Mutex::new(true),
             last: tokio::sync::Mutex::new(restored.cloned()),
             restored_stopped: restored.map(|s| s.stopped.clone()).unwrap_or_default(),
         })
@@ -353,9 +353,10 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 /// After [`restore`] and once the API serves: starts the nodes that were
-/// not stopped, then keeps the state file up to date until `stop`. The
-/// file is not written before the restored nodes were started (a stop
-/// meanwhile leaves the file as it was).
+/// not stopped (in the background) and keeps the state file up to date
+/// until `stop`. Nodes restored and not started yet are saved as wanted
+/// running ([`Persister::capture`]), so a change or a stop meanwhile loses
+/// nothing.
 pub async fn keep(
     lab: Arc<Lab>,
     persister: Arc<Persister>,
@@ -363,25 +364,20 @@ pub async fn keep(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut events = lab.events().subscribe();
-    let starts = async {
-        for n in restored.iter().flat_map(|s| &s.lab.nodes) {
-            if restored
-                .as_ref()
-                .is_some_and(|s| s.stopped.contains(&n.name))
-            {
-                continue;
-            }
-            match lab.start_node(&n.name).await {
-                Ok(_) => tracing::info!(node = %n.name, "restored node started"),
-                Err(e) => tracing::error!(node = %n.name, "cannot start a restored node: {e}"),
+    let to_start: Vec<String> = restored
+        .iter()
+        .flat_map(|s| s.lab.nodes.iter().filter(|n| !s.stopped.contains(&n.name)))
+        .map(|n| n.name.clone())
+        .collect();
+    let starter = lab.clone();
+    tokio::spawn(async move {
+        for name in to_start {
+            match starter.start_node(&name).await {
+                Ok(_) => tracing::info!(node = %name, "restored node started"),
+                Err(e) => tracing::error!(node = %name, "cannot start a restored node: {e}"),
             }
         }
-    };
-    tokio::select! {
-        _ = starts => {}
-        _ = stopped(&mut stop) => return,
-    }
-    persister.set_enabled(true);
+    });
     persister.flush().await;
     loop {
         tokio::select! {

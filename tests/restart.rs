@@ -426,3 +426,38 @@ fn kill_9_with_two_guests_pinging_then_restart() {
     assert!(ping(&u), "no ping after the restart");
     u.down();
 }
+
+/// A node that cannot come back (its emulator is gone) is named in the
+/// log and the state it was in is kept as `lab-state.json.unrestored`;
+/// the rest of the lab comes back.
+#[test]
+fn what_cannot_be_restored_is_logged_and_kept() {
+    let mut u = User::new("partial", empty_images());
+    u.start();
+    let (binary, initrd) = u.stand_in();
+    let file = u.home.path().join("lab.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "lans: [a]\n\
+             nodes:\n\
+             - {{name: n1, kind: uml, binary: {binary}, initrd: {initrd}, nics: [{{lan: a}}]}}\n\
+             ports:\n\
+             - {{name: p1, kind: stream, lan: a}}\n"
+        ),
+    )
+    .unwrap();
+    u.ok(&["up", file.to_str().unwrap()]);
+    u.kill9();
+    std::fs::remove_file(&binary).unwrap();
+    let n = u.start();
+    let log = u.log_text(n);
+    assert!(log.contains("could not restore node n1"), "{log}");
+    let kept = std::fs::read_to_string(u.state_file().with_extension("json.unrestored")).unwrap();
+    assert!(kept.contains("\"n1\""), "{kept}");
+    let ls = u.json(&["ls"]);
+    assert_eq!(ls["nodes"], serde_json::json!([]));
+    assert_eq!(ls["lans"][0]["name"], "a");
+    assert_eq!(u.json(&["port", "ls"])[0]["name"], "p1");
+    u.down();
+}
