@@ -384,6 +384,51 @@ fn vde_requests_reaching_the_labs_sockets_through_links_are_refused() {
     calm.check();
 }
 
+/// Another port's client is not the vde client's to name either: a dgram
+/// port's client that sends from an unconnected socket (as QEMU's dgram
+/// netdev does) is claimed while it is that port's peer, so a vde request
+/// naming it (or a link to it) cannot carry this lan's frames to it.
+#[test]
+fn vde_requests_naming_another_ports_client_are_refused() {
+    let fx = Fixture::new();
+    let mut calm = Bystanders::new(&fx);
+    fx.lan("l");
+    fx.lab.add_port("v", PortKind::Vde, Some("l")).unwrap();
+    let guest = fx.scratch.join("guest.sock");
+    let g = sys::bound_socket(libc::SOCK_DGRAM, &guest).unwrap();
+    // A dgram port (on no lan while its client says hello) whose client
+    // sends from an unconnected socket.
+    fx.lab.add_port("gd", PortKind::Dgram, None).unwrap();
+    let port_path = std::path::PathBuf::from(fx.lab.port("gd").unwrap().path);
+    let dest = UnixAddr::from_path(&port_path).unwrap();
+    let f = frame(MacAddr::BROADCAST, mac(3), 60, 1);
+    sys::send_batch(&g, &[&f], Some(&dest)).unwrap();
+    fx.wait_up("gd", true);
+    fx.lab.move_port("gd", Some("calm")).unwrap();
+    let link = fx.scratch.join("guest-link");
+    std::os::unix::fs::symlink(&guest, &link).unwrap();
+    for target in [&guest, &link] {
+        let before = fx.stats("v");
+        let ctl = raw_ctl(&fx, "v");
+        write_all(&ctl, &vde_request(target)).unwrap();
+        assert!(
+            closed_by_peer(&ctl, WAIT),
+            "request naming {} not refused",
+            target.display()
+        );
+        let s = fx.wait_stats("v", |s| s.rejected_clients > before.rejected_clients);
+        assert_eq!(s.connects, before.connects);
+        calm.check();
+    }
+    // Once that port is gone its client is nobody's: the vde port may
+    // take it.
+    rt().block_on(fx.lab.remove_port("gd")).unwrap();
+    let ctl = raw_ctl(&fx, "v");
+    write_all(&ctl, &vde_request(&guest)).unwrap();
+    fx.wait_up("v", true);
+    drop((ctl, g));
+}
+
 /// A dgram port told to expect its client at a path that is a link to
 /// another port's socket never connects there.
 #[test]

@@ -39,6 +39,8 @@ struct Peer {
     addr: UnixAddr,
     /// (device, inode) of the peer's socket file while connected to it.
     connected: Option<(u64, u64)>,
+    /// That file, claimed: no other port may send to this port's client.
+    _claim: Option<crate::ports::own::OwnSocket>,
 }
 
 pub struct DgramPort {
@@ -105,7 +107,11 @@ impl DgramPort {
 
     fn adopt_peer(&mut self, addr: UnixAddr, connected: Option<(u64, u64)>, cx: &mut PortCx<'_>) {
         let first = self.peer.is_none();
-        self.peer = Some(Peer { addr, connected });
+        self.peer = Some(Peer {
+            addr,
+            connected,
+            _claim: connected.map(crate::ports::own::OwnSocket::claim_id),
+        });
         if first {
             self.link.up(cx.counters, Some(addr.display()));
         } else {
@@ -232,6 +238,7 @@ impl PortIo for DgramPort {
         let Some(Peer {
             addr,
             connected: Some(id),
+            ..
         }) = &self.peer
         else {
             return;

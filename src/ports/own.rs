@@ -12,6 +12,10 @@
 //! compared with every claim, and the connect then goes to that very inode
 //! through `/proc/self/fd/N`, so the file cannot be swapped in between.
 //!
+//! The client sockets ports are connected to (a dgram port's peer, a vde
+//! client's data socket) are claimed the same way while connected: one
+//! port's client cannot be named to another port either.
+//!
 //! The set is process-wide: a test process with several labs refuses a
 //! crossing between any two of them too. Every port kind claims its socket
 //! files ([`OwnSocket::claim`]); a new kind must do the same.
@@ -52,17 +56,21 @@ impl OwnSocket {
     /// Claims the socket file just bound at `path` (not followed: the port
     /// made it there itself).
     pub fn claim(path: &Path) -> OwnSocket {
-        let id = match std::fs::symlink_metadata(path) {
-            Ok(m) => Some((m.dev(), m.ino())),
+        match std::fs::symlink_metadata(path) {
+            Ok(m) => OwnSocket::claim_id((m.dev(), m.ino())),
             Err(e) => {
                 tracing::warn!(path = %path.display(), "cannot stat a socket the switch bound: {e}");
-                None
+                OwnSocket { id: None }
             }
-        };
-        if let Some(id) = id {
-            *claims().entry(id).or_insert(0) += 1;
         }
-        OwnSocket { id }
+    }
+
+    /// Claims a socket file by its (device, inode): also the client socket
+    /// a port is connected to, which no other port may send to (that would
+    /// carry one lan's frames to another lan's client).
+    pub fn claim_id(id: FileId) -> OwnSocket {
+        *claims().entry(id).or_insert(0) += 1;
+        OwnSocket { id: Some(id) }
     }
 }
 

@@ -119,6 +119,8 @@ enum Session {
         /// Bytes read from `ctl` since the request.
         chatter: usize,
         _own: own::OwnSocket,
+        /// The client's data socket: no other port may send to it.
+        _peer: Option<own::OwnSocket>,
     },
 }
 
@@ -283,6 +285,7 @@ impl VdePort {
             want_write: false,
             chatter: 0,
             _own: own_data,
+            _peer: target.as_ref().map(|t| own::OwnSocket::claim_id(t.id)),
         });
         self.link.up(cx.counters, Some(peer));
         Ok(())
