@@ -150,6 +150,30 @@ impl Drop for LabLock {
     }
 }
 
+/// Opens (or makes, mode 0600) a file in the run directory for appending,
+/// never through a symlink (`O_NOFOLLOW`), and only a plain file with one
+/// name: a planted symlink or hard link must not make the daemon write to
+/// the file it points at.
+pub fn open_run_file_append(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not a plain file of its own (a hard link or a special file); remove it",
+                path.display()
+            ),
+        ));
+    }
+    Ok(file)
+}
+
 /// Everything left by a daemon that was killed: its API socket and port
 /// sockets. Only called with the lock held, so nobody is using them.
 fn remove_stale(dir: &Path) {
@@ -161,6 +185,11 @@ fn remove_stale(dir: &Path) {
     let ports = dir.join("ports");
     if ports.is_dir() {
         let _ = std::fs::remove_dir_all(&ports);
+    }
+    // Its guests died with it; their run files are made anew.
+    let nodes = dir.join("nodes");
+    if nodes.is_dir() {
+        let _ = std::fs::remove_dir_all(&nodes);
     }
 }
 
@@ -208,6 +237,12 @@ async fn serve_until_signal(opts: &DaemonOptions, dir: &Path) -> Result<(), Daem
         ..LabConfig::new(&opts.lab, dir)
     })
     .map_err(DaemonError::Start)?;
+    // The lab as it was (after a crash, or a stop): lans, ports, nodes
+    // (started once the API serves).
+    let state_path = crate::persist::state_path(&lab.node_config().data_dir);
+    let restored = crate::persist::restore(&lab, &state_path).await;
+    let persister = crate::persist::Persister::new(&lab, state_path, restored.as_ref());
+    lab.set_persister(persister.clone());
     // The socket last: once it answers (what `--detach` waits for), the
     // daemon is whole.
     let sock_path = dir.join("api.sock");
@@ -228,6 +263,12 @@ async fn serve_until_signal(opts: &DaemonOptions, dir: &Path) -> Result<(), Daem
         }
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let keeper = tokio::spawn(crate::persist::keep(
+        lab.clone(),
+        persister,
+        restored,
+        stop_rx.clone(),
+    ));
     let server = tokio::spawn(crate::api::serve(listener, lab.clone(), stop_rx));
     tracing::info!(lab = %opts.lab, socket = %sock_path.display(), pid = std::process::id(), "ulan daemon ready");
     let which = tokio::select! {
@@ -237,6 +278,7 @@ async fn serve_until_signal(opts: &DaemonOptions, dir: &Path) -> Result<(), Daem
     tracing::info!("{which}: stopping");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), keeper).await;
     tokio::select! {
         _ = tokio::time::timeout(SHUTDOWN_GRACE, lab.stop_all_nodes()) => {}
         _ = term.recv() => tracing::warn!("SIGTERM again: killing the guests"),
@@ -267,12 +309,7 @@ pub fn detach(opts: &DaemonOptions) -> Result<u32, DaemonError> {
     // would only find the lock taken.
     LabLock::probe(&opts.lab, &dir)?;
     let log_path = dir.join("daemon.log");
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&log_path)
-        .map_err(run_dir_err(&log_path))?;
+    let log = open_run_file_append(&log_path).map_err(run_dir_err(&log_path))?;
     let exe = std::env::current_exe().map_err(DaemonError::Spawn)?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["daemon", "--lab", &opts.lab])

@@ -203,6 +203,8 @@ pub struct Lab {
     dataplane: DataPlaneHandle,
     events: Arc<EventSink>,
     nodes: NodeTable,
+    /// Writes the lab's desired state to disk (the daemon's labs only).
+    persister: std::sync::OnceLock<Arc<crate::persist::Persister>>,
 }
 
 impl Lab {
@@ -232,6 +234,7 @@ impl Lab {
             dataplane,
             events: Arc::new(EventSink::new()),
             nodes: NodeTable::default(),
+            persister: std::sync::OnceLock::new(),
         }))
     }
 
@@ -502,6 +505,15 @@ impl Lab {
         self.dataplane.shutdown();
         let mut st = self.state();
         st.ports.clear();
+    }
+
+    /// Gives the lab the persister that keeps its state file; once.
+    pub fn set_persister(&self, p: Arc<crate::persist::Persister>) {
+        let _ = self.persister.set(p);
+    }
+
+    pub fn persister(&self) -> Option<&Arc<crate::persist::Persister>> {
+        self.persister.get()
     }
 
     pub(crate) fn node_table(&self) -> &NodeTable {

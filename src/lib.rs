@@ -10,6 +10,7 @@ pub mod events;
 pub mod lab;
 pub mod labfile;
 pub mod names;
+pub mod persist;
 pub mod ports;
 pub mod switch;
 pub mod testkit;

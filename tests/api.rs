@@ -1287,26 +1287,48 @@ async fn garbage_and_silent_clients_do_not_block_others() {
     assert_eq!(api.state().await, before);
 }
 
+/// Opens an event stream with raw bytes and reads up to its `hello`;
+/// returns the status and the connection.
+async fn raw_event_stream(sock: &Path) -> (u16, UnixStream) {
+    let mut s = UnixStream::connect(sock).await.unwrap();
+    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if text.starts_with("HTTP/1.1 503") && text.contains("}") {
+            return (503, s);
+        }
+        if text.contains("event: hello") {
+            return (parse_raw(&got).status, s);
+        }
+        assert!(Instant::now() < deadline, "no answer: {text}");
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("event stream silent")
+            .unwrap();
+        assert!(n > 0, "event stream closed: {text}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_over_the_limit_get_503() {
     let api = Api::start_with(ServerConfig {
         max_connections: 4,
+        max_event_streams: 4,
         ..ServerConfig::default()
     })
     .await;
-    // Keep-alive connections that stay open after one request.
+    // Connections all busy (event streams): nobody can be closed to make
+    // room.
     let mut held = Vec::new();
     for _ in 0..4 {
-        let mut s = UnixStream::connect(&api.sock).await.unwrap();
-        s.write_all(b"GET /v1/lab HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 4096];
-        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        let (status, s) = raw_event_stream(&api.sock).await;
+        assert_eq!(status, 200);
         held.push(s);
     }
     let r = api.http("GET", "/v1/lab", None, b"").await;
@@ -1325,6 +1347,98 @@ async fn connections_over_the_limit_get_503() {
         assert!(Instant::now() < deadline, "slots never freed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Idle connections (never a byte, half a header, kept alive after an
+/// answer, refused event streams) make room for requests: with 200 idle
+/// sockets, more opened all the time, and 64 event streams (48 served, 16
+/// refused), every request of the client is answered at once, and the
+/// event streams keep their place.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_never_lock_out_requests() {
+    let api = Api::start().await;
+    let mut idle = Vec::new();
+    for i in 0..200 {
+        let mut s = UnixStream::connect(&api.sock).await.unwrap();
+        if i % 4 == 1 {
+            s.write_all(b"GET /v1/la").await.unwrap();
+        }
+        idle.push(s);
+    }
+    let mut streams = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..64 {
+        match raw_event_stream(&api.sock).await {
+            (200, s) => streams.push(s),
+            (503, s) => refused.push(s),
+            (other, _) => panic!("event stream answered {other}"),
+        }
+    }
+    assert_eq!((streams.len(), refused.len()), (48, 16));
+    // Someone opening idle connections all the time.
+    let sock = api.sock.clone();
+    let churn = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            if let Ok(s) = UnixStream::connect(&sock).await {
+                held.push(s);
+            }
+            if held.len() > 300 {
+                held.drain(..100);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    for i in 0..30 {
+        let t = Instant::now();
+        assert_eq!(api.client.lab().await.unwrap().name, "t");
+        if i % 10 == 0 {
+            api.client.add_lan(&format!("l{i}")).await.unwrap();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "slow: {:?}",
+            t.elapsed()
+        );
+    }
+    churn.abort();
+    // Every served event stream is still there and got the changes.
+    for s in &mut streams {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        while !String::from_utf8_lossy(&got).contains("\"lan\":\"l20\"") {
+            let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+                .await
+                .expect("an event stream went silent")
+                .unwrap();
+            assert!(n > 0, "an event stream was closed to make room");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+/// Headers too large get 431, whatever their size, and the client reads
+/// it: the server takes the rest of the request before closing, so the
+/// connection is not reset under the client.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_headers_get_431_not_a_reset() {
+    let api = Api::start().await;
+    for size in [20_000usize, 64 * 1024, 100_000, 1024 * 1024] {
+        let mut req = b"GET /v1/lab HTTP/1.1\r\nHost: x\r\nX-A: ".to_vec();
+        req.resize(req.len() + size, b'a');
+        req.extend_from_slice(b"\r\n\r\n");
+        let mut s = UnixStream::connect(&api.sock).await.unwrap();
+        s.write_all(&req)
+            .await
+            .unwrap_or_else(|e| panic!("{size}: writing the request: {e}"));
+        let mut buf = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap_or_else(|e| panic!("{size}: reading the answer: {e}"));
+        assert_eq!(parse_raw(&buf).status, 431, "{size}");
+    }
+    assert_eq!(api.client.lab().await.unwrap().name, "t");
 }
 
 /// Event readers that never leave take at most their own share of the

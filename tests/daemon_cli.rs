@@ -1,7 +1,7 @@
 //! The real `ulan` binary: daemon lifecycle (lock, stale socket, signals,
 //! file modes) and the CLI against a running daemon.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +22,8 @@ impl Env {
     fn cmd(&self, lab: &str) -> Command {
         let mut c = Command::new(BIN);
         c.env("XDG_RUNTIME_DIR", self.xdg.path())
+            // Saved lab states stay in the test's own data folder.
+            .env("XDG_DATA_HOME", self.xdg.path().join("data"))
             .env("ULAN_LAB", lab)
             .env_remove("RUST_LOG");
         c
@@ -125,16 +127,27 @@ fn daemon_lifecycle_lock_signals_and_stale_socket() {
     assert!(!dir.join("api.sock").exists());
     assert!(!dir.join("ports").exists());
 
-    // SIGKILL leaves a stale socket; the next daemon replaces it.
+    // SIGKILL leaves a stale socket; the next daemon replaces it. The
+    // lab itself is saved: it comes back after a stop and after a kill.
     let mut d = env.daemon("life");
+    let names = |v: serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(env.json("life", &["lan", "ls"])), ["x"]);
     env.ok("life", &["port", "add", "q", "--kind", "vde"]);
     signal(&d, libc::SIGKILL);
     d.wait().unwrap();
     assert!(dir.join("api.sock").exists(), "expected a stale socket");
+    let ctl_before = std::fs::metadata(dir.join("ports/q/ctl")).unwrap().ino();
     let mut d = env.daemon("life");
-    let lans = env.json("life", &["lan", "ls"]);
-    assert_eq!(lans, serde_json::json!([]), "state survived a restart");
-    assert!(!dir.join("ports/q").exists(), "stale port socket left");
+    assert_eq!(names(env.json("life", &["lan", "ls"])), ["x"]);
+    assert_eq!(names(env.json("life", &["port", "ls"])), ["p", "q"]);
+    let ctl_after = std::fs::metadata(dir.join("ports/q/ctl")).unwrap().ino();
+    assert_ne!(ctl_before, ctl_after, "the stale port socket was kept");
     // SIGINT works like SIGTERM.
     signal(&d, libc::SIGINT);
     assert!(d.wait().unwrap().success());
@@ -248,7 +261,17 @@ fn stop_then_start_again_at_once() {
             "round {round}: {}",
             String::from_utf8_lossy(&started.stderr)
         );
-        env.ok("again", &["lan", "add", "x"]);
+        // The lans of the rounds before are back.
+        let lans: Vec<String> = env
+            .json("again", &["lan", "ls"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["name"].as_str().unwrap().to_string())
+            .collect();
+        let earlier: Vec<String> = (0..round).map(|r| format!("x{r}")).collect();
+        assert_eq!(lans, earlier, "round {round}");
+        env.ok("again", &["lan", "add", &format!("x{round}")]);
         let stopped = env.ok("again", &["stop"]);
         assert!(stopped.contains("stopped"), "round {round}: {stopped}");
     }
@@ -263,4 +286,37 @@ fn stop_then_start_again_at_once() {
     // The lock file stays, empty: no pid to signal by mistake.
     let lock = std::fs::read_to_string(env.run_dir("again").join("lock")).unwrap();
     assert_eq!(lock, "");
+}
+
+/// A symlink or a hard link planted as `daemon.log` is not written
+/// through: `--detach` refuses to start and says which file, and the
+/// file it led to is untouched.
+#[test]
+fn detach_never_writes_through_a_planted_daemon_log() {
+    use std::os::unix::fs::DirBuilderExt;
+    let env = Env::new();
+    for (lab, hard) in [("planted-sym", false), ("planted-hard", true)] {
+        let dir = env.run_dir(lab);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&dir)
+            .unwrap();
+        let victim = env.xdg.path().join(format!("{lab}-victim"));
+        std::fs::write(&victim, b"precious\n").unwrap();
+        if hard {
+            std::fs::hard_link(&victim, dir.join("daemon.log")).unwrap();
+        } else {
+            std::os::unix::fs::symlink(&victim, dir.join("daemon.log")).unwrap();
+        }
+        let o = env.ulan(lab, &["daemon", "--detach"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{lab}: detach started: {err}");
+        assert!(err.contains("daemon.log"), "{lab}: {err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious\n", "{lab}");
+        assert!(
+            !dir.join("api.sock").exists(),
+            "{lab}: a daemon came up anyway"
+        );
+    }
 }

@@ -306,6 +306,181 @@ fn vde_requests_naming_the_labs_own_sockets_are_refused() {
     calm.check();
 }
 
+/// Links elsewhere that lead to the lab's own sockets: a symlink to a dgram
+/// port of the same lan that has no client yet (it would take the vde port
+/// as its client: one broadcast would loop without end), a symlink to one
+/// of another lan (a bridge), a hard link, a symlinked folder, a symlink to
+/// the port's own `ctl` and to another vde port's data socket. Every one is
+/// refused, and a broadcast afterwards is delivered once, not looped.
+#[test]
+fn vde_requests_reaching_the_labs_sockets_through_links_are_refused() {
+    let fx = Fixture::new();
+    let mut calm = Bystanders::new(&fx);
+    fx.lan("l");
+    fx.lab.add_port("v", PortKind::Vde, Some("l")).unwrap();
+    let mut d = fx.plug("d", PortKind::Dgram, Some("l"));
+    let _w = fx.plug("w", PortKind::Vde, Some("l"));
+    fx.lab
+        .add_port("lonely", PortKind::Dgram, Some("l"))
+        .unwrap();
+    fx.lab
+        .add_port("far", PortKind::Dgram, Some("calm"))
+        .unwrap();
+    let path = |p: &str| std::path::PathBuf::from(fx.lab.port(p).unwrap().path);
+    let links = fx.scratch.join("links");
+    std::fs::create_dir(&links).unwrap();
+    let mut targets = Vec::new();
+    for (name, to, hard) in [
+        ("same-lan", path("lonely"), false),
+        ("other-lan", path("far"), false),
+        ("hard-same-lan", path("lonely"), true),
+        ("hard-other-lan", path("far"), true),
+        ("same-lan-taken", path("d"), false),
+        ("own-ctl", path("v").join("ctl"), false),
+        ("other-vde-data", path("w").join("001"), false),
+    ] {
+        assert!(to.exists(), "{} missing", to.display());
+        let link = links.join(name);
+        if hard {
+            std::fs::hard_link(&to, &link).unwrap();
+        } else {
+            std::os::unix::fs::symlink(&to, &link).unwrap();
+        }
+        targets.push(link);
+    }
+    // A symlinked folder holding the link, too.
+    let via_dir = fx.scratch.join("via");
+    std::os::unix::fs::symlink(fx.lab.ports_dir(), &via_dir).unwrap();
+    targets.push(via_dir.join("lonely"));
+    for target in targets {
+        let before = fx.stats("v");
+        let ctl = raw_ctl(&fx, "v");
+        write_all(&ctl, &vde_request(&target)).unwrap();
+        assert!(
+            closed_by_peer(&ctl, WAIT),
+            "request naming {} not refused",
+            target.display()
+        );
+        let s = fx.wait_stats("v", |s| s.rejected_clients > before.rejected_clients);
+        assert_eq!(s.connects, before.connects, "{} attached", target.display());
+        calm.check();
+    }
+    // One broadcast on the lan reaches d once; nothing loops.
+    let before = fx.stats("d");
+    d.send(&frame(MacAddr::BROADCAST, mac(77), 60, 1)).unwrap();
+    std::thread::sleep(QUIET);
+    let after = fx.stats("d");
+    assert_eq!(after.rx_frames - before.rx_frames, 1, "a frame looped");
+    assert_eq!(
+        after.tx_frames, before.tx_frames,
+        "d got its own frame back"
+    );
+    for p in ["lonely", "far"] {
+        assert!(!fx.lab.port(p).unwrap().up, "{p} took a client");
+    }
+    // A real client of v still gets in.
+    let _ok = Endpoint::connect(PortKind::Vde, path("v").as_ref(), &fx.scratch).unwrap();
+    fx.wait_up("v", true);
+    calm.check();
+}
+
+/// Another port's client is not the vde client's to name either: a dgram
+/// port's client that sends from an unconnected socket (as QEMU's dgram
+/// netdev does) is claimed while it is that port's peer, so a vde request
+/// naming it (or a link to it) cannot carry this lan's frames to it.
+#[test]
+fn vde_requests_naming_another_ports_client_are_refused() {
+    let fx = Fixture::new();
+    let mut calm = Bystanders::new(&fx);
+    fx.lan("l");
+    fx.lab.add_port("v", PortKind::Vde, Some("l")).unwrap();
+    let guest = fx.scratch.join("guest.sock");
+    let g = sys::bound_socket(libc::SOCK_DGRAM, &guest).unwrap();
+    // A dgram port (on no lan while its client says hello) whose client
+    // sends from an unconnected socket.
+    fx.lab.add_port("gd", PortKind::Dgram, None).unwrap();
+    let port_path = std::path::PathBuf::from(fx.lab.port("gd").unwrap().path);
+    let dest = UnixAddr::from_path(&port_path).unwrap();
+    let f = frame(MacAddr::BROADCAST, mac(3), 60, 1);
+    sys::send_batch(&g, &[&f], Some(&dest)).unwrap();
+    fx.wait_up("gd", true);
+    fx.lab.move_port("gd", Some("calm")).unwrap();
+    let link = fx.scratch.join("guest-link");
+    std::os::unix::fs::symlink(&guest, &link).unwrap();
+    for target in [&guest, &link] {
+        let before = fx.stats("v");
+        let ctl = raw_ctl(&fx, "v");
+        write_all(&ctl, &vde_request(target)).unwrap();
+        assert!(
+            closed_by_peer(&ctl, WAIT),
+            "request naming {} not refused",
+            target.display()
+        );
+        let s = fx.wait_stats("v", |s| s.rejected_clients > before.rejected_clients);
+        assert_eq!(s.connects, before.connects);
+        calm.check();
+    }
+    // Once that port is gone its client is nobody's: the vde port may
+    // take it.
+    rt().block_on(fx.lab.remove_port("gd")).unwrap();
+    let ctl = raw_ctl(&fx, "v");
+    write_all(&ctl, &vde_request(&guest)).unwrap();
+    fx.wait_up("v", true);
+    drop((ctl, g));
+}
+
+/// A dgram port told to expect its client at a path that is a link to
+/// another port's socket never connects there.
+#[test]
+fn a_dgram_peer_path_leading_to_the_labs_own_socket_is_refused() {
+    let fx = Fixture::new();
+    let mut calm = Bystanders::new(&fx);
+    // A port with no client yet: its socket accepts a connect.
+    fx.lab
+        .add_port("far", PortKind::Dgram, Some("calm"))
+        .unwrap();
+    let other = std::path::PathBuf::from(fx.lab.port("far").unwrap().path);
+    for (name, hard) in [("sym", false), ("hard", true)] {
+        let link = fx.scratch.join(name);
+        if hard {
+            std::fs::hard_link(&other, &link).unwrap();
+        } else {
+            std::os::unix::fs::symlink(&other, &link).unwrap();
+        }
+        fx.lab
+            .add_port_with(
+                name,
+                PortKind::Dgram,
+                Some("calm"),
+                &ulan::ports::PortOptions {
+                    dgram_peer: Some(link.clone()),
+                },
+            )
+            .unwrap();
+        // Ticks come once a second: give it three.
+        std::thread::sleep(Duration::from_millis(2500));
+        assert!(
+            !fx.lab.port(name).unwrap().up,
+            "{name}: connected to a port"
+        );
+        calm.check();
+        // The real client bound there instead is taken.
+        std::fs::remove_file(&link).unwrap();
+        let mut client = Endpoint::connect_bound(
+            PortKind::Dgram,
+            fx.lab.port(name).unwrap().path.as_ref(),
+            &link,
+        )
+        .unwrap();
+        fx.wait_up(name, true);
+        calm.x
+            .send(&frame(MacAddr::BROADCAST, mac(9), 60, 5))
+            .unwrap();
+        assert_eq!(tag_of(&client.recv(WAIT).unwrap().unwrap()), Some(5));
+        let _ = calm.y.recv(QUIET);
+    }
+}
+
 #[test]
 fn a_vde_client_chattering_on_its_control_connection_is_cut_off() {
     let fx = Fixture::new();

@@ -1,6 +1,20 @@
 //! The HTTP/1.1 server on the lab's Unix socket: accept loop, connection
 //! limits, request reading, responses and the `/v1/events` stream.
 //!
+//! Connection slots are for requests, not for sockets that sit there: a
+//! connection that has not sent a whole request header within
+//! [`ServerConfig::header_timeout`] is closed, and when every slot is taken
+//! a new connection takes the slot of the connection idle the longest
+//! (waiting for a request header, then waiting for a request body), so
+//! idle sockets, however many, never lock out a client that sends its
+//! request. Only when every slot is serving a request or an event stream
+//! is a new connection answered 503.
+//!
+//! A request whose header is too large (431) or malformed (400) is
+//! answered after the rest of what the client sent is read (bounded), so
+//! closing does not reset the connection before the client reads the
+//! answer.
+//!
 //! Shutdown is a `tokio::sync::watch::Receiver<bool>`: the server stops
 //! when the value becomes `true` **or when every sender is dropped**. It
 //! then stops accepting, tells each connection to finish (idle keep-alive
@@ -8,8 +22,9 @@
 //! end), waits up to [`ServerConfig::shutdown_grace`] and drops whatever
 //! is left.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,7 +38,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::error::ApiError;
@@ -37,8 +52,9 @@ pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 /// Limits and timings of the server. [`serve`] uses the defaults.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Connections served at once (event streams included). One more is
-    /// answered with a 503 `too_many_connections` and closed.
+    /// Connections served at once (event streams included). One more
+    /// takes the place of the connection idle the longest; when none is
+    /// idle it is answered with a 503 `too_many_connections` and closed.
     pub max_connections: usize,
     /// Event streams open at once, fewer than `max_connections` so that
     /// readers that never leave cannot take every slot from requests. One
@@ -46,8 +62,9 @@ pub struct ServerConfig {
     pub max_event_streams: usize,
     /// Largest request body; larger ones get 413 `body_too_large`.
     pub max_body: usize,
-    /// A request's headers must arrive within this long (also how long an
-    /// idle keep-alive connection is kept).
+    /// A request's headers must arrive within this long from the
+    /// connection or the previous response (so also how long an idle
+    /// keep-alive connection is kept).
     pub header_timeout: Duration,
     /// A request's body must arrive within this long after its headers, or
     /// 408 `timeout`.
@@ -64,7 +81,7 @@ impl Default for ServerConfig {
             max_connections: 64,
             max_event_streams: 48,
             max_body: 64 * 1024,
-            header_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(3),
             body_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(15),
             shutdown_grace: Duration::from_secs(2),
@@ -77,6 +94,114 @@ struct Ctx {
     config: ServerConfig,
     stop: watch::Receiver<bool>,
     streams: Arc<Semaphore>,
+}
+
+/// What a connection is doing, in the order connections are closed to
+/// make room: idle first, then those waiting for a request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Activity {
+    /// Waiting for a request header (new, or kept alive after a response).
+    Idle,
+    /// Has sent a header, its body is still coming.
+    ReadingBody,
+    /// A request is being served or an event stream is open.
+    Busy,
+}
+
+struct Slot {
+    activity: Activity,
+    since: Instant,
+    evict: Arc<Notify>,
+}
+
+/// Every connection being served, to choose which one makes room.
+struct ConnTable {
+    max: usize,
+    inner: Mutex<(u64, HashMap<u64, Slot>)>,
+}
+
+impl ConnTable {
+    fn new(max: usize) -> Arc<ConnTable> {
+        Arc::new(ConnTable {
+            max: max.max(1),
+            inner: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<u64, Slot>)> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for a new connection: a free one, or the one of the
+    /// connection idle the longest (told to close). None when every
+    /// connection is busy.
+    fn admit(self: &Arc<Self>) -> Option<ConnRef> {
+        let mut g = self.lock();
+        let (next, slots) = &mut *g;
+        if slots.len() >= self.max {
+            let victim = slots
+                .iter()
+                .filter(|(_, s)| s.activity != Activity::Busy)
+                .min_by_key(|(_, s)| (s.activity, s.since))
+                .map(|(id, _)| *id)?;
+            if let Some(s) = slots.remove(&victim) {
+                tracing::debug!(activity = ?s.activity, idle_ms = s.since.elapsed().as_millis() as u64, "API connection closed to make room");
+                s.evict.notify_one();
+            }
+        }
+        *next += 1;
+        let id = *next;
+        let evict = Arc::new(Notify::new());
+        slots.insert(
+            id,
+            Slot {
+                activity: Activity::Idle,
+                since: Instant::now(),
+                evict: evict.clone(),
+            },
+        );
+        Some(ConnRef {
+            table: self.clone(),
+            id,
+            evict,
+        })
+    }
+}
+
+/// A connection's place in the [`ConnTable`]; given back when dropped.
+struct ConnRef {
+    table: Arc<ConnTable>,
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+impl ConnRef {
+    fn set(&self, activity: Activity) {
+        if let Some(s) = self.table.lock().1.get_mut(&self.id) {
+            s.activity = activity;
+            s.since = Instant::now();
+        }
+    }
+
+    /// Marks the connection idle again when dropped (with the response
+    /// body, once it is written).
+    fn idle_on_drop(self: &Arc<Self>) -> IdleOnDrop {
+        IdleOnDrop(self.clone())
+    }
+}
+
+impl Drop for ConnRef {
+    fn drop(&mut self) {
+        self.table.lock().1.remove(&self.id);
+    }
+}
+
+struct IdleOnDrop(Arc<ConnRef>);
+
+impl Drop for IdleOnDrop {
+    fn drop(&mut self) {
+        self.0.set(Activity::Idle);
+    }
 }
 
 /// Resolves once the stop flag is `true` or its sender is gone.
@@ -97,7 +222,7 @@ pub async fn serve_with(
     shutdown: watch::Receiver<bool>,
     config: ServerConfig,
 ) {
-    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let slots = ConnTable::new(config.max_connections);
     // Refusing takes a moment too; never more than a few at once.
     let refusals = Arc::new(Semaphore::new(8));
     let grace = config.shutdown_grace;
@@ -122,11 +247,11 @@ pub async fn serve_with(
                 }
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        conns.spawn(connection(stream, ctx.clone(), permit));
+                Ok((stream, _)) => match slots.admit() {
+                    Some(slot) => {
+                        conns.spawn(connection(stream, ctx.clone(), slot));
                     }
-                    Err(_) => {
+                    None => {
                         let limit = ctx.config.max_connections;
                         tracing::info!(limit, "API connection refused: too many connections");
                         if let Ok(permit) = refusals.clone().try_acquire_owned() {
@@ -155,30 +280,73 @@ pub async fn serve_with(
     conns.shutdown().await;
 }
 
-async fn connection(stream: UnixStream, ctx: Arc<Ctx>, _permit: OwnedSemaphorePermit) {
+/// Largest request header; larger ones get 431.
+const MAX_HEADER: usize = 16 * 1024;
+
+async fn connection(stream: UnixStream, ctx: Arc<Ctx>, slot: ConnRef) {
     let mut stop = ctx.stop.clone();
+    let slot = Arc::new(slot);
+    // A second handle on the socket, to read what is left of a rejected
+    // request after hyper has answered it.
+    let spare = stream
+        .into_std()
+        .and_then(|s| Ok((s.try_clone()?, s)))
+        .and_then(|(a, b)| Ok((UnixStream::from_std(a)?, UnixStream::from_std(b)?)));
+    let (spare, stream) = match spare {
+        Ok((spare, stream)) => (Some(spare), stream),
+        Err(e) => {
+            tracing::warn!("API connection dropped: {e}");
+            return;
+        }
+    };
     let svc_ctx = ctx.clone();
+    let svc_slot = slot.clone();
     let service = service_fn(move |req| {
         let ctx = svc_ctx.clone();
-        async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
+        let slot = svc_slot.clone();
+        async move { Ok::<_, Infallible>(handle(&ctx, &slot, req).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(ctx.config.header_timeout)
-        .max_header_size(16 * 1024)
+        .max_header_size(MAX_HEADER)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
+    let evict = slot.evict.clone();
     tokio::select! {
         res = conn.as_mut() => {
             if let Err(e) = res {
                 tracing::debug!("API connection ended: {e}");
+                if e.is_parse() || e.is_parse_too_large() {
+                    if let Some(spare) = spare {
+                        drain(spare).await;
+                    }
+                }
             }
         }
+        // Idle the longest while all slots were taken: make room.
+        _ = evict.notified() => {}
         _ = stopped(&mut stop) => {
             conn.as_mut().graceful_shutdown();
             if let Err(e) = conn.await {
                 tracing::debug!("API connection ended during shutdown: {e}");
             }
+        }
+    }
+}
+
+/// Reads and discards what a client still sends after its request was
+/// refused (until it pauses, stops, or a bound is reached), so that
+/// closing does not reset the connection before it reads the answer.
+async fn drain(mut s: UnixStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = 8 * 1024 * 1024usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while left > 0 {
+        let pause = tokio::time::Instant::now() + Duration::from_millis(200);
+        match tokio::time::timeout_at(pause.min(deadline), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
         }
     }
 }
@@ -201,11 +369,12 @@ async fn refuse(mut stream: UnixStream, err: ApiError, _permit: OwnedSemaphorePe
     .await;
 }
 
-async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+async fn handle(ctx: &Ctx, slot: &Arc<ConnRef>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
-    let resp = match respond(ctx, req).await {
+    slot.set(Activity::Busy);
+    let resp = match respond(ctx, slot, req).await {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(
@@ -226,20 +395,62 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
         elapsed_us = started.elapsed().as_micros() as u64,
         "API request"
     );
-    resp
+    // Idle again once the response body is written and dropped.
+    let idle = slot.idle_on_drop();
+    resp.map(|inner| Tracked { inner, _idle: idle }.boxed_unsync())
 }
 
-async fn respond(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+/// A response body that marks its connection idle when dropped; length
+/// and end as the body it wraps.
+struct Tracked {
+    inner: Body,
+    _idle: IdleOnDrop,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+async fn respond(
+    ctx: &Ctx,
+    slot: &ConnRef,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let m = routes::match_route(&method, &path)?;
     let input = if m.route.op.takes_body() {
-        let body = read_body(ctx, req).await?;
-        routes::decode_body(m.route.op, &body)?
+        slot.set(Activity::ReadingBody);
+        let body = read_body(ctx, req).await;
+        slot.set(Activity::Busy);
+        routes::decode_body(m.route.op, &body?)?
     } else {
         Input::None
     };
-    Ok(match routes::execute(&ctx.lab, &m, input).await? {
+    let reply = routes::execute(&ctx.lab, &m, input).await?;
+    // A change is on disk before it is answered.
+    if method != "GET" {
+        if let Some(p) = ctx.lab.persister() {
+            p.flush().await;
+        }
+    }
+    Ok(match reply {
         Reply::Json {
             status,
             body,

@@ -169,10 +169,23 @@ pub async fn down(lab: &str, out: Output) -> anyhow::Result<()> {
     let current = match client.lab_spec().await {
         Ok(c) => c,
         Err(ClientError::NoDaemon { .. }) => {
+            // A lab whose daemon died is still saved: down forgets it.
+            let state = crate::persist::default_state_path(lab);
+            let forgotten = match std::fs::remove_file(&state) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => return Err(anyhow::anyhow!("{}: {e}", state.display())),
+            };
             if out == Output::Json {
-                return print_json(&serde_json::json!({ "lab": lab, "running": false }));
+                return print_json(
+                    &serde_json::json!({ "lab": lab, "running": false, "forgotten": forgotten }),
+                );
             }
-            println!("lab {lab} is not running");
+            if forgotten {
+                println!("lab {lab} is not running; its saved state is forgotten");
+            } else {
+                println!("lab {lab} is not running");
+            }
             return Ok(());
         }
         Err(e) => return Err(e.into()),

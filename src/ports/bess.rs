@@ -28,6 +28,7 @@ pub struct BessPort {
     listener: OwnedFd,
     client: Option<Client>,
     queue: FrameQueue,
+    _own: crate::ports::own::OwnSocket,
 }
 
 impl BessPort {
@@ -38,6 +39,7 @@ impl BessPort {
             listener: sys::bound_socket(libc::SOCK_SEQPACKET, path)?,
             client: None,
             queue: FrameQueue::new(FRAME_QUEUE_DEPTH),
+            _own: crate::ports::own::OwnSocket::claim(path),
         })
     }
 

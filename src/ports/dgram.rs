@@ -39,6 +39,8 @@ struct Peer {
     addr: UnixAddr,
     /// (device, inode) of the peer's socket file while connected to it.
     connected: Option<(u64, u64)>,
+    /// That file, claimed: no other port may send to this port's client.
+    _claim: Option<crate::ports::own::OwnSocket>,
 }
 
 pub struct DgramPort {
@@ -49,6 +51,7 @@ pub struct DgramPort {
     queue: FrameQueue,
     want_write: bool,
     expected_peer: Option<UnixAddr>,
+    _own: crate::ports::own::OwnSocket,
 }
 
 /// (device, inode) of the socket file at `addr`; None for an abstract
@@ -71,23 +74,44 @@ impl DgramPort {
             queue: FrameQueue::new(FRAME_QUEUE_DEPTH),
             want_write: false,
             expected_peer,
+            _own: crate::ports::own::OwnSocket::claim(path),
         })
     }
 
     /// Connects the port's socket to `addr` if it is a socket file
-    /// someone is bound to; returns that file's id.
-    fn try_connect(&self, addr: &UnixAddr) -> Option<(u64, u64)> {
-        socket_file_id(addr).filter(|_| sys::connect(&self.sock, addr).is_ok())
+    /// someone is bound to and not one of the switch's own (by any name:
+    /// see [`crate::ports::own`]); returns that file's id.
+    fn try_connect(&self, addr: &UnixAddr) -> io::Result<(u64, u64)> {
+        crate::ports::own::connect_checked(&self.sock, addr)?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
     }
 
+    /// A new sender. A named one is adopted only once connected to: a
+    /// name that cannot be connected to cannot be sent to either, and one
+    /// that leads to the switch's own socket is refused (a loop or a bridge
+    /// between lans). An abstract one is answered unconnected.
     fn set_peer(&mut self, addr: UnixAddr, cx: &mut PortCx<'_>) {
-        let connected = self.try_connect(&addr);
-        self.adopt_peer(addr, connected, cx);
+        if addr.fs_path().is_none() {
+            return self.adopt_peer(addr, None, cx);
+        }
+        match self.try_connect(&addr) {
+            Ok(id) => self.adopt_peer(addr, Some(id), cx),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                cx.counters.rejected_clients += 1;
+                self.link
+                    .warn(cx.now_ms, format_args!("refused a dgram sender: {e}"));
+            }
+            Err(_) => {}
+        }
     }
 
     fn adopt_peer(&mut self, addr: UnixAddr, connected: Option<(u64, u64)>, cx: &mut PortCx<'_>) {
         let first = self.peer.is_none();
-        self.peer = Some(Peer { addr, connected });
+        self.peer = Some(Peer {
+            addr,
+            connected,
+            _claim: connected.map(crate::ports::own::OwnSocket::claim_id),
+        });
         if first {
             self.link.up(cx.counters, Some(addr.display()));
         } else {
@@ -205,7 +229,7 @@ impl PortIo for DgramPort {
             // has stopped stays until its next start, and adopting it would
             // bring the port up and down every second.
             if let Some(addr) = self.expected_peer {
-                if let Some(id) = self.try_connect(&addr) {
+                if let Ok(id) = self.try_connect(&addr) {
                     self.adopt_peer(addr, Some(id), cx);
                 }
             }
@@ -214,6 +238,7 @@ impl PortIo for DgramPort {
         let Some(Peer {
             addr,
             connected: Some(id),
+            ..
         }) = &self.peer
         else {
             return;

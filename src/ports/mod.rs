@@ -9,6 +9,7 @@
 
 pub mod bess;
 pub mod dgram;
+pub mod own;
 pub mod queue;
 pub mod stream;
 pub mod sys;

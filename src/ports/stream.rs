@@ -58,6 +58,7 @@ pub struct StreamPort {
     path: PathBuf,
     listener: OwnedFd,
     client: Option<Client>,
+    _own: crate::ports::own::OwnSocket,
 }
 
 impl StreamPort {
@@ -68,6 +69,7 @@ impl StreamPort {
             path: path.to_path_buf(),
             listener,
             client: None,
+            _own: crate::ports::own::OwnSocket::claim(path),
         })
     }
 

@@ -18,6 +18,7 @@ use std::mem::size_of;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
+use crate::ports::own;
 use crate::ports::queue::{FrameQueue, FRAME_QUEUE_DEPTH};
 use crate::ports::sys::{self, UnixAddr};
 use crate::ports::{
@@ -117,6 +118,9 @@ enum Session {
         want_write: bool,
         /// Bytes read from `ctl` since the request.
         chatter: usize,
+        _own: own::OwnSocket,
+        /// The client's data socket: no other port may send to it.
+        _peer: Option<own::OwnSocket>,
     },
 }
 
@@ -127,6 +131,7 @@ pub struct VdePort {
     session: Option<Session>,
     queue: FrameQueue,
     next_data_id: u32,
+    _own_ctl: own::OwnSocket,
 }
 
 impl VdePort {
@@ -141,6 +146,7 @@ impl VdePort {
                 session: None,
                 queue: FrameQueue::new(FRAME_QUEUE_DEPTH),
                 next_data_id: 1,
+                _own_ctl: own::OwnSocket::claim(&dir.join("ctl")),
             }),
             Err(e) => {
                 let _ = std::fs::remove_dir(dir);
@@ -225,10 +231,18 @@ impl VdePort {
     }
 
     fn attach(&mut self, ctl: OwnedFd, req: &VdeRequest, cx: &mut PortCx<'_>) -> io::Result<()> {
-        if let Err(e) = check_data_addr(&self.dir, &req.data_addr) {
-            deregister_fd(cx.registry, &ctl);
-            return Err(e);
-        }
+        // The client's socket is resolved to its inode before ours is
+        // made, and that inode must not be one of the switch's own sockets
+        // under any name (symlink, hard link): see `ports::own`.
+        let target = match check_data_addr(&self.dir, &req.data_addr)
+            .and_then(|()| own::resolve(&req.data_addr))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                deregister_fd(cx.registry, &ctl);
+                return Err(e);
+            }
+        };
         let id = self.next_data_id;
         self.next_data_id = self.next_data_id.wrapping_add(1).max(1);
         let data_path = self.dir.join(format!("{id:03}"));
@@ -236,8 +250,9 @@ impl VdePort {
         let data = sys::unix_socket(libc::SOCK_DGRAM)?;
         let ours = UnixAddr::from_path(&data_path)?;
         sys::bind(&data, &ours)?;
+        let own_data = own::OwnSocket::claim(&data_path);
         let result = (|| {
-            sys::connect(&data, &req.data_addr)?;
+            own::connect(&data, &req.data_addr, target.as_ref())?;
             sys::set_buffer_sizes(&data, 4 << 20);
             // The reply is our data socket's whole sockaddr_un.
             // SAFETY: sockaddr_un is plain old data, read as bytes.
@@ -269,6 +284,8 @@ impl VdePort {
             data_path,
             want_write: false,
             chatter: 0,
+            _own: own_data,
+            _peer: target.as_ref().map(|t| own::OwnSocket::claim_id(t.id)),
         });
         self.link.up(cx.counters, Some(peer));
         Ok(())

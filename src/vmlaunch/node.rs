@@ -664,6 +664,12 @@ impl Lab {
     /// Checks the spec, makes the NIC ports and starts the guest. On any
     /// error nothing is left behind.
     pub async fn add_node(&self, spec: NodeSpec) -> Result<NodeInfo, LabError> {
+        self.add_node_with(spec, true).await
+    }
+
+    /// [`Lab::add_node`]; with `start` false the node is made (NIC ports,
+    /// files) and left stopped, as a restored lab brings its nodes back.
+    pub async fn add_node_with(&self, spec: NodeSpec, start: bool) -> Result<NodeInfo, LabError> {
         spec.validate().map_err(NodeError::from)?;
         for (i, nic) in spec.nics.iter().enumerate() {
             if let Some(lan) = &nic.lan {
@@ -717,6 +723,10 @@ impl Lab {
         // Announced before the guest runs, so that its state events (which
         // its supervisor sends on its own) come after this one.
         self.events().emit(Event::NodeAdded { node: name.clone() });
+        if !start {
+            tracing::info!(node = %name, "node added (not started)");
+            return self.node(&name);
+        }
         if let Err(e) = self.start_locked(&name, &runtime, Some(plan)).await {
             self.unmake_node(&name, &spec, &dir).await;
             self.node_table().lock().remove(&name);
@@ -897,11 +907,8 @@ impl Lab {
                 (binary, argv, None)
             }
         };
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&paths.log)
-            .map_err(|e| NodeError::Files {
+        let log =
+            crate::daemon::open_run_file_append(&paths.log).map_err(|e| NodeError::Files {
                 node: name.into(),
                 message: format!("{}: {e}", paths.log.display()),
             })?;
@@ -917,14 +924,12 @@ impl Lab {
         if spec.kind == NodeKind::Uml {
             // UML's console 0 is its stdin/stdout: output to the console
             // log, stdin held open by the supervisor (EOF would end it).
-            let console = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&paths.console_log)
-                .map_err(|e| NodeError::Files {
+            let console = crate::daemon::open_run_file_append(&paths.console_log).map_err(|e| {
+                NodeError::Files {
                     node: name.into(),
                     message: format!("{}: {e}", paths.console_log.display()),
-                })?;
+                }
+            })?;
             cmd.stdin(Stdio::piped()).stdout(console).stderr(log);
             drop(log2);
         } else {

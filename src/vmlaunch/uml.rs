@@ -369,10 +369,7 @@ pub fn uml_command(argv: &[OsString], paths: &UmlPaths) -> io::Result<Command> {
     let (bin, rest) = argv
         .split_first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty argv"))?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&paths.console_log)?;
+    let log = crate::daemon::open_run_file_append(&paths.console_log)?;
     let mut cmd = Command::new(bin);
     cmd.args(rest)
         .stdin(std::process::Stdio::piped())
