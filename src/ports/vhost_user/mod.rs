@@ -72,6 +72,8 @@ pub struct VhostUserPort {
     protocol_in_use: bool,
     refused_seen: u64,
     registry_ok: bool,
+    /// The socket file is the lab's own: no client may name it.
+    _own: crate::ports::own::OwnSocket,
 }
 
 impl VhostUserPort {
@@ -105,6 +107,7 @@ impl VhostUserPort {
             protocol_in_use: false,
             refused_seen: 0,
             registry_ok: false,
+            _own: crate::ports::own::OwnSocket::claim(path),
         })
     }
 
