@@ -1021,6 +1021,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_frontend_can_move_to_another_thread() {
+        fn send<T: Send>() {}
+        send::<VhostFrontend>();
+    }
+
+    #[test]
     fn net_header_round_trips_little_endian() {
         let h = NetHeader {
             flags: NetHeader::F_NEEDS_CSUM,
