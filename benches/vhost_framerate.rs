@@ -64,6 +64,9 @@ struct Measured {
     /// The generator's busy time per frame, ns, and its idle share.
     gen_ns: Option<f64>,
     gen_idle: f64,
+    /// Times the generator thread was preempted in the window (another
+    /// task took its CPU: frames pile up and may be dropped).
+    preempted: Option<u64>,
 }
 
 enum Outcome {
@@ -113,6 +116,16 @@ fn thread_named(pid: u32, name: &str) -> Option<u32> {
             .then(|| e.file_name().to_str()?.parse().ok())
             .flatten()
     })
+}
+
+/// Involuntary context switches of the calling thread so far.
+fn preemptions() -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{}/status", gettid())).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// CPU time (user + system) of a thread from /proc, in ns.
@@ -262,8 +275,10 @@ fn run_pair(
     // Loss is counted from here: frames sent in the window and after.
     let lost0 = sink.report().lost;
     let sw0 = switch_stat.as_deref().and_then(cpu_ns);
+    let pre0 = preemptions();
     let d = drive(&mut tx, &mut blaster, &mut rx, &mut sink, window, BATCH);
     let sw1 = switch_stat.as_deref().and_then(cpu_ns);
+    let pre1 = preemptions();
     // Whatever is still in flight arrives now; the rest is lost.
     sink.drain(&mut rx, Duration::from_millis(100), Duration::from_secs(2))
         .map_err(|e| e.to_string())?;
@@ -283,6 +298,7 @@ fn run_pair(
             .map(|(a, b)| b.saturating_sub(a) as f64 / d.received as f64),
         gen_ns: d.busy_ns_per_frame(),
         gen_idle: 1.0 - d.busy.as_secs_f64() / secs.max(1e-9),
+        preempted: pre0.zip(pre1).map(|(a, b)| b.saturating_sub(a)),
     })
 }
 
@@ -426,7 +442,8 @@ fn main() {
     println!(
         "sw ns/f: CPU time of testpmd's forwarding lcore / ulan's {DATAPLANE_THREAD} thread per frame \
          received; gen ns/f: the generator's busy time per frame (it could source and sink \
-         1000/gen ns/f Mpps if the switch took no time); gen idle: its share of turns spent waiting\n"
+         1000/gen ns/f Mpps if the switch took no time); gen idle: its share of time spent waiting; gen prmt: times the generator \
+         was preempted in the window (each can overflow a ring: lost frames)\n"
     );
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -446,8 +463,17 @@ fn main() {
         );
     }
     println!(
-        "{:>5}  {:<13} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "size", "path", "Mpps", "Gbit/s", "lost", "sw ns/f", "gen ns/f", "gen idle", "/dpdk"
+        "{:>5}  {:<13} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "size",
+        "path",
+        "Mpps",
+        "Gbit/s",
+        "lost",
+        "sw ns/f",
+        "gen ns/f",
+        "gen idle",
+        "gen prmt",
+        "/dpdk"
     );
     let mut checks: Vec<(usize, Option<f64>, f64)> = Vec::new();
     for size in SIZES {
@@ -467,7 +493,7 @@ fn main() {
                         _ => "-".into(),
                     };
                     println!(
-                        "{:>5}  {:<13} {:>7.3} {:>8.3} {:>8} {:>8} {:>8} {:>7.0}% {:>8}",
+                        "{:>5}  {:<13} {:>7.3} {:>8.3} {:>8} {:>8} {:>8} {:>7.0}% {:>8} {:>8}",
                         size,
                         path.label(),
                         m.pps / 1e6,
@@ -476,6 +502,9 @@ fn main() {
                         ns(m.switch_ns),
                         ns(m.gen_ns),
                         m.gen_idle * 100.0,
+                        m.preempted
+                            .map(|p| p.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         ratio
                     );
                     if m.corrupt + m.out_of_order > 0 {

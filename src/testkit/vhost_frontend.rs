@@ -66,6 +66,8 @@ pub const NET_HDR_LEN: usize = 12;
 pub const RX_QUEUE: usize = 0;
 /// The TX queue's index (driver to device).
 pub const TX_QUEUE: usize = 1;
+/// RX re-posts buffers in steps of this many within one `recv`.
+const RX_PUBLISH_EVERY: usize = 64;
 /// Buffer size per descriptor in the default mode.
 pub const SMALL_BUFFER: usize = 2048;
 /// Buffer size per descriptor with [`VhostFrontendBuilder::big_frames`]:
@@ -804,7 +806,14 @@ impl VhostFrontend {
         let mut i = 0u16;
         let mut frames = 0usize;
         let mut reposted = 0usize;
+        let mut published = 0usize;
         'entries: while i < pending {
+            // Hand buffers back as we go, so a long batch does not leave
+            // the device without room.
+            if reposted - published >= RX_PUBLISH_EVERY {
+                self.rx.ring.publish();
+                published = reposted;
+            }
             let (id, len) = self.rx.ring.used_at(i);
             if id >= size as u32 || !self.rx.outstanding[id as usize] {
                 // Not ours: nothing to re-post.
