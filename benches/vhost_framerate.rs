@@ -476,6 +476,7 @@ fn main() {
         "/dpdk"
     );
     let mut checks: Vec<(usize, Option<f64>, f64)> = Vec::new();
+    let mut ceilings: Vec<String> = Vec::new();
     for size in SIZES {
         let mut dpdk_pps = None;
         for path in [Switch::Dpdk, Switch::Ulan] {
@@ -514,7 +515,24 @@ fn main() {
                         );
                     }
                     match path {
-                        Switch::Dpdk => dpdk_pps = Some(m.pps),
+                        Switch::Dpdk => {
+                            dpdk_pps = Some(m.pps);
+                            if let Some(g) = m.gen_ns.filter(|g| *g > 0.0) {
+                                let who = if m.gen_idle > 0.1 {
+                                    "testpmd is the bottleneck"
+                                } else {
+                                    "the generator may be the bottleneck"
+                                };
+                                ceilings.push(format!(
+                                    "  {size:>5} B  generator busy {g:.1} ns/frame: it could move \
+                                     ~{:.1} Mpps; testpmd moved {:.2} Mpps and the generator \
+                                     waited {:.0}% of the time: {who}",
+                                    1e3 / g,
+                                    m.pps / 1e6,
+                                    m.gen_idle * 100.0
+                                ));
+                            }
+                        }
                         Switch::Ulan => {
                             let target = if size <= 64 { 0.8 } else { 0.9 };
                             checks.push((size, dpdk_pps.map(|b| m.pps / b), target));
@@ -531,6 +549,12 @@ fn main() {
                     println!("{:>5}  {:<13} failed: {e}", size, path.label());
                 }
             }
+        }
+    }
+    if !ceilings.is_empty() {
+        println!("\ngenerator ceiling (one core sourcing and sinking):");
+        for c in &ceilings {
+            println!("{c}");
         }
     }
     println!("\ntargets (ulan's vhost-user ports against DPDK's vhost PMD, one switch core each):");

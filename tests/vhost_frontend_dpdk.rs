@@ -3,8 +3,6 @@
 //! port 0 (socket s0) to port 1 (s1). Frames sent into s0 must arrive at s1
 //! intact, in order, and exactly as many as were sent.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use ulan::testkit::mac;
