@@ -174,9 +174,10 @@ impl Blaster {
         &self.spec
     }
 
-    /// Writes the frame into `fe`'s TX buffers; call once per frontend
-    /// before [`Blaster::pump`] (again after the frontend's `send`, which
-    /// overwrites buffers: blast re-writes those lazily anyway).
+    /// Writes the frame into `fe`'s TX buffers; call once before
+    /// [`Blaster::pump`]. One blaster per frontend: the buffers hold one
+    /// template (the frontend's `send` may be mixed in; blast writes the
+    /// template back into the buffers it used).
     pub fn prepare(&self, fe: &mut VhostFrontend) -> Result<(), TrafficError> {
         fe.blast_prepare(&build_frame(&self.spec, 0)?)?;
         Ok(())
