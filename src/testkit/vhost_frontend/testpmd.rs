@@ -138,8 +138,8 @@ impl Testpmd {
         s[cut..].to_string()
     }
 
-    /// The forwarding lcore's thread (EAL names its workers
-    /// `lcore-worker-N` or `rte-worker-N`): the one that moves frames.
+    /// The forwarding lcore's thread (DPDK 22.11 names it `rte-worker-1`,
+    /// older releases `lcore-worker-1`): the one that moves frames.
     pub fn forwarding_thread(&self) -> Option<u32> {
         let dir = std::fs::read_dir(format!("/proc/{}/task", self.pid())).ok()?;
         dir.flatten().find_map(|e| {
