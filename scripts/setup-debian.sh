@@ -13,6 +13,7 @@ packages=(
     iproute2 iputils-ping        # the demo's namespaces
     util-linux                   # unshare
     socat curl                   # the README's examples
+    dpdk dpdk-dev                # dpdk-testpmd (in dpdk-dev on Debian 12): the vhost-user reference backend
 )
 
 find_missing() {

@@ -12,6 +12,8 @@ use crate::ports::vde::{REQ_NEW_CONTROL, VDE_MAGIC, VDE_VERSION};
 use crate::ports::PortKind;
 use crate::wire::{write_header, MacAddr};
 
+pub mod vhost_frontend;
+
 /// A test MAC: locally administered, unicast, ending in `n`.
 pub fn mac(n: u32) -> MacAddr {
     let b = n.to_be_bytes();
