@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::events::{Event, EventSink};
 use crate::switch::stats::{PortCounters, PortShared};
+use crate::wire::offload::{Accepts, Offload};
 pub use sys::RxBatch;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -134,8 +135,23 @@ pub trait PortIo: Send {
         batch: &mut RxBatch,
     ) -> RxState;
 
-    /// Queues a copy of `frame` for the client, or counts why not.
+    /// Queues a copy of `frame` (a complete frame) for the client, or
+    /// counts why not.
     fn enqueue(&mut self, frame: &[u8], cx: &mut PortCx<'_>);
+
+    /// The offloads the client takes (a vhost-user guest with GUEST_CSUM,
+    /// GUEST_TSO4/6): frames whose work fits are handed over with it
+    /// through [`PortIo::enqueue_offload`], others are finished in software
+    /// first. Socket clients take complete frames only.
+    fn accepts(&self) -> Accepts {
+        Accepts::NONE
+    }
+
+    /// Queues `frame` with work left in it that [`PortIo::accepts`] said
+    /// the client takes.
+    fn enqueue_offload(&mut self, frame: &[u8], _offload: &Offload, cx: &mut PortCx<'_>) {
+        self.enqueue(frame, cx);
+    }
 
     /// Sends what is queued. Returns true while output is backed up.
     fn flush(&mut self, cx: &mut PortCx<'_>) -> bool;

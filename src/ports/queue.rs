@@ -48,6 +48,20 @@ impl FrameQueue {
         true
     }
 
+    /// Copies `prefix` then `frame` in, as one entry. False when full.
+    pub fn push_parts(&mut self, prefix: &[u8], frame: &[u8]) -> bool {
+        if self.len == self.slots.len() {
+            return false;
+        }
+        let i = (self.head + self.len) % self.slots.len();
+        let slot = &mut self.slots[i];
+        slot.clear();
+        slot.extend_from_slice(prefix);
+        slot.extend_from_slice(frame);
+        self.len += 1;
+        true
+    }
+
     /// The oldest frame, if any.
     pub fn front(&self) -> Option<&[u8]> {
         (self.len > 0).then(|| &self.slots[self.head][..])

@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use crate::wire::offload::Offload;
 use crate::wire::{check_frame_len, FrameError, MAX_FRAME_LEN};
 
 /// Frames moved per recvmmsg/sendmmsg call.
@@ -274,6 +275,9 @@ pub fn set_buffer_sizes(fd: &OwnedFd, bytes: i32) {
 pub struct RxBatch {
     bufs: Vec<Box<[u8]>>,
     lens: [usize; BATCH],
+    /// What each frame's sender left undone (vhost-user guests with
+    /// checksum and TSO offloads); none for socket ports.
+    offloads: [Offload; BATCH],
     count: usize,
 }
 
@@ -290,6 +294,7 @@ impl RxBatch {
                 .map(|_| vec![0u8; RX_BUF_LEN].into_boxed_slice())
                 .collect(),
             lens: [0; BATCH],
+            offloads: [Offload::default(); BATCH],
             count: 0,
         }
     }
@@ -326,10 +331,20 @@ impl RxBatch {
 
     /// Keeps the first `len` bytes of the buffer [`RxBatch::next_buf`] gave.
     pub fn commit(&mut self, len: usize) {
+        self.commit_with(len, Offload::default());
+    }
+
+    /// As [`RxBatch::commit`], for a frame its sender left work in.
+    pub fn commit_with(&mut self, len: usize, offload: Offload) {
         if !self.is_full() && len <= RX_BUF_LEN {
             self.lens[self.count] = len;
+            self.offloads[self.count] = offload;
             self.count += 1;
         }
+    }
+
+    pub fn offload(&self, i: usize) -> &Offload {
+        &self.offloads[i]
     }
 
     /// Copies one frame in (stream framing). False when the batch is full.
@@ -339,6 +354,7 @@ impl RxBatch {
         }
         self.bufs[self.count][..frame.len()].copy_from_slice(frame);
         self.lens[self.count] = frame.len();
+        self.offloads[self.count] = Offload::default();
         self.count += 1;
         true
     }
@@ -419,6 +435,7 @@ pub fn recv_batch(
                     batch.bufs.swap(dst, start + i);
                 }
                 batch.lens[dst] = len;
+                batch.offloads[dst] = Offload::default();
                 batch.count += 1;
                 if let Some(slot) = last_sender.as_deref_mut() {
                     let addr = UnixAddr {

@@ -23,6 +23,7 @@ use crate::switch::forward::{Decision, FdbRow, Forwarder};
 use crate::switch::stats::{PortCounters, PortShared};
 use crate::switch::topology::Snapshot;
 use crate::switch::{LanId, PortId};
+use crate::wire::offload::{OffloadError, Segmenter, Segments};
 use crate::wire::EthernetFrame;
 
 const WAKER: Token = Token(usize::MAX);
@@ -96,6 +97,8 @@ impl DataPlaneHandle {
             snapshot: initial,
             published: snapshot,
             batch: RxBatch::new(),
+            segmenter: Segmenter::new(),
+            egress: Vec::with_capacity(64),
             commands: rx,
             epoch: Instant::now(),
         };
@@ -162,6 +165,10 @@ struct DataPlane {
     snapshot: Arc<Snapshot>,
     published: Arc<ArcSwap<Snapshot>>,
     batch: RxBatch,
+    /// Scratch space for frames finished in software (allocated once).
+    segmenter: Segmenter,
+    /// The ports one frame goes to (kept, so no allocation per frame).
+    egress: Vec<PortId>,
     commands: mpsc::Receiver<Command>,
     epoch: Instant,
 }
@@ -345,8 +352,10 @@ impl DataPlane {
     fn forward_batch(&mut self, ingress: PortId, now: u64) {
         let registry = self.poll.registry();
         let snap = &*self.snapshot;
+        let segmenter = &mut self.segmenter;
         for i in 0..self.batch.len() {
             let bytes = self.batch.frame(i);
+            let offload = self.batch.offload(i);
             let Ok(frame) = EthernetFrame::new_checked(bytes) else {
                 continue; // ports only hand over checked frames
             };
@@ -370,24 +379,54 @@ impl DataPlane {
                     _ => {}
                 }
             }
-            let mut send = |p: PortId| {
-                if let Some(Some(slot)) = self.ports.get_mut(p as usize) {
-                    slot.io
-                        .enqueue(bytes, &mut cx(registry, p, &mut slot.counters, now));
-                    mark(&mut self.dirty, &mut slot.dirty, p);
-                    mark(&mut self.touched, &mut slot.touched, p);
-                }
-            };
+            let egress = &mut self.egress;
+            egress.clear();
             match decision {
-                Decision::Unicast(p) => send(p),
+                Decision::Unicast(p) => egress.push(p),
                 Decision::Flood(lan) => {
-                    for &p in snap.ports_of(lan) {
-                        if p != ingress {
-                            send(p);
+                    egress.extend(snap.ports_of(lan).iter().filter(|&&p| p != ingress))
+                }
+                Decision::NoLan | Decision::Filtered => {}
+            }
+            // The frame finished in software, made at most once per frame
+            // and only if some egress port cannot take its offloads.
+            let mut finished: Option<Result<Segments<'_>, OffloadError>> = None;
+            let mut bad_offload = false;
+            for &p in egress.iter() {
+                let Some(Some(slot)) = self.ports.get_mut(p as usize) else {
+                    continue;
+                };
+                let mut pcx = cx(registry, p, &mut slot.counters, now);
+                if offload.is_none() {
+                    slot.io.enqueue(bytes, &mut pcx);
+                } else if offload.fits(slot.io.accepts()) {
+                    slot.io.enqueue_offload(bytes, offload, &mut pcx);
+                } else {
+                    if finished.is_none() {
+                        finished = Some(segmenter.finish(bytes, offload));
+                    }
+                    match &finished {
+                        Some(Ok(segments)) => {
+                            for seg in segments.clone() {
+                                slot.io.enqueue(seg, &mut pcx);
+                            }
+                        }
+                        _ => {
+                            bad_offload = true;
+                            continue;
                         }
                     }
                 }
-                Decision::NoLan | Decision::Filtered => {}
+                mark(&mut self.dirty, &mut slot.dirty, p);
+                mark(&mut self.touched, &mut slot.touched, p);
+            }
+            if bad_offload {
+                // The guest asked for work its frame does not allow: the
+                // ports that needed it finished got nothing; counted once.
+                if let Some(Some(slot)) = self.ports.get_mut(ingress as usize) {
+                    slot.counters.rx_drop_bad_offload += 1;
+                    slot.counters.rx_dropped += 1;
+                }
             }
         }
     }

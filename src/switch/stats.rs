@@ -49,6 +49,9 @@ counters! {
     /// Unicast to an address learned on the same port: filtered, as a
     /// learning bridge does.
     rx_drop_filtered,
+    /// A vhost-user guest asked for checksum or segmentation work its
+    /// frame does not allow (bad offsets, not TCP, lengths that disagree).
+    rx_drop_bad_offload,
     /// Frames bound for this port that it could not take: sum of tx_drop_*.
     tx_dropped,
     /// The output queue was full (slow or stuck client).

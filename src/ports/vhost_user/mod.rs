@@ -38,6 +38,27 @@ use crate::ports::{
     count_tx_drop_full, count_tx_drop_no_peer, PortCx, PortIo, PortKind, PortLink, RxBatch, RxState,
 };
 use crate::wire::check_frame_len;
+use crate::wire::offload::{Accepts, Offload, OffloadError};
+
+/// The offload request in a virtio-net header from the guest.
+fn offload_of(h: &[u8; features::NET_HDR_LEN]) -> Result<Offload, OffloadError> {
+    let u16_at = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
+    Offload::from_virtio(h[0], h[1], u16_at(2), u16_at(4), u16_at(6), u16_at(8))
+}
+
+/// The virtio-net header that hands `off` on to a guest (num_buffers is
+/// filled in by the ring).
+fn header_of(off: &Offload) -> [u8; features::NET_HDR_LEN] {
+    let (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) = off.to_virtio();
+    let mut h = [0u8; features::NET_HDR_LEN];
+    h[0] = flags;
+    h[1] = gso_type;
+    h[2..4].copy_from_slice(&hdr_len.to_le_bytes());
+    h[4..6].copy_from_slice(&gso_size.to_le_bytes());
+    h[6..8].copy_from_slice(&csum_start.to_le_bytes());
+    h[8..10].copy_from_slice(&csum_offset.to_le_bytes());
+    h
+}
 
 const SUB_CTRL: usize = 0;
 const SUB_RX_KICK: usize = 1;
@@ -70,6 +91,8 @@ pub struct VhostUserPort {
     up: bool,
     /// The frontend set protocol features: rings start disabled.
     protocol_in_use: bool,
+    /// The guest may leave checksums and segmentation to ulan (CSUM acked).
+    offloads_in: bool,
     refused_seen: u64,
     registry_ok: bool,
     /// The socket file is the lab's own: no client may name it.
@@ -86,7 +109,7 @@ impl VhostUserPort {
             listener,
             shared: shared.clone(),
             log: PortLink::new(&link.name, link.shared.clone(), link.events.clone()),
-            offered: features::BASE_FEATURES,
+            offered: features::BASE_FEATURES | features::OFFLOAD_FEATURES,
             ops: ops_tx,
             replies: rep_rx,
         };
@@ -105,6 +128,7 @@ impl VhostUserPort {
             polling_until: None,
             up: false,
             protocol_in_use: false,
+            offloads_in: false,
             refused_seen: 0,
             registry_ok: false,
             _own: crate::ports::own::OwnSocket::claim(path),
@@ -125,6 +149,7 @@ impl VhostUserPort {
         match op {
             Op::Features(f) => {
                 self.dev.features = f;
+                self.offloads_in = features::has(f, features::VIRTIO_NET_F_CSUM);
                 Reply::Done
             }
             Op::Memory { mem, rings } => {
@@ -194,6 +219,7 @@ impl VhostUserPort {
             }
             Op::Reset => {
                 self.protocol_in_use = false;
+                self.offloads_in = false;
                 self.unregister_kick(RX, cx.registry);
                 self.unregister_kick(TX, cx.registry);
                 self.drop_backlog(cx);
@@ -289,7 +315,20 @@ impl VhostUserPort {
                 Ok(Some(f)) => {
                     got += 1;
                     match check_frame_len(f.len) {
-                        Ok(()) => batch.commit(f.len),
+                        Ok(()) if !self.offloads_in => batch.commit(f.len),
+                        Ok(()) => match offload_of(&f.header) {
+                            Ok(off) => batch.commit_with(f.len, off),
+                            Err(e) => {
+                                cx.counters.rx_drop_bad_offload += 1;
+                                cx.counters.rx_dropped += 1;
+                                self.link.warn(
+                                    cx.now_ms,
+                                    format_args!(
+                                        "dropped a frame with a bad virtio-net header: {e}"
+                                    ),
+                                );
+                            }
+                        },
                         Err(crate::wire::FrameError::Runt(_)) => {
                             cx.counters.rx_drop_runt += 1;
                             cx.counters.rx_dropped += 1;
@@ -336,10 +375,44 @@ impl VhostUserPort {
         }
     }
 
+    /// Hands a frame to the guest, or holds it while the guest has no
+    /// receive buffers posted.
+    fn deliver(&mut self, header: &[u8; features::NET_HDR_LEN], frame: &[u8], cx: &mut PortCx<'_>) {
+        if !self.dev.rings[RX].running() {
+            count_tx_drop_no_peer(cx.counters);
+            return;
+        }
+        if self.backlog.is_empty() {
+            match self.dev.push_rx(header, frame) {
+                Ok(Delivery::Delivered) => {
+                    cx.counters.tx_frames += 1;
+                    cx.counters.tx_bytes += frame.len() as u64;
+                    return;
+                }
+                Ok(Delivery::TooBig) => {
+                    cx.counters.tx_drop_error += 1;
+                    cx.counters.tx_dropped += 1;
+                    return;
+                }
+                Ok(Delivery::NoRoom) => {}
+                Err(e) => {
+                    self.ring_error(e, cx);
+                    return;
+                }
+            }
+        }
+        if !self.backlog.push_parts(header, frame) {
+            count_tx_drop_full(cx.counters);
+        }
+    }
+
     /// Moves held frames into the guest's receive buffers.
     fn drain_backlog(&mut self, cx: &mut PortCx<'_>) {
-        while let Some(frame) = self.backlog.front() {
-            let header = [0u8; features::NET_HDR_LEN];
+        while let Some(entry) = self.backlog.front() {
+            // Entries are the virtio-net header, then the frame.
+            let (h, frame) = entry.split_at(features::NET_HDR_LEN.min(entry.len()));
+            let mut header = [0u8; features::NET_HDR_LEN];
+            header[..h.len()].copy_from_slice(h);
             match self.dev.push_rx(&header, frame) {
                 Ok(Delivery::Delivered) => {
                     cx.counters.tx_frames += 1;
@@ -417,33 +490,21 @@ impl PortIo for VhostUserPort {
     }
 
     fn enqueue(&mut self, frame: &[u8], cx: &mut PortCx<'_>) {
-        if !self.dev.rings[RX].running() {
-            count_tx_drop_no_peer(cx.counters);
-            return;
+        self.deliver(&[0u8; features::NET_HDR_LEN], frame, cx);
+    }
+
+    fn accepts(&self) -> Accepts {
+        let f = self.dev.features;
+        Accepts {
+            csum: features::has(f, features::VIRTIO_NET_F_GUEST_CSUM),
+            tso4: features::has(f, features::VIRTIO_NET_F_GUEST_TSO4),
+            tso6: features::has(f, features::VIRTIO_NET_F_GUEST_TSO6),
+            ecn: features::has(f, features::VIRTIO_NET_F_GUEST_ECN),
         }
-        if self.backlog.is_empty() {
-            let header = [0u8; features::NET_HDR_LEN];
-            match self.dev.push_rx(&header, frame) {
-                Ok(Delivery::Delivered) => {
-                    cx.counters.tx_frames += 1;
-                    cx.counters.tx_bytes += frame.len() as u64;
-                    return;
-                }
-                Ok(Delivery::TooBig) => {
-                    cx.counters.tx_drop_error += 1;
-                    cx.counters.tx_dropped += 1;
-                    return;
-                }
-                Ok(Delivery::NoRoom) => {}
-                Err(e) => {
-                    self.ring_error(e, cx);
-                    return;
-                }
-            }
-        }
-        if !self.backlog.push(frame) {
-            count_tx_drop_full(cx.counters);
-        }
+    }
+
+    fn enqueue_offload(&mut self, frame: &[u8], offload: &Offload, cx: &mut PortCx<'_>) {
+        self.deliver(&header_of(offload), frame, cx);
     }
 
     fn flush(&mut self, cx: &mut PortCx<'_>) -> bool {
