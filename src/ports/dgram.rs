@@ -1,24 +1,53 @@
 //! `dgram` ports: QEMU `-netdev dgram,local.type=unix,...,remote.path=PATH`.
 //! One frame per datagram on a socket bound at the port path.
 //!
-//! The first client heard from becomes the port's peer, and the port's
-//! socket is connected to it. That does three things: frames go back to
-//! that address; the kernel lets only the peer send to the port (a stray
-//! process cannot hijack it: its sends fail with EPERM, like a second
-//! client of a stream port is refused); and the client's sends are no
-//! longer capped by `net.unix.max_dgram_qlen` (10 on many hosts), which
-//! applies only between unconnected sockets, while epoll reports the port
-//! writable exactly when the peer has room again.
+//! The first sender heard from (with an address it can be answered at)
+//! becomes the port's client. Datagrams from anyone else are dropped and
+//! counted (`rx_drop_stranger`): every frame's source address comes with
+//! it from recvmmsg, so the check costs a compare. A stranger does not
+//! displace a live client; when a stranger speaks, the client is checked
+//! on the spot, and if it is gone the stranger becomes the client at
+//! once. So a client that dies without a word (its socket file left
+//! behind) never holds the port.
 //!
-//! The peer is let go when it is gone: a send is refused (its socket was
-//! closed), or its socket file was removed or replaced (a restarted QEMU
-//! binds the same path anew), checked once a second. Then the next sender
-//! becomes the peer. Peers with abstract addresses cannot be checked that
-//! way; the port stays unconnected for them and answers the last sender.
+//! The port's socket connects to the client when there is first something
+//! to send to it, and stays connected until the client is gone:
+//! - sending on a connected socket is about 1 µs per frame cheaper here
+//!   than naming the destination in each message (the kernel looks the
+//!   path up per message), and epoll reports the socket writable exactly
+//!   when the client has room again (an unconnected sender gets no such
+//!   wakeup);
+//! - the client's own sends are then no longer capped by
+//!   `net.unix.max_dgram_qlen` (10 on many hosts), which applies only
+//!   towards a socket not connected to the sender;
+//! - but the kernel then refuses everyone else (EPERM to the sender), so
+//!   a new client cannot be heard from until the connection is dissolved,
+//!   and dissolving it is only safe once the client is gone: disconnecting
+//!   purges the socket's receive queue and, if the client is connected to
+//!   the port, makes its next call fail with ECONNRESET (Linux,
+//!   `unix_dgram_disconnected`). So the port never disconnects from a live
+//!   client, and does not connect before it has to: a port nothing is sent
+//!   to (a receive-only port, a quiet lan) stays unconnected and hears
+//!   everyone.
+//!
+//! The client is let go when it is found gone: a send to it is refused,
+//! its socket file is removed, or a check every [`PROBE_MS`](crate::ports::PROBE_MS) finds nobody
+//! bound at its address (a `connect` that fails; for a connected port the
+//! check reconnects the port's own socket to the address, which is free
+//! for a live peer and fails with ECONNREFUSED for a dead one). A socket
+//! file replaced at the client's path is a restarted client: the port
+//! follows it at once (down, then up), without waiting for it to speak.
+//! So a connected port takes a new client within [`PROBE_MS`](crate::ports::PROBE_MS) of the old
+//! one's end, or at the first frame sent to the old one; until then the
+//! kernel refuses the newcomer.
 //!
 //! When ulan launches the client itself it knows the client's socket path
-//! (`expected_peer`): the port connects to it as soon as it exists (checked
-//! once a second), so frames reach a guest before the guest has sent any.
+//! (`expected_peer`): the port adopts it as soon as someone is bound there
+//! (checked every [`PROBE_MS`](crate::ports::PROBE_MS)), so frames reach a
+//! guest before the guest has sent any. A port that lost its client
+//! watches the client's address the same way until someone else speaks:
+//! a client restarted at the same path is back within a check, silent or
+//! not.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -35,20 +64,33 @@ use crate::ports::{receive_datagrams, track_backlog};
 
 const SUB_SOCKET: usize = 0;
 
+#[derive(Clone, Copy)]
 struct Peer {
     addr: UnixAddr,
-    /// (device, inode) of the peer's socket file while connected to it.
-    connected: Option<(u64, u64)>,
+    /// (device, inode) of the client's socket file when adopted; None for
+    /// an abstract address.
+    file: Option<(u64, u64)>,
 }
 
 pub struct DgramPort {
     link: PortLink,
     path: PathBuf,
     sock: OwnedFd,
+    /// An unbound socket for checking that an address has someone bound
+    /// at it (connect succeeds) without touching `sock`.
+    probe: OwnedFd,
     peer: Option<Peer>,
+    /// `sock` is connected to the peer.
+    connected: bool,
+    /// When the peer was last found alive by a check (ms): a stranger
+    /// sending in a loop causes at most one check per ms.
+    checked_ms: Option<u64>,
     queue: FrameQueue,
     want_write: bool,
     expected_peer: Option<UnixAddr>,
+    /// The last client's address, while the port has none: a client
+    /// restarted there is taken back without waiting for it to speak.
+    returning: Option<UnixAddr>,
 }
 
 /// (device, inode) of the socket file at `addr`; None for an abstract
@@ -58,48 +100,65 @@ fn socket_file_id(addr: &UnixAddr) -> Option<(u64, u64)> {
     Some((meta.dev(), meta.ino()))
 }
 
+/// What a `connect` to a client's address says about the client. EPERM
+/// means a live socket that is connected to someone else (a client
+/// connected to the port refuses everyone but the port).
+fn alive(connect: io::Result<()>) -> io::Result<()> {
+    match connect {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+        r => r,
+    }
+}
+
 impl DgramPort {
     pub fn open(path: &Path, link: PortLink, expected_peer: Option<&Path>) -> io::Result<Self> {
         let expected_peer = expected_peer.map(UnixAddr::from_path).transpose()?;
         let sock = sys::bound_socket(libc::SOCK_DGRAM, path)?;
         sys::set_buffer_sizes(&sock, 4 << 20);
+        let probe = sys::unix_socket(libc::SOCK_DGRAM)?;
         Ok(DgramPort {
             link,
             path: path.to_path_buf(),
             sock,
+            probe,
             peer: None,
+            connected: false,
+            checked_ms: None,
             queue: FrameQueue::new(FRAME_QUEUE_DEPTH),
             want_write: false,
             expected_peer,
+            returning: None,
         })
     }
 
-    /// Connects the port's socket to `addr` if it is a socket file
-    /// someone is bound to; returns that file's id.
-    fn try_connect(&self, addr: &UnixAddr) -> Option<(u64, u64)> {
-        socket_file_id(addr).filter(|_| sys::connect(&self.sock, addr).is_ok())
+    /// Whether someone is bound at `addr`, without connecting `sock`.
+    fn reachable(&self, addr: &UnixAddr) -> io::Result<()> {
+        alive(sys::connect(&self.probe, addr))
     }
 
-    fn set_peer(&mut self, addr: UnixAddr, cx: &mut PortCx<'_>) {
-        let connected = self.try_connect(&addr);
-        self.adopt_peer(addr, connected, cx);
-    }
-
-    fn adopt_peer(&mut self, addr: UnixAddr, connected: Option<(u64, u64)>, cx: &mut PortCx<'_>) {
-        let first = self.peer.is_none();
-        self.peer = Some(Peer { addr, connected });
-        if first {
-            self.link.up(cx.counters, Some(addr.display()));
-        } else {
-            tracing::info!(port = %self.link.name, peer = %addr.display(), "dgram peer changed");
+    /// Takes `addr` as the client if someone is bound there.
+    fn adopt(&mut self, addr: UnixAddr, cx: &mut PortCx<'_>) -> bool {
+        if self.reachable(&addr).is_err() {
+            return false;
         }
+        self.peer = Some(Peer {
+            addr,
+            file: socket_file_id(&addr),
+        });
+        self.checked_ms = Some(cx.now_ms);
+        self.link.up(cx.counters, Some(addr.display()));
+        true
     }
 
     fn forget_peer(&mut self, cx: &mut PortCx<'_>, reason: &str) {
         let Some(peer) = self.peer.take() else {
             return;
         };
-        if peer.connected.is_some() {
+        self.returning = Some(peer.addr);
+        self.checked_ms = None;
+        if self.connected {
+            // The peer is gone: what the purge drops was its own.
+            self.connected = false;
             let _ = sys::disconnect(&self.sock);
         }
         if self.want_write {
@@ -110,27 +169,78 @@ impl DgramPort {
         self.link.down(cx.counters, reason);
     }
 
+    /// A stranger spoke: is the client still there? Checked at most once
+    /// per ms; a client found gone is let go.
+    fn client_still_there(&mut self, cx: &mut PortCx<'_>) -> bool {
+        let Some(peer) = self.peer else {
+            return false;
+        };
+        if self.checked_ms == Some(cx.now_ms) {
+            return true;
+        }
+        let check = if self.connected {
+            alive(sys::connect(&self.sock, &peer.addr))
+        } else {
+            self.reachable(&peer.addr)
+        };
+        match check {
+            Ok(()) => {
+                self.checked_ms = Some(cx.now_ms);
+                true
+            }
+            Err(e) => {
+                self.forget_peer(cx, &format!("client gone ({e}); a new one spoke"));
+                false
+            }
+        }
+    }
+
+    /// Keeps the client's frames; takes the first answerable sender as the
+    /// client if there is none (or the one there was is gone); drops and
+    /// counts the rest.
+    fn filter_senders(&mut self, cx: &mut PortCx<'_>, batch: &mut RxBatch) {
+        let mut first_stranger = None;
+        let dropped = batch.retain(|_, from| {
+            let Some(from) = from else {
+                // Unbound sender: it cannot be answered, nor be a client.
+                return self.peer.is_none();
+            };
+            if let Some(p) = self.peer {
+                if p.addr == *from {
+                    return true;
+                }
+                if first_stranger.is_some() || self.client_still_there(cx) {
+                    first_stranger.get_or_insert(*from);
+                    return false;
+                }
+            }
+            // No client, or the one there was is gone.
+            self.adopt(*from, cx) || self.peer.is_none()
+        });
+        if dropped > 0 {
+            cx.counters.rx_drop_stranger += dropped as u64;
+            cx.counters.rx_dropped += dropped as u64;
+            let client = self.peer.map(|p| p.addr.display()).unwrap_or_default();
+            let stranger = first_stranger.map(|a| a.display());
+            self.link.warn(
+                cx.now_ms,
+                format_args!(
+                    "dropped {dropped} datagrams from senders other than the port's client {client} (first: {})",
+                    stranger.as_deref().unwrap_or("unbound")
+                ),
+            );
+        }
+    }
+
     fn receive(&mut self, cx: &mut PortCx<'_>, batch: &mut RxBatch) -> RxState {
-        // Connected, only the peer can send: no need to look at senders.
-        let want_sender = !matches!(
-            self.peer,
-            Some(Peer {
-                connected: Some(_),
-                ..
-            })
-        );
-        let mut sender = None;
-        let from = want_sender.then_some(&mut sender);
-        let rx = receive_datagrams(&self.sock, batch, &mut self.link, cx, from, false);
+        // Always with names: datagrams queued before the socket connected
+        // may be strangers'.
+        let rx = receive_datagrams(&self.sock, batch, &mut self.link, cx, true, false);
         if let Some(e) = rx.error {
             self.link
                 .warn(cx.now_ms, format_args!("receive failed: {e}"));
         }
-        if let Some(addr) = sender {
-            if self.peer.as_ref().map(|p| p.addr) != Some(addr) {
-                self.set_peer(addr, cx);
-            }
-        }
+        self.filter_senders(cx, batch);
         rx.state
     }
 }
@@ -174,63 +284,76 @@ impl PortIo for DgramPort {
     }
 
     fn flush(&mut self, cx: &mut PortCx<'_>) -> bool {
-        let Some(peer) = &self.peer else {
+        let Some(peer) = self.peer else {
             return false;
         };
         if self.queue.is_empty() {
             return false;
         }
-        let dest = peer.connected.is_none().then_some(peer.addr);
-        let connected = peer.connected.is_some();
-        match self.queue.flush(&self.sock, dest.as_ref(), cx.counters) {
+        if !self.connected {
+            // From unconnected, connecting purges nothing.
+            if let Err(e) = sys::connect(&self.sock, &peer.addr) {
+                self.forget_peer(cx, &format!("client unreachable: {e}"));
+                return false;
+            }
+            self.connected = true;
+        }
+        match self.queue.flush(&self.sock, None, cx.counters) {
             Ok(done) => {
-                // Connected: epoll tells when the peer has room again.
-                if connected {
-                    track_backlog(cx, &self.sock, SUB_SOCKET, &mut self.want_write, done);
-                }
+                track_backlog(cx, &self.sock, SUB_SOCKET, &mut self.want_write, done);
                 !done
             }
             Err(e) => {
-                // ECONNREFUSED / ENOENT: the peer's socket is gone.
-                let reason = format!("peer unreachable: {e}");
-                self.forget_peer(cx, &reason);
+                // ECONNREFUSED: the client's socket was closed.
+                self.forget_peer(cx, &format!("client unreachable: {e}"));
                 false
             }
         }
     }
 
-    fn tick(&mut self, cx: &mut PortCx<'_>) {
-        if self.peer.is_none() {
-            // Only a socket someone is bound to: the file of a guest that
-            // has stopped stays until its next start, and adopting it would
-            // bring the port up and down every second.
-            if let Some(addr) = self.expected_peer {
-                if let Some(id) = self.try_connect(&addr) {
-                    self.adopt_peer(addr, Some(id), cx);
+    fn wants_probe(&self) -> bool {
+        true
+    }
+
+    fn probe(&mut self, cx: &mut PortCx<'_>) {
+        let Some(peer) = self.peer else {
+            // Only a socket someone is bound to (adopt checks): the file of
+            // a guest that has stopped stays until its next start, and
+            // adopting it would bring the port up and down on every check.
+            if let Some(addr) = self.expected_peer.or(self.returning) {
+                // A stat first: cheaper than a connect while nobody is there.
+                if addr.fs_path().is_none() || socket_file_id(&addr).is_some() {
+                    self.adopt(addr, cx);
                 }
             }
             return;
-        }
-        let Some(Peer {
-            addr,
-            connected: Some(id),
-        }) = &self.peer
-        else {
-            return;
         };
-        if socket_file_id(addr) != Some(*id) {
-            self.forget_peer(cx, "client socket file removed or replaced");
+        if peer.file.is_some() {
+            match socket_file_id(&peer.addr) {
+                None => {
+                    self.forget_peer(cx, "client socket file removed");
+                    return;
+                }
+                Some(id) if Some(id) != peer.file => {
+                    // Bound anew at the same path: the client restarted.
+                    self.forget_peer(cx, "client socket file replaced (client restarted)");
+                    self.adopt(peer.addr, cx);
+                    return;
+                }
+                Some(_) => {}
+            }
         }
-    }
-
-    fn needs_retry_timer(&self) -> bool {
-        matches!(
-            self.peer,
-            Some(Peer {
-                connected: None,
-                ..
-            })
-        ) && !self.queue.is_empty()
+        // Reconnecting to a live peer changes nothing; to a dead one it
+        // fails and leaves the socket as it was.
+        let check = if self.connected {
+            alive(sys::connect(&self.sock, &peer.addr))
+        } else {
+            self.reachable(&peer.addr)
+        };
+        match check {
+            Ok(()) => self.checked_ms = Some(cx.now_ms),
+            Err(e) => self.forget_peer(cx, &format!("client gone: {e}")),
+        }
     }
 
     fn discard_queued(&mut self, cx: &mut PortCx<'_>) {
