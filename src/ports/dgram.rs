@@ -370,3 +370,76 @@ impl Drop for DgramPort {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventSink;
+    use crate::switch::stats::{PortCounters, PortShared};
+    use crate::testkit::{frame, mac, tag_of};
+    use crate::wire::MacAddr;
+    use std::sync::Arc;
+
+    fn send_from(fd: &OwnedFd, to: &UnixAddr, tag: u32) {
+        let f = frame(MacAddr::BROADCAST, mac(tag), 60, tag);
+        assert_eq!(sys::send_batch(fd, &[&f], Some(to)).unwrap(), 1);
+    }
+
+    /// What one receive kept, by tag.
+    fn receive(
+        port: &mut DgramPort,
+        poll: &mio::Poll,
+        c: &mut PortCounters,
+        now_ms: u64,
+    ) -> Vec<u32> {
+        let mut batch = RxBatch::new();
+        let mut cx = PortCx {
+            registry: poll.registry(),
+            token: 0,
+            counters: c,
+            now_ms,
+            read_to_end: true,
+        };
+        port.receive(&mut cx, &mut batch);
+        (0..batch.len())
+            .filter_map(|i| tag_of(batch.frame(i)))
+            .collect()
+    }
+
+    #[test]
+    fn a_stranger_is_counted_until_the_client_is_gone_then_takes_over_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("port");
+        let shared = Arc::new(PortShared::default());
+        let link = PortLink::new("d", shared.clone(), Arc::new(EventSink::new()));
+        let mut port = DgramPort::open(&path, link, None).unwrap();
+        let poll = mio::Poll::new().unwrap();
+        let to = UnixAddr::from_path(&path).unwrap();
+        let a = sys::bound_socket(libc::SOCK_DGRAM, &dir.path().join("a")).unwrap();
+        let b = sys::bound_socket(libc::SOCK_DGRAM, &dir.path().join("b")).unwrap();
+        let unbound = sys::unix_socket(libc::SOCK_DGRAM).unwrap();
+        let mut c = PortCounters::default();
+
+        send_from(&a, &to, 1);
+        send_from(&b, &to, 2);
+        send_from(&unbound, &to, 3);
+        send_from(&a, &to, 4);
+        assert_eq!(receive(&mut port, &poll, &mut c, 10), [1, 4]);
+        assert!(shared.is_up());
+        assert_eq!((c.rx_drop_stranger, c.rx_dropped, c.connects), (2, 2, 1));
+
+        // The client closes without a word (its file stays): the next
+        // datagram from b makes b the client, in the same receive.
+        drop(a);
+        assert!(dir.path().join("a").exists());
+        send_from(&b, &to, 5);
+        send_from(&b, &to, 6);
+        assert_eq!(receive(&mut port, &poll, &mut c, 11), [5, 6]);
+        assert!(shared.is_up());
+        assert_eq!((c.connects, c.disconnects, c.rx_drop_stranger), (2, 1, 2));
+        assert_eq!(
+            port.peer.map(|p| p.addr),
+            Some(UnixAddr::from_path(&dir.path().join("b")).unwrap())
+        );
+    }
+}

@@ -127,9 +127,10 @@ pub trait PortIo: Send {
     /// Sends what is queued. Returns true while output is backed up.
     fn flush(&mut self, cx: &mut PortCx<'_>) -> bool;
 
-    /// Backed-up output that epoll will not announce (a datagram peer the
-    /// socket is not connected to): the data plane retries it on a short
-    /// timer. Others are flushed when their fd turns writable.
+    /// Backed-up output that epoll will not announce: the data plane
+    /// retries it on a short timer. Others are flushed when their fd turns
+    /// writable. (No port kind needs it at present: dgram ports send on a
+    /// socket connected to their client.)
     fn needs_retry_timer(&self) -> bool {
         false
     }
