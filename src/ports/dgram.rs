@@ -292,11 +292,27 @@ impl PortIo for DgramPort {
         }
         if !self.connected {
             // From unconnected, connecting purges nothing.
-            if let Err(e) = sys::connect(&self.sock, &peer.addr) {
-                self.forget_peer(cx, &format!("client unreachable: {e}"));
-                return false;
+            match sys::connect(&self.sock, &peer.addr) {
+                Ok(()) => self.connected = true,
+                // Alive, but connected to another socket: it takes
+                // nothing from the port. Keep it (it still talks to us)
+                // rather than flap.
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    count_lost(cx.counters, self.queue.clear());
+                    self.link.warn(
+                        cx.now_ms,
+                        format_args!(
+                            "client {} refuses the port's frames (its socket is connected elsewhere)",
+                            peer.addr.display()
+                        ),
+                    );
+                    return false;
+                }
+                Err(e) => {
+                    self.forget_peer(cx, &format!("client unreachable: {e}"));
+                    return false;
+                }
             }
-            self.connected = true;
         }
         match self.queue.flush(&self.sock, None, cx.counters) {
             Ok(done) => {
@@ -441,5 +457,40 @@ mod tests {
             port.peer.map(|p| p.addr),
             Some(UnixAddr::from_path(&dir.path().join("b")).unwrap())
         );
+    }
+
+    /// A client whose socket is connected to some other socket takes no
+    /// frames from the port: they are counted lost, and the client keeps
+    /// the port (no down and up on every frame).
+    #[test]
+    fn a_client_connected_elsewhere_keeps_the_port_and_its_frames_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("port");
+        let shared = Arc::new(PortShared::default());
+        let link = PortLink::new("d", shared.clone(), Arc::new(EventSink::new()));
+        let mut port = DgramPort::open(&path, link, None).unwrap();
+        let poll = mio::Poll::new().unwrap();
+        let to = UnixAddr::from_path(&path).unwrap();
+        let other = sys::bound_socket(libc::SOCK_DGRAM, &dir.path().join("other")).unwrap();
+        let a = sys::bound_socket(libc::SOCK_DGRAM, &dir.path().join("a")).unwrap();
+        sys::connect(&a, &UnixAddr::from_path(&dir.path().join("other")).unwrap()).unwrap();
+        let mut c = PortCounters::default();
+        send_from(&a, &to, 1);
+        assert_eq!(receive(&mut port, &poll, &mut c, 10), [1]);
+        for now_ms in [20, 30] {
+            let mut cx = PortCx {
+                registry: poll.registry(),
+                token: 0,
+                counters: &mut c,
+                now_ms,
+                read_to_end: true,
+            };
+            port.enqueue(&frame(mac(1), mac(2), 60, 9), &mut cx);
+            assert!(!port.flush(&mut cx));
+        }
+        assert!(shared.is_up());
+        assert_eq!((c.connects, c.disconnects), (1, 0));
+        assert_eq!((c.tx_drop_error, c.tx_dropped, c.tx_frames), (2, 2, 0));
+        drop(other);
     }
 }

@@ -337,8 +337,7 @@ impl RxBatch {
     pub fn retain(&mut self, mut keep: impl FnMut(&[u8], Option<&UnixAddr>) -> bool) -> usize {
         let mut kept = 0;
         for i in 0..self.count {
-            let sender = self.senders[i];
-            let sender = sender.is_named().then_some(&sender);
+            let sender = Some(&self.senders[i]).filter(|a| a.is_named());
             if keep(&self.bufs[i][..self.lens[i]], sender) {
                 if kept != i {
                     self.bufs.swap(kept, i);
@@ -360,7 +359,7 @@ impl RxBatch {
         }
         self.bufs[self.count][..frame.len()].copy_from_slice(frame);
         self.lens[self.count] = frame.len();
-        self.senders[self.count] = UnixAddr::unnamed();
+        self.senders[self.count].len = 0;
         self.count += 1;
         true
     }
@@ -391,10 +390,9 @@ pub fn recv_batch(
     if free == 0 {
         return Ok(0);
     }
-    // SAFETY: zeroed iovec/mmsghdr/sockaddr_un are valid values.
+    // SAFETY: zeroed iovec/mmsghdr are valid values.
     let mut iov: [libc::iovec; BATCH] = unsafe { zeroed() };
     let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-    let mut addrs: [libc::sockaddr_un; BATCH] = unsafe { zeroed() };
     for i in 0..free {
         let buf = &mut batch.bufs[batch.count + i];
         iov[i].iov_base = buf.as_mut_ptr().cast();
@@ -402,7 +400,9 @@ pub fn recv_batch(
         hdrs[i].msg_hdr.msg_iov = &mut iov[i];
         hdrs[i].msg_hdr.msg_iovlen = 1;
         if names {
-            hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_un).cast();
+            // The kernel writes each sender's name straight into the batch.
+            let name = &mut batch.senders[batch.count + i].raw;
+            hdrs[i].msg_hdr.msg_name = (name as *mut libc::sockaddr_un).cast();
             hdrs[i].msg_hdr.msg_namelen = size_of::<libc::sockaddr_un>() as libc::socklen_t;
         }
     }
@@ -439,16 +439,14 @@ pub fn recv_batch(
                 let dst = batch.count;
                 if dst != start + i {
                     batch.bufs.swap(dst, start + i);
+                    if names {
+                        batch.senders[dst].raw = batch.senders[start + i].raw;
+                    }
                 }
                 batch.lens[dst] = len;
-                batch.senders[dst] = if names {
-                    UnixAddr {
-                        raw: addrs[i],
-                        len: hdr.msg_hdr.msg_namelen,
-                    }
-                } else {
-                    UnixAddr::unnamed()
-                };
+                // An unnamed sender (and every one without `names`) has
+                // length 0.
+                batch.senders[dst].len = if names { hdr.msg_hdr.msg_namelen } else { 0 };
                 batch.count += 1;
             }
             Err(FrameError::Runt(_)) => rejects.runt += 1,
