@@ -3,51 +3,49 @@
 //!
 //! The first sender heard from (with an address it can be answered at)
 //! becomes the port's client. Datagrams from anyone else are dropped and
-//! counted (`rx_drop_stranger`): every frame's source address comes with
-//! it from recvmmsg, so the check costs a compare. A stranger does not
-//! displace a live client; when a stranger speaks, the client is checked
-//! on the spot, and if it is gone the stranger becomes the client at
-//! once. So a client that dies without a word (its socket file left
-//! behind) never holds the port.
+//! counted (`rx_drop_stranger`): recvmmsg hands over every frame's source
+//! address, so the check is a compare. A stranger does not displace a
+//! live client; when one speaks, the client is checked on the spot (a
+//! `connect` to its address: refused if nobody is bound there), and if it
+//! is gone the stranger becomes the client at once. So a client that dies
+//! without a word, its socket file left behind, never holds the port.
 //!
-//! The port's socket connects to the client when there is first something
-//! to send to it, and stays connected until the client is gone:
-//! - sending on a connected socket is about 1 µs per frame cheaper here
+//! The port's socket connects to the client when there is first a frame
+//! for it, and stays connected until the client is gone:
+//! - sending on a connected socket costs about 1 µs per frame less here
 //!   than naming the destination in each message (the kernel looks the
-//!   path up per message), and epoll reports the socket writable exactly
-//!   when the client has room again (an unconnected sender gets no such
+//!   path up per message), and epoll reports the socket writable when the
+//!   client has room again, or closed (an unconnected sender gets no such
 //!   wakeup);
 //! - the client's own sends are then no longer capped by
 //!   `net.unix.max_dgram_qlen` (10 on many hosts), which applies only
 //!   towards a socket not connected to the sender;
-//! - but the kernel then refuses everyone else (EPERM to the sender), so
-//!   a new client cannot be heard from until the connection is dissolved,
-//!   and dissolving it is only safe once the client is gone: disconnecting
-//!   purges the socket's receive queue and, if the client is connected to
-//!   the port, makes its next call fail with ECONNRESET (Linux,
-//!   `unix_dgram_disconnected`). So the port never disconnects from a live
-//!   client, and does not connect before it has to: a port nothing is sent
-//!   to (a receive-only port, a quiet lan) stays unconnected and hears
-//!   everyone.
+//! - but the kernel then refuses everyone else (EPERM, to `sendto` and to
+//!   `connect`), and ulan does not see them. Dissolving the connection is
+//!   only safe once the client is gone: on Linux, disconnecting purges the
+//!   socket's receive queue and, if the client is connected to the port,
+//!   makes the client's next call fail with ECONNRESET. So the port never
+//!   disconnects from a live client, and does not connect before it must:
+//!   a port nothing is sent to (a receive-only port, a quiet lan) stays
+//!   unconnected and hears everyone.
 //!
 //! The client is let go when it is found gone: a send to it is refused,
-//! its socket file is removed, or a check every [`PROBE_MS`](crate::ports::PROBE_MS) finds nobody
-//! bound at its address (a `connect` that fails; for a connected port the
-//! check reconnects the port's own socket to the address, which is free
-//! for a live peer and fails with ECONNREFUSED for a dead one). A socket
-//! file replaced at the client's path is a restarted client: the port
-//! follows it at once (down, then up), without waiting for it to speak.
-//! So a connected port takes a new client within [`PROBE_MS`](crate::ports::PROBE_MS) of the old
-//! one's end, or at the first frame sent to the old one; until then the
-//! kernel refuses the newcomer.
+//! its socket file is removed, or a check every
+//! [`PROBE_MS`](crate::ports::PROBE_MS) finds nobody bound at its address
+//! (for a connected port the check reconnects the port's own socket to
+//! the address: nothing changes for a live peer, a dead one refuses). So
+//! a connected port takes a new client within one check of the old one's
+//! end, or at the first frame sent to the old one; until then the kernel
+//! refuses the newcomer. A socket file replaced at the client's path is a
+//! restarted client: the port follows it (down, then up) without waiting
+//! for it to speak.
 //!
 //! When ulan launches the client itself it knows the client's socket path
 //! (`expected_peer`): the port adopts it as soon as someone is bound there
-//! (checked every [`PROBE_MS`](crate::ports::PROBE_MS)), so frames reach a
-//! guest before the guest has sent any. A port that lost its client
-//! watches the client's address the same way until someone else speaks:
-//! a client restarted at the same path is back within a check, silent or
-//! not.
+//! (checked as often), so frames reach a guest before the guest has sent
+//! any. A port that lost its client watches that client's address the
+//! same way until someone else speaks: a client restarted at the same path
+//! is back within a check, silent or not.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -91,6 +89,9 @@ pub struct DgramPort {
     /// The last client's address, while the port has none: a client
     /// restarted there is taken back without waiting for it to speak.
     returning: Option<UnixAddr>,
+    /// A sender last found unreachable (its socket file removed) and when
+    /// (ms): one that keeps sending is checked at most once per ms.
+    unreachable: Option<(UnixAddr, u64)>,
 }
 
 /// (device, inode) of the socket file at `addr`; None for an abstract
@@ -128,6 +129,7 @@ impl DgramPort {
             want_write: false,
             expected_peer,
             returning: None,
+            unreachable: None,
         })
     }
 
@@ -138,7 +140,11 @@ impl DgramPort {
 
     /// Takes `addr` as the client if someone is bound there.
     fn adopt(&mut self, addr: UnixAddr, cx: &mut PortCx<'_>) -> bool {
+        if self.unreachable == Some((addr, cx.now_ms)) {
+            return false;
+        }
         if self.reachable(&addr).is_err() {
+            self.unreachable = Some((addr, cx.now_ms));
             return false;
         }
         self.peer = Some(Peer {
