@@ -80,6 +80,11 @@ pub struct DgramPort {
     peer: Option<Peer>,
     /// `sock` is connected to the peer.
     connected: bool,
+    /// Connected, but datagrams that came before may still be queued:
+    /// senders are checked until a receive finds the socket empty. After
+    /// that only the peer can be in the queue, and receives skip the
+    /// names (about 50 ns per frame here).
+    unsorted: bool,
     /// When the peer was last found alive by a check (ms): a stranger
     /// sending in a loop causes at most one check per ms.
     checked_ms: Option<u64>,
@@ -124,6 +129,7 @@ impl DgramPort {
             probe,
             peer: None,
             connected: false,
+            unsorted: false,
             checked_ms: None,
             queue: FrameQueue::new(FRAME_QUEUE_DEPTH),
             want_write: false,
@@ -239,14 +245,18 @@ impl DgramPort {
     }
 
     fn receive(&mut self, cx: &mut PortCx<'_>, batch: &mut RxBatch) -> RxState {
-        // Always with names: datagrams queued before the socket connected
-        // may be strangers'.
-        let rx = receive_datagrams(&self.sock, batch, &mut self.link, cx, true, false);
-        if let Some(e) = rx.error {
+        let names = !self.connected || self.unsorted;
+        let rx = receive_datagrams(&self.sock, batch, &mut self.link, cx, names, false);
+        if let Some(e) = &rx.error {
             self.link
                 .warn(cx.now_ms, format_args!("receive failed: {e}"));
         }
-        self.filter_senders(cx, batch);
+        if names {
+            self.filter_senders(cx, batch);
+            if rx.state == RxState::Drained && rx.error.is_none() {
+                self.unsorted = false;
+            }
+        }
         rx.state
     }
 }
@@ -299,7 +309,10 @@ impl PortIo for DgramPort {
         if !self.connected {
             // From unconnected, connecting purges nothing.
             match sys::connect(&self.sock, &peer.addr) {
-                Ok(()) => self.connected = true,
+                Ok(()) => {
+                    self.connected = true;
+                    self.unsorted = true;
+                }
                 // Alive, but connected to another socket: it takes
                 // nothing from the port. Keep it (it still talks to us)
                 // rather than flap.
@@ -498,5 +511,50 @@ mod tests {
         assert_eq!((c.connects, c.disconnects), (1, 0));
         assert_eq!((c.tx_drop_error, c.tx_dropped, c.tx_frames), (2, 2, 0));
         drop(other);
+    }
+
+    /// A stranger's datagram that was queued before the port connected to
+    /// its client is still told apart from the client's (the kernel only
+    /// filters what comes after).
+    #[test]
+    fn datagrams_queued_before_the_port_connects_are_still_filtered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("port");
+        let shared = Arc::new(PortShared::default());
+        let link = PortLink::new("d", shared, Arc::new(EventSink::new()));
+        let mut port = DgramPort::open(&path, link, None).unwrap();
+        let poll = mio::Poll::new().unwrap();
+        let to = UnixAddr::from_path(&path).unwrap();
+        let a = sys::bound_socket(libc::SOCK_DGRAM, &dir.path().join("a")).unwrap();
+        let b = sys::bound_socket(libc::SOCK_DGRAM, &dir.path().join("b")).unwrap();
+        let mut c = PortCounters::default();
+        send_from(&a, &to, 1);
+        assert_eq!(receive(&mut port, &poll, &mut c, 10), [1]);
+        send_from(&b, &to, 2);
+        send_from(&a, &to, 3);
+        {
+            let mut cx = PortCx {
+                registry: poll.registry(),
+                token: 0,
+                counters: &mut c,
+                now_ms: 10,
+                read_to_end: true,
+            };
+            port.enqueue(&frame(mac(1), mac(2), 60, 9), &mut cx);
+            assert!(!port.flush(&mut cx));
+        }
+        assert!(port.connected);
+        // Now the kernel refuses b; what it sent before is still queued.
+        let f = frame(MacAddr::BROADCAST, mac(2), 60, 4);
+        let err = sys::send_batch(&b, &[&f], Some(&to)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        assert_eq!(receive(&mut port, &poll, &mut c, 10), [3]);
+        assert_eq!((c.rx_drop_stranger, c.tx_frames), (1, 1));
+        assert!(
+            !port.unsorted,
+            "still checking senders after the queue drained"
+        );
+        send_from(&a, &to, 5);
+        assert_eq!(receive(&mut port, &poll, &mut c, 11), [5]);
     }
 }
