@@ -256,7 +256,7 @@ fn sink(fd: &OwnedFd, framing: Framing, size: usize, stop: &AtomicBool, got: &At
         let more = match framing {
             Framing::Datagram => {
                 batch.clear();
-                match sys::recv_batch(fd, &mut batch, &mut rejects, None) {
+                match sys::recv_batch(fd, &mut batch, &mut rejects, false) {
                     Ok(_) => {
                         n += batch.len() as u64;
                         true

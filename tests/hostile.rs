@@ -663,6 +663,25 @@ fn source_mac_flood_is_bounded() {
     assert!(fdb.len() <= ulan::switch::fdb::DEFAULT_FDB_CAPACITY);
 }
 
+/// Sends `n` frames from a stranger; returns how many the kernel took
+/// (the rest it refused with EPERM: the port's socket was connected to
+/// its client by then).
+fn stranger_sends(stray: &mut Endpoint, n: u32, tag: u32) -> u64 {
+    let mut taken = 0;
+    for k in 0..n {
+        match stray.send(&frame(MacAddr::BROADCAST, mac(66), 60, tag + k)) {
+            Ok(()) => taken += 1,
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
+        }
+    }
+    taken
+}
+
+/// A stranger's datagrams do not displace a live client, whether the
+/// port's socket is still unconnected (nothing sent to the client yet:
+/// the stranger's frames are dropped and counted) or connected (the
+/// kernel refuses them). Every stranger datagram the kernel took is in
+/// `rx_drop_stranger`, and none reaches the lan.
 #[test]
 fn dgram_port_belongs_to_its_client_until_that_client_is_gone() {
     let fx = Fixture::new();
@@ -670,28 +689,57 @@ fn dgram_port_belongs_to_its_client_until_that_client_is_gone() {
     let mut first = fx.plug("d", PortKind::Dgram, Some("l"));
     let mut peer = fx.plug("peer", PortKind::Stream, Some("l"));
     let path = fx.lab.port("d").unwrap().path;
-    // A stray sender cannot take the port over: the kernel refuses it.
     let mut stray = Endpoint::connect(PortKind::Dgram, path.as_ref(), &fx.scratch).unwrap();
-    let err = stray
-        .send(&frame(MacAddr::BROADCAST, mac(66), 60, 66))
-        .unwrap_err();
-    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
-    assert!(peer.recv(QUIET).unwrap().is_none());
+    let before = fx.stats("d");
+    // Nothing was sent to the client yet: the port's socket hears everyone.
+    let taken = stranger_sends(&mut stray, 20, 100);
+    assert_eq!(taken, 20, "an unconnected port refused a stranger");
+    let s = fx.wait_stats("d", |s| {
+        s.rx_drop_stranger - before.rx_drop_stranger == taken
+    });
+    assert_eq!(s.rx_dropped - before.rx_dropped, taken);
+    assert_eq!(
+        s.rx_frames, before.rx_frames,
+        "a stranger's frame counted as the client's"
+    );
+    assert_eq!(
+        (s.connects, s.disconnects),
+        (before.connects, before.disconnects)
+    );
+    assert!(
+        peer.recv(QUIET).unwrap().is_none(),
+        "a stranger's frame was forwarded"
+    );
     first
         .send(&frame(MacAddr::BROADCAST, mac(1), 60, 1))
         .unwrap();
     assert_eq!(tag_of(&peer.recv(WAIT).unwrap().unwrap()), Some(1));
     peer.send(&frame(mac(1), mac(2), 60, 2)).unwrap();
     assert_eq!(tag_of(&first.recv(WAIT).unwrap().unwrap()), Some(2));
-    // The client goes away (its socket file with it): within the 1 s check
-    // the port lets go, and the next sender becomes its client.
+    // Now connected to its client: the kernel refuses the stranger.
+    let before = fx.stats("d");
+    let taken = stranger_sends(&mut stray, 20, 200);
+    assert_eq!(taken, 0, "a connected port let a stranger through");
+    first
+        .send(&frame(MacAddr::BROADCAST, mac(1), 60, 3))
+        .unwrap();
+    assert_eq!(tag_of(&peer.recv(WAIT).unwrap().unwrap()), Some(3));
+    let s = fx.stats("d");
+    assert_eq!(s.rx_drop_stranger, before.rx_drop_stranger);
+    assert_eq!(
+        s.disconnects, before.disconnects,
+        "the client was displaced"
+    );
+    assert!(fx.lab.port("d").unwrap().up);
+    // The client goes away (its socket file with it): within a check the
+    // port lets go, and the next sender becomes its client.
     drop(first);
     fx.wait_up("d", false);
     stray
-        .send(&frame(MacAddr::BROADCAST, mac(66), 60, 3))
+        .send(&frame(MacAddr::BROADCAST, mac(66), 60, 4))
         .unwrap();
-    assert_eq!(tag_of(&peer.recv(WAIT).unwrap().unwrap()), Some(3));
+    assert_eq!(tag_of(&peer.recv(WAIT).unwrap().unwrap()), Some(4));
     fx.wait_up("d", true);
-    peer.send(&frame(mac(66), mac(2), 60, 4)).unwrap();
-    assert_eq!(tag_of(&stray.recv(WAIT).unwrap().unwrap()), Some(4));
+    peer.send(&frame(mac(66), mac(2), 60, 5)).unwrap();
+    assert_eq!(tag_of(&stray.recv(WAIT).unwrap().unwrap()), Some(5));
 }

@@ -464,3 +464,172 @@ fn frames_queued_for_a_port_do_not_follow_it_to_another_lan() {
         );
     }
 }
+
+/// Environment of [`helper_dgram_client_process`] when it runs as a child.
+const CLIENT_OWN: &str = "ULAN_TEST_DGRAM_CLIENT_OWN";
+const CLIENT_PORT: &str = "ULAN_TEST_DGRAM_CLIENT_PORT";
+const CLIENT_MAC: &str = "ULAN_TEST_DGRAM_CLIENT_MAC";
+const CLIENT_AWAIT: &str = "ULAN_TEST_DGRAM_CLIENT_AWAIT";
+const CLIENT_FRAMES: u32 = 30;
+
+/// Not a test of its own: the body of the client process the tests below
+/// start (this test binary run again with only this test and the
+/// environment above; without it, it returns at once). Like a simple
+/// one-frame-per-syscall generator: binds a socket, connects it to the
+/// port (exit 2 if refused), sends [`CLIENT_FRAMES`] broadcast frames
+/// tagged 0.., optionally waits for one frame back (exit 3 if none
+/// comes), and exits without removing its socket file.
+#[test]
+fn helper_dgram_client_process() {
+    use ulan::ports::sys::{self, UnixAddr};
+    let (Some(own), Some(port), Some(n)) = (
+        std::env::var_os(CLIENT_OWN),
+        std::env::var_os(CLIENT_PORT),
+        std::env::var(CLIENT_MAC).ok().and_then(|m| m.parse().ok()),
+    ) else {
+        return;
+    };
+    let fd = sys::unix_socket(libc::SOCK_DGRAM).unwrap();
+    sys::bind(&fd, &UnixAddr::from_path(own.as_ref()).unwrap()).unwrap();
+    if let Err(e) = sys::connect(&fd, &UnixAddr::from_path(port.as_ref()).unwrap()) {
+        eprintln!("connect: {e}");
+        std::process::exit(2);
+    }
+    for k in 0..CLIENT_FRAMES {
+        let f = frame(MacAddr::BROADCAST, mac(n), 60, k);
+        loop {
+            match sys::send_batch(&fd, &[&f], None) {
+                Ok(1) => break,
+                Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => {
+                    eprintln!("send: {e}");
+                    std::process::exit(4);
+                }
+            }
+        }
+    }
+    if std::env::var_os(CLIENT_AWAIT).is_some() {
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut buf = [0u8; 2048];
+        loop {
+            match sys::read(&fd, &mut buf) {
+                Ok(_) => break,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => {
+                    eprintln!("nothing came back: {e}");
+                    std::process::exit(3);
+                }
+            }
+        }
+    }
+    // No unlink, no goodbye: the socket file stays behind.
+    std::process::exit(0);
+}
+
+/// Runs [`helper_dgram_client_process`] as a child process to the end;
+/// returns its exit code and what it said.
+fn run_client(own: &std::path::Path, port: &str, n: u32, wait_back: bool) -> (i32, String) {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "helper_dgram_client_process", "--test-threads=1"])
+        .env(CLIENT_OWN, own)
+        .env(CLIENT_PORT, port)
+        .env(CLIENT_MAC, n.to_string())
+        .stdin(std::process::Stdio::null());
+    if wait_back {
+        cmd.env(CLIENT_AWAIT, "1");
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The tags of the [`CLIENT_FRAMES`] frames from client `n`, as `peer`
+/// got them.
+fn frames_from(peer: &mut Endpoint, n: u32) -> Vec<u32> {
+    let mut tags = Vec::new();
+    while tags.len() < CLIENT_FRAMES as usize {
+        let f = peer.recv(WAIT).unwrap().expect("client frames missing");
+        let eth = ulan::wire::EthernetFrame::new_checked(&f).unwrap();
+        if eth.src() == mac(n) {
+            tags.push(tag_of(&f).unwrap());
+        }
+    }
+    tags
+}
+
+/// The scenario: a generator process sends to a dgram port on a
+/// lan where nothing is sent towards that port, and exits without removing
+/// its socket file; a second run, on a new socket path and started right
+/// after, connects and gets its frames through, and the port names it.
+#[test]
+fn a_dgram_client_that_dies_without_a_word_does_not_hold_a_quiet_port() {
+    let fx = Fixture::new();
+    fx.lan("l");
+    let mut peer = fx.plug("peer", PortKind::Stream, Some("l"));
+    let port = fx
+        .lab
+        .add_port("d", PortKind::Dgram, Some("l"))
+        .unwrap()
+        .path;
+    let all: Vec<u32> = (0..CLIENT_FRAMES).collect();
+    let first = fx.scratch.join("first.sock");
+    assert_eq!(run_client(&first, &port, 1, false), (0, String::new()));
+    assert_eq!(frames_from(&mut peer, 1), all);
+    assert!(first.exists(), "the first client's socket file is gone");
+    let second = fx.scratch.join("second.sock");
+    let (code, said) = run_client(&second, &port, 2, false);
+    assert_eq!(code, 0, "second client refused: {said}");
+    assert_eq!(frames_from(&mut peer, 2), all);
+    let info = fx.lab.port("d").unwrap();
+    assert!(info.up);
+    let s = fx.stats("d");
+    assert_eq!((s.connects, s.disconnects), (2, 1), "{s:?}");
+    assert_eq!(
+        s.rx_drop_stranger, 0,
+        "the second client counted as a stranger"
+    );
+    assert_eq!(s.rx_frames, 2 * CLIENT_FRAMES as u64);
+}
+
+/// The same with traffic towards the first client (so the port's socket
+/// is connected to it): once it is dead the port lets go within a check,
+/// with nothing sent on the lan, and the next run gets the port.
+#[test]
+fn a_dgram_client_that_dies_without_a_word_is_let_go_with_no_traffic() {
+    let fx = Fixture::new();
+    fx.lan("l");
+    let mut peer = fx.plug("peer", PortKind::Stream, Some("l"));
+    let port = fx
+        .lab
+        .add_port("d", PortKind::Dgram, Some("l"))
+        .unwrap()
+        .path;
+    let first = fx.scratch.join("first.sock");
+    let child = {
+        let (first, port) = (first.clone(), port.clone());
+        std::thread::spawn(move || run_client(&first, &port, 1, true))
+    };
+    let all: Vec<u32> = (0..CLIENT_FRAMES).collect();
+    assert_eq!(frames_from(&mut peer, 1), all);
+    // Learned on d: unicast to the client, which then exits.
+    peer.send(&frame(mac(1), mac(9), 60, 77)).unwrap();
+    assert_eq!(child.join().unwrap(), (0, String::new()));
+    let died = std::time::Instant::now();
+    fx.wait_up("d", false);
+    let took = died.elapsed();
+    assert!(took < Duration::from_secs(1), "let go after {took:?}");
+    let second = fx.scratch.join("second.sock");
+    let (code, said) = run_client(&second, &port, 2, false);
+    assert_eq!(code, 0, "second client refused: {said}");
+    assert_eq!(frames_from(&mut peer, 2), all);
+    assert!(fx.lab.port("d").unwrap().up);
+    let s = fx.stats("d");
+    assert_eq!((s.connects, s.disconnects, s.tx_frames), (2, 1, 1), "{s:?}");
+}

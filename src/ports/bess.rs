@@ -55,7 +55,7 @@ impl BessPort {
         let Some(c) = self.client.as_ref() else {
             return RxState::Drained;
         };
-        let rx = receive_datagrams(&c.fd, batch, &mut self.link, cx, None, true);
+        let rx = receive_datagrams(&c.fd, batch, &mut self.link, cx, false, true);
         if rx.eof {
             self.drop_client(cx, "client closed");
         } else if let Some(e) = rx.error {

@@ -114,6 +114,9 @@ pub enum RxState {
     More,
 }
 
+/// How often ports that ask for it check on their clients.
+pub const PROBE_MS: u64 = 50;
+
 /// How many fds (sub-tokens) a port may use.
 pub const TOKENS_PER_PORT: usize = 4;
 
@@ -156,15 +159,26 @@ pub trait PortIo: Send {
     /// Sends what is queued. Returns true while output is backed up.
     fn flush(&mut self, cx: &mut PortCx<'_>) -> bool;
 
-    /// Backed-up output that epoll will not announce (a datagram peer the
-    /// socket is not connected to): the data plane retries it on a short
-    /// timer. Others are flushed when their fd turns writable.
+    /// Backed-up output that epoll will not announce: the data plane
+    /// retries it on a short timer. Others are flushed when their fd turns
+    /// writable. (No port kind needs it at present: dgram ports send on a
+    /// socket connected to their client.)
     fn needs_retry_timer(&self) -> bool {
         false
     }
 
     /// Called about once a second: timeouts of half-open clients.
     fn tick(&mut self, _cx: &mut PortCx<'_>) {}
+
+    /// Whether the port wants [`PortIo::probe`] calls: a client it cannot
+    /// see leave (a datagram peer) is checked on every [`PROBE_MS`].
+    fn wants_probe(&self) -> bool {
+        false
+    }
+
+    /// Called about every [`PROBE_MS`] when [`PortIo::wants_probe`]:
+    /// checks that the client is still there.
+    fn probe(&mut self, _cx: &mut PortCx<'_>) {}
 
     /// The port left its lan: drops what is queued for the client and not
     /// yet handed to the kernel (a stream record already partly written is
@@ -392,13 +406,14 @@ const MAX_RECV_CALLS: usize = 8;
 /// Receives datagrams (or seqpacket messages) into `batch` until the
 /// socket is empty or the batch is full, as edge-triggered polling needs,
 /// or [`MAX_RECV_CALLS`] calls were made (then it says `More`). Rejected
-/// frames are counted and logged (rate-limited) here.
+/// frames are counted and logged (rate-limited) here. With `names`, the
+/// batch keeps each frame's sender ([`RxBatch::sender`]).
 pub(crate) fn receive_datagrams(
     fd: &std::os::fd::OwnedFd,
     batch: &mut RxBatch,
     link: &mut PortLink,
     cx: &mut PortCx<'_>,
-    mut sender: Option<&mut Option<sys::UnixAddr>>,
+    names: bool,
     seqpacket: bool,
 ) -> DatagramRx {
     let mut rejects = sys::RxRejects::default();
@@ -415,7 +430,7 @@ pub(crate) fn receive_datagrams(
         }
         calls += 1;
         let room = sys::BATCH - batch.len();
-        match sys::recv_batch(fd, batch, &mut rejects, sender.as_deref_mut()) {
+        match sys::recv_batch(fd, batch, &mut rejects, names) {
             Ok(_) if seqpacket && rejects.zero_len > 0 => {
                 rejects.zero_len = 0;
                 out.eof = true;

@@ -124,6 +124,15 @@ impl UnixAddr {
             len: size_of::<libc::sockaddr_un>() as libc::socklen_t,
         }
     }
+
+    /// The address of an unbound socket: no name.
+    pub const fn unnamed() -> UnixAddr {
+        UnixAddr {
+            // SAFETY: plain old data; all-zero is valid.
+            raw: unsafe { zeroed() },
+            len: 0,
+        }
+    }
 }
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -278,6 +287,8 @@ pub struct RxBatch {
     /// What each frame's sender left undone (vhost-user guests with
     /// checksum and TSO offloads); none for socket ports.
     offloads: [Offload; BATCH],
+    /// Where each frame came from, when [`recv_batch`] was asked for names.
+    senders: [UnixAddr; BATCH],
     count: usize,
 }
 
@@ -295,6 +306,7 @@ impl RxBatch {
                 .collect(),
             lens: [0; BATCH],
             offloads: [Offload::default(); BATCH],
+            senders: [UnixAddr::unnamed(); BATCH],
             count: 0,
         }
     }
@@ -345,6 +357,34 @@ impl RxBatch {
 
     pub fn offload(&self, i: usize) -> &Offload {
         &self.offloads[i]
+
+    }
+
+    /// The sender of frame `i`, if [`recv_batch`] was asked for names and
+    /// the sender had one (an unbound socket has none).
+    pub fn sender(&self, i: usize) -> Option<&UnixAddr> {
+        self.senders.get(i).filter(|a| a.is_named())
+    }
+
+    /// Keeps the frames for which `keep(frame, sender)` says true, in
+    /// order; returns how many were dropped.
+    pub fn retain(&mut self, mut keep: impl FnMut(&[u8], Option<&UnixAddr>) -> bool) -> usize {
+        let mut kept = 0;
+        for i in 0..self.count {
+            let sender = Some(&self.senders[i]).filter(|a| a.is_named());
+            if keep(&self.bufs[i][..self.lens[i]], sender) {
+                if kept != i {
+                    self.bufs.swap(kept, i);
+                    self.lens[kept] = self.lens[i];
+                    self.senders[kept] = self.senders[i];
+                    self.offloads[kept] = self.offloads[i];
+                }
+                kept += 1;
+            }
+        }
+        let dropped = self.count - kept;
+        self.count = kept;
+        dropped
     }
 
     /// Copies one frame in (stream framing). False when the batch is full.
@@ -355,6 +395,7 @@ impl RxBatch {
         self.bufs[self.count][..frame.len()].copy_from_slice(frame);
         self.lens[self.count] = frame.len();
         self.offloads[self.count] = Offload::default();
+        self.senders[self.count].len = 0;
         self.count += 1;
         true
     }
@@ -372,31 +413,32 @@ pub struct RxRejects {
 
 /// Receives up to the free room of `batch` datagrams (or seqpacket
 /// messages) in one recvmmsg. Frames failing the length rule are dropped
-/// and counted in `rejects`. `last_sender` gets the source of the last
-/// accepted frame when asked for. Returns how many messages were read.
+/// and counted in `rejects`. With `names`, each accepted frame's source
+/// address is kept too ([`RxBatch::sender`]). Returns how many messages
+/// were read.
 pub fn recv_batch(
     fd: &OwnedFd,
     batch: &mut RxBatch,
     rejects: &mut RxRejects,
-    mut last_sender: Option<&mut Option<UnixAddr>>,
+    names: bool,
 ) -> io::Result<usize> {
     let free = BATCH - batch.count;
     if free == 0 {
         return Ok(0);
     }
-    // SAFETY: zeroed iovec/mmsghdr/sockaddr_un are valid values.
+    // SAFETY: zeroed iovec/mmsghdr are valid values.
     let mut iov: [libc::iovec; BATCH] = unsafe { zeroed() };
     let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-    let mut names: [libc::sockaddr_un; BATCH] = unsafe { zeroed() };
-    let want_names = last_sender.is_some();
     for i in 0..free {
         let buf = &mut batch.bufs[batch.count + i];
         iov[i].iov_base = buf.as_mut_ptr().cast();
         iov[i].iov_len = buf.len();
         hdrs[i].msg_hdr.msg_iov = &mut iov[i];
         hdrs[i].msg_hdr.msg_iovlen = 1;
-        if want_names {
-            hdrs[i].msg_hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_un).cast();
+        if names {
+            // The kernel writes each sender's name straight into the batch.
+            let name = &mut batch.senders[batch.count + i].raw;
+            hdrs[i].msg_hdr.msg_name = (name as *mut libc::sockaddr_un).cast();
             hdrs[i].msg_hdr.msg_namelen = size_of::<libc::sockaddr_un>() as libc::socklen_t;
         }
     }
@@ -433,19 +475,16 @@ pub fn recv_batch(
                 let dst = batch.count;
                 if dst != start + i {
                     batch.bufs.swap(dst, start + i);
+                    if names {
+                        batch.senders[dst].raw = batch.senders[start + i].raw;
+                    }
                 }
                 batch.lens[dst] = len;
                 batch.offloads[dst] = Offload::default();
+                // An unnamed sender (and every one without `names`) has
+                // length 0.
+                batch.senders[dst].len = if names { hdr.msg_hdr.msg_namelen } else { 0 };
                 batch.count += 1;
-                if let Some(slot) = last_sender.as_deref_mut() {
-                    let addr = UnixAddr {
-                        raw: names[i],
-                        len: hdr.msg_hdr.msg_namelen,
-                    };
-                    if addr.is_named() {
-                        *slot = Some(addr);
-                    }
-                }
             }
             Err(FrameError::Runt(_)) => rejects.runt += 1,
             Err(FrameError::Oversized(_)) => rejects.oversized += 1,
@@ -513,17 +552,39 @@ mod tests {
         assert_eq!(sent, 3);
         let mut batch = RxBatch::new();
         let mut rej = RxRejects::default();
-        let mut from = None;
-        assert_eq!(
-            recv_batch(&rx, &mut batch, &mut rej, Some(&mut from)).unwrap(),
-            3
-        );
+        assert_eq!(recv_batch(&rx, &mut batch, &mut rej, true).unwrap(), 3);
         assert_eq!(batch.len(), 2);
         assert_eq!(batch.frame(0), &a);
         assert_eq!(batch.frame(1), &b);
         assert_eq!(rej.runt, 1);
         // tx is unbound: nothing to answer to.
-        assert!(from.is_none());
+        assert!(batch.sender(0).is_none());
+    }
+
+    #[test]
+    fn recv_batch_names_each_sender_and_retain_keeps_them_aligned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let rx = bound_socket(libc::SOCK_DGRAM, &path).unwrap();
+        let one = bound_socket(libc::SOCK_DGRAM, &dir.path().join("one")).unwrap();
+        let two = bound_socket(libc::SOCK_DGRAM, &dir.path().join("two")).unwrap();
+        let dest = UnixAddr::from_path(&path).unwrap();
+        for (i, fd) in [&one, &two, &one, &two].into_iter().enumerate() {
+            let f = [i as u8; 20];
+            assert_eq!(send_batch(fd, &[&f], Some(&dest)).unwrap(), 1);
+        }
+        let mut batch = RxBatch::new();
+        let mut rej = RxRejects::default();
+        assert_eq!(recv_batch(&rx, &mut batch, &mut rej, true).unwrap(), 4);
+        let one_addr = UnixAddr::from_path(&dir.path().join("one")).unwrap();
+        let two_addr = UnixAddr::from_path(&dir.path().join("two")).unwrap();
+        assert_eq!(batch.sender(1), Some(&two_addr));
+        let dropped = batch.retain(|_, from| from == Some(&one_addr));
+        assert_eq!(dropped, 2);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch.frame(0), &[0u8; 20]);
+        assert_eq!(batch.frame(1), &[2u8; 20]);
+        assert_eq!(batch.sender(1), Some(&one_addr));
     }
 
     #[test]

@@ -321,7 +321,7 @@ impl VdePort {
         let Some(Session::Attached { data, .. }) = self.session.as_ref() else {
             return RxState::Drained;
         };
-        let rx = receive_datagrams(data, batch, &mut self.link, cx, None, false);
+        let rx = receive_datagrams(data, batch, &mut self.link, cx, false, false);
         if let Some(e) = rx.error {
             self.link
                 .warn(cx.now_ms, format_args!("receive failed: {e}"));

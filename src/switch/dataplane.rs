@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use mio::{Events, Poll, Token, Waker};
 use tokio::sync::oneshot;
 
-use crate::ports::{PortCx, PortIo, RxBatch, RxState, TOKENS_PER_PORT};
+use crate::ports::{PortCx, PortIo, RxBatch, RxState, PROBE_MS, TOKENS_PER_PORT};
 use crate::switch::fdb::Learned;
 use crate::switch::forward::{Decision, FdbRow, Forwarder};
 use crate::switch::stats::{PortCounters, PortShared};
@@ -93,6 +93,7 @@ impl DataPlaneHandle {
             backlog: Vec::new(),
             rx_pending: Vec::new(),
             touched: Vec::new(),
+            probing: 0,
             forwarder: Forwarder::new(config.aging_ms, config.fdb_capacity),
             snapshot: initial,
             published: snapshot,
@@ -161,6 +162,9 @@ struct DataPlane {
     rx_pending: Vec<(PortId, usize)>,
     /// Ports whose counters changed this round.
     touched: Vec<PortId>,
+    /// Ports that want [`PortIo::probe`] calls; while there are any, the
+    /// loop wakes every [`PROBE_MS`].
+    probing: usize,
     forwarder: Forwarder,
     snapshot: Arc<Snapshot>,
     published: Arc<ArcSwap<Snapshot>>,
@@ -196,11 +200,14 @@ impl DataPlane {
     fn run(&mut self) {
         let mut events = Events::with_capacity(256);
         let mut last_tick = 0u64;
+        let mut last_probe = 0u64;
         loop {
             let timeout = if !self.rx_pending.is_empty() {
                 Some(Duration::ZERO)
             } else if !self.backlog.is_empty() {
                 Some(BACKLOG_RETRY)
+            } else if self.probing > 0 {
+                Some(Duration::from_millis(PROBE_MS))
             } else {
                 Some(Duration::from_millis(TICK_MS))
             };
@@ -233,6 +240,10 @@ impl DataPlane {
                 self.service(id, sub, readable, ev.is_writable(), closed, now);
             }
             self.flush_all(now);
+            if self.probing > 0 && now.saturating_sub(last_probe) >= PROBE_MS {
+                last_probe = now;
+                self.probe(now);
+            }
             if now.saturating_sub(last_tick) >= TICK_MS {
                 last_tick = now;
                 self.tick(now);
@@ -256,6 +267,9 @@ impl DataPlane {
                     if let Err(e) = io.register(&mut cx(registry, id, &mut counters, now)) {
                         tracing::error!(port = id, "cannot poll port: {e}");
                     }
+                    if io.wants_probe() {
+                        self.probing += 1;
+                    }
                     self.ports[i] = Some(Slot {
                         io,
                         shared,
@@ -267,6 +281,9 @@ impl DataPlane {
                 }
                 Ok(Command::RemovePort { id, done }) => {
                     if let Some(mut slot) = self.ports.get_mut(id as usize).and_then(Option::take) {
+                        if slot.io.wants_probe() {
+                            self.probing -= 1;
+                        }
                         slot.io.deregister(self.poll.registry());
                         slot.shared.counters.add(&slot.counters);
                         slot.shared.set_up(false);
@@ -474,6 +491,18 @@ impl DataPlane {
             if let Some(slot) = slot {
                 slot.io
                     .tick(&mut cx(registry, i as PortId, &mut slot.counters, now));
+                mark(&mut self.touched, &mut slot.touched, i as PortId);
+                note_link_state(&mut self.forwarder, slot, i as PortId);
+            }
+        }
+    }
+
+    fn probe(&mut self, now: u64) {
+        let registry = self.poll.registry();
+        for (i, slot) in self.ports.iter_mut().enumerate() {
+            if let Some(slot) = slot.as_mut().filter(|s| s.io.wants_probe()) {
+                slot.io
+                    .probe(&mut cx(registry, i as PortId, &mut slot.counters, now));
                 mark(&mut self.touched, &mut slot.touched, i as PortId);
                 note_link_state(&mut self.forwarder, slot, i as PortId);
             }

@@ -38,7 +38,8 @@ counters! {
     /// Bytes of those frames.
     tx_bytes,
     /// Frames from the client not forwarded: the sum of the rx_drop_*
-    /// reasons below. Runt and oversized ones are not in rx_frames.
+    /// reasons below. Runt, oversized and stranger ones are not in
+    /// rx_frames.
     rx_dropped,
     /// Received while the port is on no lan.
     rx_drop_no_lan,
@@ -52,6 +53,11 @@ counters! {
     /// A vhost-user guest asked for checksum or segmentation work its
     /// frame does not allow (bad offsets, not TCP, lengths that disagree).
     rx_drop_bad_offload,
+    /// A dgram port's datagrams from a sender other than its client (which
+    /// keeps the port). While the port's socket is connected to its
+    /// client, the kernel refuses such senders (EPERM) before ulan sees
+    /// them.
+    rx_drop_stranger,
     /// Frames bound for this port that it could not take: sum of tx_drop_*.
     tx_dropped,
     /// The output queue was full (slow or stuck client).
