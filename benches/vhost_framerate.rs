@@ -165,6 +165,8 @@ impl Daemon {
         let bin = ulan_binary();
         let child = Command::new(&bin)
             .env("XDG_RUNTIME_DIR", xdg.path())
+            // Its own data folder: the daemon restores a saved lab from there.
+            .env("XDG_DATA_HOME", xdg.path().join("data"))
             .env("ULAN_LAB", "vbench")
             .env_remove("RUST_LOG")
             .arg("daemon")
