@@ -142,6 +142,7 @@ pub fn image_store_from(
 pub fn run_checks(opts: &DoctorOptions) -> Vec<Check> {
     vec![
         check_qemu(&opts.qemu),
+        check_nic_transport(&opts.qemu),
         check_qemu_img(&opts.qemu_img),
         check_kvm(opts),
         check_uml(&opts.uml, opts.uml_timeout),
@@ -226,6 +227,57 @@ pub fn check_qemu(qemu: &Path) -> Check {
             "reinstall QEMU: apt-get install --reinstall qemu-system-x86",
         ),
     }
+}
+
+/// Which NIC transport a QEMU node gets, and why: vhost-user (ulan serves
+/// the guest's rings in shared memory, no system call per frame) when this
+/// QEMU has `-netdev vhost-user` and the kernel has memfd; else say how to
+/// pick a socket transport.
+pub fn check_nic_transport(qemu: &Path) -> Check {
+    const NAME: &str = "nic transport";
+    let Some(path) = find_in_path(qemu) else {
+        return Check::bad(
+            NAME,
+            Status::Warn,
+            "no QEMU to ask which netdevs it has",
+            "install qemu-system-x86",
+        );
+    };
+    let help = std::process::Command::new(&path)
+        .args(["-netdev", "help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if !help.lines().any(|l| l.trim() == "vhost-user") {
+        return Check::bad(
+            NAME,
+            Status::Warn,
+            format!(
+                "{} has no -netdev vhost-user: QEMU nodes need `transport: stream` (or dgram, vde)",
+                display_name(&path)
+            ),
+            "use a QEMU built with vhost-user (Debian's is), or set transport on each NIC",
+        );
+    }
+    // SAFETY: memfd_create with a static name; the fd is closed at once.
+    let fd = unsafe { libc::memfd_create(c"ulan-doctor".as_ptr(), libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Check::bad(
+            NAME,
+            Status::Warn,
+            format!(
+                "memfd_create fails ({}): vhost-user guests cannot share their RAM",
+                std::io::Error::last_os_error()
+            ),
+            "set `transport: stream` on QEMU NICs",
+        );
+    }
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    Check::ok(
+        NAME,
+        "QEMU nodes get vhost-user NICs by default (ulan serves the guests' rings in shared memory: no system call per frame); stream, dgram and vde on request",
+    )
 }
 
 pub fn check_qemu_img(qemu_img: &Path) -> Check {
@@ -829,6 +881,7 @@ mod tests {
             names,
             [
                 "qemu",
+                "nic transport",
                 "qemu-img",
                 "kvm",
                 "uml",

@@ -79,11 +79,12 @@ impl NodeKind {
     /// The NIC transports this kind of guest can use, default first.
     pub fn transports(self) -> &'static [Transport] {
         match self {
+            // vhost-user first: shared-memory rings, the fastest path.
             NodeKind::Qemu => &[
+                Transport::VhostUser,
                 Transport::Stream,
                 Transport::Dgram,
                 Transport::Vde,
-                Transport::VhostUser,
             ],
             NodeKind::Uml => &[Transport::Daemon, Transport::Vde, Transport::Bess],
         }
@@ -559,7 +560,7 @@ mod tests {
         assert_eq!(s.kind, NodeKind::Qemu);
         assert_eq!(s.memory_mb, DEFAULT_MEMORY_MB);
         assert_eq!(s.cpus, 1);
-        assert_eq!(s.transport(0), Transport::Stream);
+        assert_eq!(s.transport(0), Transport::VhostUser);
         assert!(s.uses_builtin_image());
         s.validate().unwrap();
         assert_eq!(s.port_name(0), "h1.eth0");
