@@ -357,7 +357,6 @@ impl RxBatch {
 
     pub fn offload(&self, i: usize) -> &Offload {
         &self.offloads[i]
-
     }
 
     /// The sender of frame `i`, if [`recv_batch`] was asked for names and
