@@ -349,7 +349,12 @@ fn main() {
         "direct dgram link",
         rt.block_on(direct(&img, &accel_args, secs, runs)),
     );
-    for t in [Transport::Stream, Transport::Dgram, Transport::Vde] {
+    for t in [
+        Transport::VhostUser,
+        Transport::Stream,
+        Transport::Dgram,
+        Transport::Vde,
+    ] {
         let label = format!("ulan {}", t.as_str());
         push(
             &label,
@@ -414,10 +419,22 @@ fn main() {
             None => "not measured",
         };
         println!(
-            "  {:<12} >= vde_switch: {:<12} >= 0.9 x direct: {}",
+            "  {:<16} >= vde_switch: {:<12} >= 0.9 x direct: {}",
             r.setup,
             word(vs_vde),
             word(vs_direct)
+        );
+    }
+    // vhost-user: at least twice the best socket transport.
+    let best_socket = ["ulan stream", "ulan dgram", "ulan vde"]
+        .iter()
+        .filter_map(|n| value(n).map(|v| (*n, v)))
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    if let (Some(vu), Some((name, best))) = (value("ulan vhost-user"), best_socket) {
+        println!(
+            "  ulan vhost-user >= 2 x the best socket transport ({name}, {best:.0} Mbit/s): {:.2}x {}",
+            vu / best,
+            if vu >= 2.0 * best { "met" } else { "NOT met" }
         );
     }
 }
