@@ -30,6 +30,8 @@ const WAKER: Token = Token(usize::MAX);
 /// Batches one port may read in a row before others get a turn.
 const RX_BUDGET: usize = 2;
 const TICK_MS: u64 = 1000;
+/// While ports keep the thread busy, epoll is asked every this many rounds.
+const POLL_EVERY: u32 = 8;
 /// Retry interval for output that is backed up and has no wakeup of its own.
 const BACKLOG_RETRY: Duration = Duration::from_millis(1);
 
@@ -201,8 +203,21 @@ impl DataPlane {
         let mut events = Events::with_capacity(256);
         let mut last_tick = 0u64;
         let mut last_probe = 0u64;
+        let mut busy_rounds = 0u32;
         loop {
-            let timeout = if !self.rx_pending.is_empty() {
+            // Ports with more to read (a polled vhost-user ring, a full
+            // batch) are served again at once. Asking epoll about the others
+            // costs a system call, so while such ports keep the thread
+            // busy it asks only every few rounds (a round is a few µs).
+            if !self.rx_pending.is_empty() && busy_rounds % POLL_EVERY != 0 {
+                busy_rounds += 1;
+                events.clear();
+            } else {
+                busy_rounds = 1;
+            }
+            let timeout = if busy_rounds != 1 {
+                None
+            } else if !self.rx_pending.is_empty() {
                 Some(Duration::ZERO)
             } else if !self.backlog.is_empty() {
                 Some(BACKLOG_RETRY)
@@ -211,7 +226,11 @@ impl DataPlane {
             } else {
                 Some(Duration::from_millis(TICK_MS))
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            let polled = match timeout {
+                None => Ok(()),
+                Some(t) => self.poll.poll(&mut events, Some(t)),
+            };
+            if let Err(e) = polled {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!("data plane poll failed: {e}");
                     std::thread::sleep(Duration::from_millis(10));
