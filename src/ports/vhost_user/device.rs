@@ -183,7 +183,9 @@ impl Device {
                 },
             };
             let map = self.map.as_ref().ok_or(RingError::RingOutsideMemory)?;
-            r.ring = Some(SplitRing::new(map, size, desc, avail, used, next, event_idx)?);
+            r.ring = Some(SplitRing::new(
+                map, size, desc, avail, used, next, event_idx,
+            )?);
             r.setup = Some((size, desc, avail, used));
         }
         Ok(())

@@ -265,8 +265,7 @@ impl SplitRing {
         self.signalled = new;
         if self.event_idx {
             // SAFETY: used_event sits right after the avail ring.
-            let event =
-                self.read_u16(unsafe { self.avail.add(4 + 2 * self.size as usize) });
+            let event = self.read_u16(unsafe { self.avail.add(4 + 2 * self.size as usize) });
             // vring_need_event: did `new` pass `event` since `old`?
             new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
         } else {
