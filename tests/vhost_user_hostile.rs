@@ -839,3 +839,43 @@ fn set_vring_enable_for_a_ring_that_does_not_exist() {
         write(s, &msg(SET_VRING_NUM, &[1]));
     });
 }
+
+/// A frontend stalled mid-message does not hold up removing its port: the
+/// port goes at once, the stalled frontend sees its socket closed, and a
+/// port of the same name works again.
+#[test]
+fn a_stalled_frontend_does_not_hold_up_removing_its_port() {
+    let mut lab = Lab3::start("stallrm");
+    let mut s = raw(&lab.victim);
+    write(&s, &hdr(SET_VRING_ADDR, 40));
+    std::thread::sleep(Duration::from_millis(200));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    rt.block_on(async {
+        tokio::time::timeout(WAIT, lab.lab.remove_port("v"))
+            .await
+            .expect("removing the port hung")
+            .unwrap()
+    });
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "removal took {:?}",
+        t.elapsed()
+    );
+    assert!(!lab.victim.exists(), "the socket file stayed");
+    assert!(
+        closed_by_backend(&mut s),
+        "the stalled frontend was not let go"
+    );
+    lab.bystanders().still_flow(32, "removing a stalled port");
+    let info = lab
+        .lab
+        .add_port("v", PortKind::VhostUser, Some("l"))
+        .unwrap();
+    lab.victim = PathBuf::from(info.path);
+    lab.survives("stallrm");
+    lab.finish();
+}

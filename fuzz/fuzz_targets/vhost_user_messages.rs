@@ -8,5 +8,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    ulan::ports::vhost_user::fuzz::messages(data);
+    let _ = ulan::ports::vhost_user::fuzz::messages(data);
 });

@@ -24,6 +24,10 @@ use crate::ports::PortLink;
 const PAGE: usize = 4096;
 /// The two guest regions the ring hook maps: (guest address, size).
 const REGIONS: [(u64, usize); 2] = [(0x1_0000, 0x1_0000), (0x4_0000, 0x4000)];
+/// Bytes of guest memory the ring hook fills.
+pub const IMAGE_LEN: usize = REGIONS[0].1 + REGIONS[1].1;
+/// Bytes of parameters before the image.
+pub const RINGS_HEADER_LEN: usize = 1 + 2 * 15 + 2;
 
 /// Guest memory with an inaccessible page before, between and after the
 /// regions: a read or write past a region faults instead of landing in
@@ -137,31 +141,30 @@ impl Take<'_> {
     fn u16(&mut self) -> u16 {
         u16::from(self.u8()) | u16::from(self.u8()) << 8
     }
-}
-
-/// A guest address picked by two input bytes: mostly inside the regions
-/// (aligned or not), sometimes just past one or nowhere near.
-fn pick_addr(t: &mut Take<'_>) -> u64 {
-    let sel = t.u8();
-    let off = u64::from(t.u16());
-    let (gpa, size) = REGIONS[usize::from(sel & 1)];
-    let size = size as u64;
-    match sel >> 5 {
-        0 => gpa + size - (off % 64),
-        1 => off,
-        _ => gpa + (off % size),
+    fn u32(&mut self) -> u32 {
+        u32::from(self.u16()) | u32::from(self.u16()) << 16
     }
 }
 
-/// The `vhost_user_rings` target: the input picks two rings' sizes,
-/// places, start indexes and the negotiated features, then fills guest
-/// memory (descriptor tables, rings, buffers alike) with the rest. The
+/// The `vhost_user_rings` target: the input picks the negotiated features
+/// (1 byte), then for RX and TX a ring size (1 byte, log2), the guest
+/// addresses of the descriptor table, available and used rings (3 x u32
+/// LE) and the start index (u16 LE), then a frame length (u16 LE); the
+/// rest fills guest memory (descriptor tables, rings, buffers alike),
+/// repeated: region 0 is guest 0x1_0000..0x2_0000 and region 1
+/// 0x4_0000..0x4_4000, so a rest of [`IMAGE_LEN`] bytes is an exact
+/// image. The
 /// device then takes every frame the transmit ring offers and fills the
 /// receive ring with frames, until a ring runs dry or is found broken.
 /// Every step is bounded; any access outside the regions faults.
-pub fn rings(data: &[u8]) {
-    let Some(guard) = Guarded::new() else { return };
-    let Some(mem) = guard.memory() else { return };
+pub fn rings(data: &[u8]) -> RingsOutcome {
+    let mut outcome = RingsOutcome::default();
+    let Some(guard) = Guarded::new() else {
+        return outcome;
+    };
+    let Some(mem) = guard.memory() else {
+        return outcome;
+    };
     let mut t = Take(data);
     let feat = t.u8();
     let mut features_acked = 0u64;
@@ -177,9 +180,9 @@ pub fn rings(data: &[u8]) {
     let mut params = Vec::new();
     for _ in 0..2 {
         let size = 1u16 << (t.u8() % 10);
-        let desc = pick_addr(&mut t);
-        let avail = pick_addr(&mut t);
-        let used = pick_addr(&mut t);
+        let desc = u64::from(t.u32());
+        let avail = u64::from(t.u32());
+        let used = u64::from(t.u32());
         let base = t.u16();
         params.push((size, desc, avail, used, base));
     }
@@ -191,6 +194,7 @@ pub fn rings(data: &[u8]) {
     let map = GuestMap::new(Arc::new(mem));
     for (i, &(size, desc, avail, used, base)) in params.iter().enumerate() {
         if let Ok(r) = SplitRing::new(&map, size, desc, avail, used, base, dev.event_idx()) {
+            outcome.rings += 1;
             dev.rings[i].ring = Some(r);
             dev.rings[i].started = true;
             dev.rings[i].enabled = true;
@@ -203,10 +207,12 @@ pub fn rings(data: &[u8]) {
     let mut out = vec![0u8; 65536];
     for _ in 0..(4 * 1024) {
         match dev.pop_tx(&mut out) {
-            Ok(Some(f)) => {
-                let _ = f.header;
+            Ok(Some(_)) => outcome.tx_frames += 1,
+            Ok(None) => break,
+            Err(_) => {
+                outcome.errors += 1;
+                break;
             }
-            Ok(None) | Err(_) => break,
         }
     }
     let _ = dev.signal(TX);
@@ -215,8 +221,12 @@ pub fn rings(data: &[u8]) {
     let header = [0u8; features::NET_HDR_LEN];
     for _ in 0..(4 * 1024) {
         match dev.push_rx(&header, &frame) {
-            Ok(super::device::Delivery::Delivered) => {}
-            Ok(_) | Err(_) => break,
+            Ok(super::device::Delivery::Delivered) => outcome.rx_frames += 1,
+            Ok(_) => break,
+            Err(_) => {
+                outcome.errors += 1;
+                break;
+            }
         }
     }
     let _ = dev.signal(RX);
@@ -225,6 +235,18 @@ pub fn rings(data: &[u8]) {
     dev.reset();
     drop(dev);
     drop(guard);
+    outcome
+}
+
+/// What one ring image gave (for the stand-in tests).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RingsOutcome {
+    /// Rings whose places passed the checks.
+    pub rings: usize,
+    pub tx_frames: usize,
+    pub rx_frames: usize,
+    /// Rings found broken.
+    pub errors: usize,
 }
 
 /// A sealed memfd of `len` bytes (what a well-behaved frontend sends), or
@@ -289,8 +311,9 @@ pub fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[i32]) -> io::Result
 
 /// Stands in for the data plane: applies each op to a real [`Device`]
 /// (so ring places are checked against the mapped memory) and answers.
-fn data_plane(ops: mpsc::Receiver<(u64, Op)>, replies: mpsc::SyncSender<(u64, Reply)>) {
+fn data_plane(ops: mpsc::Receiver<(u64, Op)>, replies: mpsc::SyncSender<(u64, Reply)>) -> usize {
     let mut dev = Device::default();
+    let mut started = 0;
     while let Ok((seq, op)) = ops.recv() {
         let reply = match op {
             Op::Features(f) => {
@@ -306,6 +329,7 @@ fn data_plane(ops: mpsc::Receiver<(u64, Op)>, replies: mpsc::SyncSender<(u64, Re
             }
             Op::Start { index, setup } => match dev.start(index, setup) {
                 Ok(()) => {
+                    started += 1;
                     dev.rings[index].enabled = true;
                     // Whatever the rings hold: take and fill, bounded.
                     let mut out = vec![0u8; 2048];
@@ -339,6 +363,18 @@ fn data_plane(ops: mpsc::Receiver<(u64, Op)>, replies: mpsc::SyncSender<(u64, Re
         }
     }
     dev.reset();
+    started
+}
+
+/// How a message stream fared (for the stand-in tests).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MessagesOutcome {
+    /// Messages read and answered before the session ended.
+    pub steps: usize,
+    /// Rings the data plane started.
+    pub rings_started: usize,
+    /// Sessions cut off for breaking the protocol (0 or 1).
+    pub protocol_errors: u64,
 }
 
 /// The `vhost_user_messages` target: the input is a list of chunks, each
@@ -349,10 +385,11 @@ fn data_plane(ops: mpsc::Receiver<(u64, Op)>, replies: mpsc::SyncSender<(u64, Re
 /// `vhost` crate's request handler over [`Session`], with SET_VRING_ENABLE
 /// taken first as the port does) reads until it ends. Replies are not
 /// read: the socket holds them, the input is capped well below its buffer.
-pub fn messages(data: &[u8]) {
+pub fn messages(data: &[u8]) -> MessagesOutcome {
     let data = &data[..data.len().min(8192)];
+    let mut outcome = MessagesOutcome::default();
     let Ok((ours, theirs)) = UnixStream::pair() else {
-        return;
+        return outcome;
     };
     // A reply the frontend never reads, or a read that would wait for
     // more, must not hang the harness.
@@ -380,19 +417,20 @@ pub fn messages(data: &[u8]) {
     }
     let _ = theirs.shutdown(std::net::Shutdown::Write);
 
-    let Ok(shared) = Shared::new() else { return };
+    let Ok(shared) = Shared::new() else {
+        return outcome;
+    };
     let shared = Arc::new(shared);
     let (ops_tx, ops_rx) = mpsc::channel();
     let (rep_tx, rep_rx) = mpsc::sync_channel(16);
     let plane = std::thread::spawn(move || data_plane(ops_rx, rep_tx));
-    let log = PortLink::new(
-        "fuzz",
-        Arc::new(Default::default()),
-        Arc::new(EventSink::new()),
-    );
+    let counters: Arc<crate::switch::stats::PortShared> = Arc::new(Default::default());
+    let log = PortLink::new("fuzz", counters.clone(), Arc::new(EventSink::new()));
     let link = DeviceLink::new(ops_tx, rep_rx, shared);
     let session = Arc::new(Mutex::new(Session::new(link, log, features::BASE_FEATURES)));
-    let Ok(watch) = ours.try_clone() else { return };
+    let Ok(watch) = ours.try_clone() else {
+        return outcome;
+    };
     let mut handler = BackendReqHandler::from_stream(ours, session.clone());
     // Every message is at least a 12-byte header: more steps than that
     // means the session loops without reading.
@@ -400,14 +438,17 @@ pub fn messages(data: &[u8]) {
         if !control::step(&mut handler, &watch, &session, "fuzz") {
             break;
         }
+        outcome.steps += 1;
     }
     if let Ok(mut s) = session.lock() {
         s.reset();
     }
     drop(handler);
     drop(session);
-    let _ = plane.join();
+    outcome.rings_started = plane.join().unwrap_or(0);
+    outcome.protocol_errors = counters.counters.load().protocol_errors;
     let _ = (&theirs).flush();
+    outcome
 }
 
 #[cfg(test)]
@@ -424,28 +465,114 @@ mod tests {
         }
     }
 
-    /// The `vhost_user_rings` target over pseudo-random memory images.
+    /// The `vhost_user_rings` target over pseudo-random memory images:
+    /// a third plain noise, the rest rings of plausible shape (tables and
+    /// rings where they fit, descriptors into the regions with small
+    /// lengths and short chains) spoilt here and there: addresses off or
+    /// unaligned, lengths huge, links out of range or looping, indexes
+    /// past the ring, writable TX and readable RX buffers.
     #[test]
     fn random_ring_images_never_leave_guest_memory() {
         let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
-        for round in 0..3000 {
-            let len = (next() % 2048) as usize;
-            let mut data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            // Every fourth round, descriptors that point into the regions
-            // with small lengths and short chains: the walk goes deeper.
-            if round % 4 == 0 && data.len() > 64 {
-                for chunk in data[32..].chunks_mut(16) {
-                    if chunk.len() == 16 {
-                        let addr = 0x1_0000u64 + (next() % 0xf000);
-                        chunk[..8].copy_from_slice(&addr.to_le_bytes());
-                        chunk[8..12].copy_from_slice(&((next() % 3000) as u32).to_le_bytes());
-                        chunk[12..14].copy_from_slice(&((next() % 4) as u16).to_le_bytes());
-                        chunk[14..16].copy_from_slice(&((next() % 300) as u16).to_le_bytes());
-                    }
-                }
+        let mut total = RingsOutcome::default();
+        for round in 0..2000 {
+            if round % 3 == 0 {
+                let len = (next() % 4096) as usize;
+                let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                let o = rings(&data);
+                total.rings += o.rings;
+                total.errors += o.errors;
+                continue;
             }
-            rings(&data);
+            let mut head = vec![(next() % 8) as u8];
+            let mut image = vec![0u8; IMAGE_LEN];
+            let put = |image: &mut Vec<u8>, gpa: u64, bytes: &[u8]| {
+                let off = (gpa - 0x1_0000) as usize;
+                if let Some(d) = image.get_mut(off..off + bytes.len()) {
+                    d.copy_from_slice(bytes);
+                }
+            };
+            for ring in 0..2u64 {
+                let log = (next() % 9) as u8;
+                let size = 1u64 << log;
+                let base = 0x1_0000 + ring * 0x4000;
+                let (mut desc, mut avail, mut used) = (base, base + 0x2000, base + 0x3000);
+                match next() % 16 {
+                    0 => desc += 8,
+                    1 => avail = 0x2_0000 - 4,
+                    2 => used = 0x4_4000 - 8,
+                    _ => {}
+                }
+                let start = next() as u16;
+                head.push(log);
+                for v in [desc as u32, avail as u32, used as u32] {
+                    head.extend_from_slice(&v.to_le_bytes());
+                }
+                head.extend_from_slice(&start.to_le_bytes());
+                let writable = if ring == 0 { 2u16 } else { 0 };
+                for i in 0..size {
+                    let addr = match next() % 32 {
+                        0 => 0x2_0000 - (next() % 64),
+                        1 => next(),
+                        2..=9 => 0x4_0000 + next() % 0x3000,
+                        _ => 0x1_8000 + next() % 0x7000,
+                    };
+                    let len = match next() % 32 {
+                        0 => u32::MAX,
+                        1 => 0,
+                        _ => 1 + (next() % 1600) as u32,
+                    };
+                    let mut flags = if next() % 3 == 0 { 1 } else { 0 } | writable;
+                    if next() % 40 == 0 {
+                        flags ^= 2;
+                    }
+                    if next() % 100 == 0 {
+                        flags |= 4;
+                    }
+                    let link = match next() % 20 {
+                        0 => i as u16,
+                        1 => (size + next() % 8) as u16,
+                        _ => ((i + 1 + next() % 3) % size) as u16,
+                    };
+                    let mut d = Vec::new();
+                    d.extend_from_slice(&addr.to_le_bytes());
+                    d.extend_from_slice(&len.to_le_bytes());
+                    d.extend_from_slice(&flags.to_le_bytes());
+                    d.extend_from_slice(&link.to_le_bytes());
+                    put(&mut image, desc + 16 * i, &d);
+                }
+                let ahead = match next() % 10 {
+                    0 => (size + 1 + next() % 100) as u16,
+                    _ => (next() % (size + 1)) as u16,
+                };
+                let mut a = vec![(next() % 2) as u8, 0];
+                a.extend_from_slice(&start.wrapping_add(ahead).to_le_bytes());
+                for _ in 0..size {
+                    let h = match next() % 50 {
+                        0 => (size + next() % 10) as u16,
+                        _ => (next() % size) as u16,
+                    };
+                    a.extend_from_slice(&h.to_le_bytes());
+                }
+                put(&mut image, avail, &a);
+            }
+            head.extend_from_slice(&((next() % 3000) as u16).to_le_bytes());
+            assert_eq!(head.len(), RINGS_HEADER_LEN);
+            head.extend_from_slice(&image);
+            let o = rings(&head);
+            total.rings += o.rings;
+            total.tx_frames += o.tx_frames;
+            total.rx_frames += o.rx_frames;
+            total.errors += o.errors;
         }
+        // Deep enough: rings start, frames go both ways, rings break.
+        assert!(
+            total.rings > 1500
+                && total.tx_frames > 1000
+                && total.rx_frames > 500
+                && total.errors > 500,
+            "{total:?}"
+        );
     }
 
     /// A hand-made image: one ring of 4 at the start of region 0, a chain
@@ -487,6 +614,74 @@ mod tests {
         dev.reset();
     }
 
+    fn chunk(kind: u8, msg: &[u8]) -> Vec<u8> {
+        let mut v = vec![kind];
+        v.extend_from_slice(&(msg.len() as u16).to_le_bytes());
+        v.extend_from_slice(msg);
+        v
+    }
+
+    fn msg(req: u32, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&req.to_ne_bytes());
+        v.extend_from_slice(&1u32.to_ne_bytes());
+        v.extend_from_slice(&(body.len() as u32).to_ne_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn u64s(v: &[u64]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_ne_bytes()).collect()
+    }
+
+    /// What a frontend does to start both rings, in 64 KiB of memory at
+    /// frontend address 0x7000_0000 (rings of 8 at 0x0/0x100/0x200 and
+    /// 0x1000/0x1100/0x1200).
+    fn good_stream() -> Vec<u8> {
+        let ua = 0x7000_0000u64;
+        let mut d = Vec::new();
+        d.extend(chunk(0, &msg(1, &[]))); // GET_FEATURES
+        d.extend(chunk(0, &msg(3, &[]))); // SET_OWNER
+        d.extend(chunk(0, &msg(2, &u64s(&[1 << 32])))); // SET_FEATURES
+        let mut table = vec![1, 0, 0, 0, 0, 0, 0, 0];
+        table.extend(u64s(&[0, 0x1_0000, ua, 0]));
+        d.extend(chunk(3, &msg(5, &table))); // SET_MEM_TABLE + sealed memfd
+        for (i, base) in [(0u32, ua), (1, ua + 0x1000)] {
+            let state = |n: u32| [i.to_ne_bytes(), n.to_ne_bytes()].concat();
+            d.extend(chunk(0, &msg(8, &state(8)))); // SET_VRING_NUM
+            let mut addr = state(0);
+            addr.extend(u64s(&[base, base + 0x200, base + 0x100, 0]));
+            d.extend(chunk(0, &msg(9, &addr))); // SET_VRING_ADDR
+            d.extend(chunk(0, &msg(10, &state(0)))); // SET_VRING_BASE
+            d.extend(chunk(1, &msg(12, &u64s(&[u64::from(i)])))); // KICK + fd
+        }
+        d
+    }
+
+    /// The harness really drives the session: a well-formed stream
+    /// starts both rings with no error; the same stream with a broken
+    /// last message is cut off and counted; a stream cut short too.
+    #[test]
+    fn the_message_harness_reaches_the_rings() {
+        let good = messages(&good_stream());
+        assert_eq!(
+            good,
+            MessagesOutcome {
+                steps: 12,
+                rings_started: 2,
+                protocol_errors: 0
+            }
+        );
+        let mut bad = good_stream();
+        bad.extend(chunk(0, &msg(8, &[0, 0, 0, 0]))); // SET_VRING_NUM, size 4
+        let bad = messages(&bad);
+        assert_eq!((bad.steps, bad.protocol_errors), (12, 1), "{bad:?}");
+        let mut cut = good_stream();
+        cut.extend(chunk(0, &msg(8, &[0; 8])[..7]));
+        let cut = messages(&cut);
+        assert_eq!((cut.steps, cut.protocol_errors), (12, 1), "{cut:?}");
+    }
+
     /// The `vhost_user_messages` target over pseudo-random streams, half
     /// of them starting with a valid handshake so later messages get past
     /// the header checks.
@@ -500,6 +695,7 @@ mod tests {
             v.extend_from_slice(&size.to_ne_bytes());
             v
         };
+        let (mut deep, mut errors) = (0, 0);
         for round in 0..1500 {
             let mut data = Vec::new();
             if round % 2 == 0 {
@@ -539,7 +735,13 @@ mod tests {
                 data.extend_from_slice(&(msg.len() as u16).to_le_bytes());
                 data.extend_from_slice(&msg);
             }
-            messages(&data);
+            let o = messages(&data);
+            if o.steps >= 3 {
+                deep += 1;
+            }
+            errors += o.protocol_errors;
         }
+        // The handshake rounds get past it; most streams break the protocol.
+        assert!(deep > 300 && errors > 500, "deep {deep}, errors {errors}");
     }
 }
