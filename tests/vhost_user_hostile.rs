@@ -879,3 +879,37 @@ fn a_stalled_frontend_does_not_hold_up_removing_its_port() {
     lab.survives("stallrm");
     lab.finish();
 }
+
+/// An honest but enormous table: 4 regions of 15 TiB of one sealed sparse
+/// memfd. Mapped, it takes half of ulan's 128 TiB of address space: two
+/// such frontends (or one table sized to what is left) and every later
+/// mapping in the daemon (another guest's memory, a thread's stack, a
+/// large allocation) fails, and ulan aborts. It is refused.
+#[test]
+fn memory_table_too_large_for_the_address_space() {
+    let mut lab = Lab3::start("huge");
+    let before = lab.victim_counters();
+    let s = raw(&lab.victim);
+    let mut watch = s.try_clone().unwrap();
+    let fe = Frontend::from_stream(s, 2);
+    fe.get_features().unwrap();
+    fe.set_owner().unwrap();
+    let region_len = 15u64 << 40;
+    let fd = memfd(region_len, true);
+    let regions: Vec<VhostUserMemoryRegionInfo> = (0..4u64)
+        .map(|i| VhostUserMemoryRegionInfo {
+            guest_phys_addr: i * (16 << 40),
+            memory_size: region_len,
+            userspace_addr: (1 << 47) + i * (16 << 40),
+            mmap_offset: 0,
+            mmap_handle: fd.as_raw_fd(),
+        })
+        .collect();
+    let _ = fe.set_mem_table(&regions);
+    assert!(
+        closed_by_backend(&mut watch),
+        "a 60 TiB memory table was accepted"
+    );
+    lab.after_attack("huge", &before);
+    lab.finish();
+}
