@@ -913,3 +913,56 @@ fn memory_table_too_large_for_the_address_space() {
     lab.after_attack("huge", &before);
     lab.finish();
 }
+
+const SET_VRING_CALL: u32 = 13;
+
+/// Raw messages that make ring 1 ready to start but for its kick: 1 MiB
+/// of sealed memory at frontend address 0x7000_0000, a ring of 8 at its
+/// start. Returns the memfd (kept open by the caller).
+fn ring_one_ready(s: &UnixStream) -> OwnedFd {
+    let ua = 0x7000_0000u64;
+    let u64s = |v: &[u64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_ne_bytes()).collect() };
+    write(s, &msg(SET_OWNER, &[]));
+    write(s, &msg(2, &u64s(&[1 << 32]))); // SET_FEATURES: VERSION_1
+    let mem = memfd(1 << 20, true);
+    let mut table = vec![1, 0, 0, 0, 0, 0, 0, 0];
+    table.extend(u64s(&[0, 1 << 20, ua, 0]));
+    send_with_fds(s, &msg(SET_MEM_TABLE, &table), &[mem.as_raw_fd()]).unwrap();
+    let state = |n: u32| [1u32.to_ne_bytes(), n.to_ne_bytes()].concat();
+    write(s, &msg(SET_VRING_NUM, &state(8)));
+    let mut addr = state(0);
+    addr.extend(u64s(&[ua, ua + 0x2000, ua + 0x1000, 0]));
+    write(s, &msg(SET_VRING_ADDR, &addr));
+    mem
+}
+
+/// Kick and call fds are used on the data plane: one that is not an
+/// eventfd (a pipe, a file that may block or grow) is refused.
+#[test]
+fn kick_and_call_fds_that_are_not_eventfds() {
+    protocol_attack("kickpipe", false, |s| {
+        let mut p = [0i32; 2];
+        // SAFETY: pipe writes two new fds into p.
+        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+        // SAFETY: both fds are new and ours.
+        let (r, _w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        // Everything else in order, so only the fd is wrong.
+        let _mem = ring_one_ready(s);
+        send_with_fds(
+            s,
+            &msg(SET_VRING_KICK, &1u64.to_ne_bytes()),
+            &[r.as_raw_fd()],
+        )
+        .unwrap();
+    });
+    protocol_attack("callfile", false, |s| {
+        let f = memfd(4096, false);
+        write(s, &msg(SET_OWNER, &[]));
+        send_with_fds(
+            s,
+            &msg(SET_VRING_CALL, &0u64.to_ne_bytes()),
+            &[f.as_raw_fd()],
+        )
+        .unwrap();
+    });
+}

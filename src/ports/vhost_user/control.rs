@@ -130,6 +130,15 @@ impl Shared {
     }
 }
 
+/// Whether `f` is an eventfd. Kick and call fds are used on the data
+/// plane; anything else could block it (a regular file on a filesystem
+/// the frontend serves ignores O_NONBLOCK) or grow (a file written 8
+/// bytes per signal). QEMU, DPDK and the testkit all send eventfds.
+pub fn is_eventfd(f: &File) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .is_ok_and(|p| p.as_os_str() == "anon_inode:[eventfd]")
+}
+
 pub fn eventfd() -> io::Result<File> {
     // SAFETY: eventfd returns a new fd or -1.
     let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -417,6 +426,10 @@ impl VhostUserBackendReqHandlerMut for Session {
             ));
             return refuse("no kick fd");
         };
+        if !is_eventfd(&kick) {
+            self.warn(format_args!("ring {i}'s kick fd is not an eventfd"));
+            return refuse("kick fd not an eventfd");
+        }
         if self.regions.is_empty() {
             return refuse("a ring was started before the memory table");
         }
@@ -448,6 +461,10 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let i = self.ring(u32::from(index))?;
+        if fd.as_ref().is_some_and(|f| !is_eventfd(f)) {
+            self.warn(format_args!("ring {i}'s call fd is not an eventfd"));
+            return refuse("call fd not an eventfd");
+        }
         if self.rings[i].started {
             let call = match &fd {
                 Some(c) => Some(c.try_clone().map_err(VuError::ReqHandlerError)?),
