@@ -966,3 +966,54 @@ fn kick_and_call_fds_that_are_not_eventfds() {
         .unwrap();
     });
 }
+
+/// A frontend that floods valid messages, each a change the data plane
+/// applies (SET_VRING_ENABLE, SET_MEM_TABLE): the data plane shares its
+/// time with the bystanders, which keep flowing throughout; the session
+/// itself is legal and stays up.
+#[test]
+fn a_flood_of_valid_messages_does_not_starve_the_data_plane() {
+    let lab = Lab3::start("msgflood");
+    let s = raw(&lab.victim);
+    let mem = ring_one_ready(&s);
+    let enable = [1u32.to_ne_bytes(), 1u32.to_ne_bytes()].concat();
+    let mut table = vec![1, 0, 0, 0, 0, 0, 0, 0];
+    for v in [0u64, 1 << 20, 0x7000_0000, 0] {
+        table.extend_from_slice(&v.to_ne_bytes());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let s = s.try_clone().unwrap();
+        let stop = stop.clone();
+        let mem_fd = mem.as_raw_fd();
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let r = if sent % 16 == 0 {
+                    send_with_fds(&s, &msg(SET_MEM_TABLE, &table), &[mem_fd])
+                } else {
+                    send_with_fds(&s, &msg(SET_VRING_ENABLE, &enable), &[])
+                };
+                if r.is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        })
+    };
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        lab.bystanders().still_flow(32, "a message flood");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let sent = flood.join().unwrap();
+    assert!(sent > 1000, "the flood sent only {sent} messages");
+    let c = lab.victim_counters();
+    assert_eq!(c.protocol_errors, 0, "a legal flood was cut off: {c:?}");
+    drop(s);
+    drop(mem);
+    let mut lab = lab;
+    lab.survives("msgflood");
+    lab.finish();
+}
