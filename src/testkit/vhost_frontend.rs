@@ -394,6 +394,16 @@ impl Queue {
     }
 }
 
+/// One descriptor as [`VhostFrontend::post_raw`] writes it, unchecked.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RawDesc {
+    pub id: u16,
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
 /// A vhost-user net frontend with its own guest memory, RX and TX queues.
 /// Dropping it closes the socket (the backend sees the session end), the
 /// eventfds and the memory.
@@ -642,6 +652,37 @@ impl VhostFrontend {
     /// frontend breaks the frontend.
     pub fn session(&mut self) -> &mut Frontend {
         &mut self.frontend
+    }
+
+    /// Bytes of guest memory: guest physical addresses `0..memory_len()`
+    /// are inside it, anything else is outside.
+    pub fn memory_len(&self) -> usize {
+        self.mem.len
+    }
+
+    /// **Hostile-frontend tests only; the frontend is broken afterwards**
+    /// (drop it). Overwrites descriptors of `queue` ([`RX_QUEUE`] or
+    /// [`TX_QUEUE`]) with `descs`, writes `heads` into the next available
+    /// slots (any value, in range or not), moves the available index by
+    /// `heads.len() + extra` (an `extra` past the ring size is a lie) and
+    /// kicks the queue. Descriptor ids are taken modulo the queue size.
+    pub fn post_raw(&mut self, queue: usize, descs: &[RawDesc], heads: &[u16], extra: u16) {
+        let q = if queue == RX_QUEUE {
+            &mut self.rx
+        } else {
+            &mut self.tx
+        };
+        for d in descs {
+            q.ring.set_desc_raw(d.id, d.addr, d.len, d.flags, d.next);
+        }
+        for &h in heads {
+            q.ring.push(h);
+        }
+        for _ in 0..extra {
+            q.ring.push(0);
+        }
+        q.ring.publish();
+        let _ = q.kick.write(1);
     }
 
     /// Takes back the TX descriptors the device is done with.

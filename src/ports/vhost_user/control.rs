@@ -130,6 +130,15 @@ impl Shared {
     }
 }
 
+/// Whether `f` is an eventfd. Kick and call fds are used on the data
+/// plane; anything else could block it (a regular file on a filesystem
+/// the frontend serves ignores O_NONBLOCK) or grow (a file written 8
+/// bytes per signal). QEMU, DPDK and the testkit all send eventfds.
+pub fn is_eventfd(f: &File) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .is_ok_and(|p| p.as_os_str() == "anon_inode:[eventfd]")
+}
+
 pub fn eventfd() -> io::Result<File> {
     // SAFETY: eventfd returns a new fd or -1.
     let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -209,7 +218,7 @@ fn refuse<T>(why: impl Into<String>) -> VuResult<T> {
 }
 
 impl Session {
-    fn new(link: DeviceLink, log: PortLink, offered: u64) -> Session {
+    pub(super) fn new(link: DeviceLink, log: PortLink, offered: u64) -> Session {
         Session {
             link,
             log,
@@ -417,6 +426,10 @@ impl VhostUserBackendReqHandlerMut for Session {
             ));
             return refuse("no kick fd");
         };
+        if !is_eventfd(&kick) {
+            self.warn(format_args!("ring {i}'s kick fd is not an eventfd"));
+            return refuse("kick fd not an eventfd");
+        }
         if self.regions.is_empty() {
             return refuse("a ring was started before the memory table");
         }
@@ -448,6 +461,10 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let i = self.ring(u32::from(index))?;
+        if fd.as_ref().is_some_and(|f| !is_eventfd(f)) {
+            self.warn(format_args!("ring {i}'s call fd is not an eventfd"));
+            return refuse("call fd not an eventfd");
+        }
         if self.rings[i].started {
             let call = match &fd {
                 Some(c) => Some(c.try_clone().map_err(VuError::ReqHandlerError)?),
@@ -656,44 +673,64 @@ fn serve(
         if !ready[0] {
             continue;
         }
-        match take_vring_enable(&watch, session) {
-            Ok(true) => continue,
-            Ok(false) => {}
-            Err(e) => {
-                tracing::info!(port = %name, "vhost-user frontend cut off: {e}");
-                break;
-            }
-        }
-        match handler.handle_request() {
-            Ok(()) => {}
-            Err(VuError::Disconnected) | Err(VuError::PartialMessage) => {
-                tracing::info!(port = %name, "vhost-user frontend left");
-                break;
-            }
-            // The message was read whole and refused before it reached
-            // ulan: the stream is still in step. QEMU sends
-            // SET_VRING_ENABLE before it acks PROTOCOL_FEATURES (to
-            // disable rings it does not use yet), which the crate refuses;
-            // rings start disabled anyway, so nothing is lost.
-            Err(e @ (VuError::InactiveFeature(_) | VuError::InactiveOperation(_))) => {
-                tracing::debug!(port = %name, "vhost-user message ignored: {e}");
-            }
-            Err(e) => {
-                if let Ok(mut s) = session.lock() {
-                    s.warn(format_args!("vhost-user frontend cut off: {e}"));
-                    s.log.shared.counters.add(&PortCounters {
-                        protocol_errors: 1,
-                        ..Default::default()
-                    });
-                }
-                break;
-            }
+        if !step(&mut handler, &watch, session, &name) {
+            break;
         }
     }
     if let Ok(mut c) = shared.conn.lock() {
         *c = None;
     }
     let _ = watch.shutdown(std::net::Shutdown::Both);
+}
+
+/// Reads and answers one message; false when the session is over (the
+/// frontend left, or broke the protocol and is cut off with a counted,
+/// rate-limited warning).
+pub(super) fn step(
+    handler: &mut BackendReqHandler<Mutex<Session>>,
+    watch: &UnixStream,
+    session: &Mutex<Session>,
+    name: &str,
+) -> bool {
+    let cut_off = |what: &dyn std::fmt::Display| {
+        if let Ok(mut s) = session.lock() {
+            s.warn(format_args!("vhost-user frontend cut off: {what}"));
+            s.log.shared.counters.add(&PortCounters {
+                protocol_errors: 1,
+                ..Default::default()
+            });
+        }
+    };
+    match take_vring_enable(watch, session) {
+        Ok(true) => return true,
+        Ok(false) => {}
+        Err(e) => {
+            cut_off(&e);
+            return false;
+        }
+    }
+    match handler.handle_request() {
+        Ok(()) => true,
+        Err(VuError::Disconnected) => {
+            tracing::info!(port = %name, "vhost-user frontend left");
+            false
+        }
+        // The message was read whole and refused before it reached
+        // ulan: the stream is still in step. QEMU sends
+        // SET_VRING_ENABLE before it acks PROTOCOL_FEATURES (to
+        // disable rings it does not use yet), which the crate refuses;
+        // rings start disabled anyway, so nothing is lost.
+        Err(e @ (VuError::InactiveFeature(_) | VuError::InactiveOperation(_))) => {
+            tracing::debug!(port = %name, "vhost-user message ignored: {e}");
+            true
+        }
+        // Anything else, a header cut short (PartialMessage) included:
+        // the frontend broke the protocol.
+        Err(e) => {
+            cut_off(&e);
+            false
+        }
+    }
 }
 
 const SET_VRING_ENABLE: u32 = 18;

@@ -15,6 +15,13 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, Mmap
 /// SET_MEM_TABLE; more slots are only used with CONFIGURE_MEM_SLOTS,
 /// which ulan does not offer).
 pub const MAX_REGIONS: usize = 8;
+/// Guest memory ulan maps for one port, at most. A sparse sealed memfd
+/// costs a frontend nothing however large, but mapped it takes ulan's
+/// address space (128 TiB for the whole daemon): without a bound, one
+/// frontend could leave none for other guests, thread stacks or large
+/// allocations, and ulan would abort. 1 TiB is far more than a guest of
+/// a network lab has.
+pub const MAX_GUEST_MEMORY: u64 = 1 << 40;
 
 /// One region as the frontend describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +43,8 @@ pub enum MemoryError {
     TooManyRegions(usize),
     #[error("the memory table has {regions} regions but {fds} file descriptors came with it")]
     FdCount { regions: usize, fds: usize },
+    #[error("the memory table describes {0} bytes; ulan maps at most {MAX_GUEST_MEMORY} per port")]
+    TooLarge(u64),
     #[error("region {index} is empty")]
     EmptyRegion { index: usize },
     #[error("region {index}: its addresses overflow")]
@@ -154,6 +163,11 @@ pub fn check_table(table: &[RegionDesc], fds: usize) -> Result<(), MemoryError> 
         {
             return Err(MemoryError::Overflow { index });
         }
+    }
+    // No overflow: at most 8 regions, each checked to fit a u64 above.
+    let total = table.iter().fold(0u64, |sum, r| sum.saturating_add(r.size));
+    if total > MAX_GUEST_MEMORY {
+        return Err(MemoryError::TooLarge(total));
     }
     for (index, a) in table.iter().enumerate() {
         for (other, b) in table.iter().enumerate().take(index) {
@@ -325,6 +339,11 @@ pub(crate) mod tests {
         )
         .err();
         assert!(matches!(e, Some(MemoryError::Overlap { .. })), "{e:?}");
+        // Honest but too much: sparse memfds cost nothing, mappings do.
+        let huge = MAX_GUEST_MEMORY / 2 + 4096;
+        let e = check_table(&[region(0, huge, 0), region(huge, huge, huge)], 2).err();
+        assert!(matches!(e, Some(MemoryError::TooLarge(_))), "{e:?}");
+        assert!(check_table(&[region(0, MAX_GUEST_MEMORY, 0)], 1).is_ok());
         let table: Vec<_> = (0..9).map(|i| region(i * big, big, i * big)).collect();
         let e = check_table(&table, 9).err();
         assert!(matches!(e, Some(MemoryError::TooManyRegions(9))), "{e:?}");

@@ -21,6 +21,7 @@
 pub mod control;
 pub mod device;
 pub mod features;
+pub mod fuzz;
 pub mod memory;
 pub mod ring;
 

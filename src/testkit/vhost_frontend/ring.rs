@@ -146,6 +146,15 @@ impl DriverRing {
         }
     }
 
+    /// Writes descriptor `id` with any `next` (hostile-driver tests: the
+    /// device must refuse loops and out-of-range links).
+    pub fn set_desc_raw(&mut self, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        self.set_desc(id, addr, len, flags);
+        let id = (id & self.mask) as usize;
+        // SAFETY: as in set_desc.
+        unsafe { std::ptr::write_volatile(self.desc.add(16 * id + 14) as *mut u16, next.to_le()) }
+    }
+
     /// Changes only the length of descriptor `id`.
     pub fn set_desc_len(&mut self, id: u16, len: u32) {
         let id = (id & self.mask) as usize;
