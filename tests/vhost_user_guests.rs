@@ -111,6 +111,38 @@ fn vhost_user_guests_ping_and_iperf_with_a_stream_guest_on_the_lan() {
         assert!(answered, "{guest_mac} did not answer the vde client's ARP");
     }
 
+    // The cable pulled on v1's NIC: the guest sees its carrier go down
+    // (virtio-net LINK_UP cleared, config interrupt) and cannot ping; put
+    // back, the carrier returns and so does the ping.
+    let carrier = |g: &GuestLab| {
+        g.exec("v1", &["cat", "/sys/class/net/eth0/carrier"])
+            .stdout
+            .trim()
+            .to_string()
+    };
+    assert_eq!(carrier(&g), "1");
+    g.rt.block_on(g.lab.set_nic_link("v1", 0, false)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while carrier(&g) != "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "v1 still sees a carrier"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!g.ping("v1", "10.9.0.2", 1), "ping with the cable pulled");
+    g.rt.block_on(g.lab.set_nic_link("v1", 0, true)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while carrier(&g) != "1" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "v1's carrier did not return"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(g.ping("v1", "10.9.0.2", 8), "no ping with the cable back");
+    assert!(g.rt.block_on(g.lab.set_nic_link("v1", 3, false)).is_err());
+
     let vv = iperf(&g, "v2", "v1", "10.9.0.2");
     eprintln!("iperf3 vhost-user -> vhost-user: {:.0} Mbit/s", vv / 1e6);
     assert!(vv > 1e6, "iperf3 moved only {vv} bit/s");

@@ -189,6 +189,7 @@ fn node_status(e: &NodeError) -> (StatusCode, &'static str) {
         NodeError::Launch { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "launch_failed"),
         NodeError::Disk { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "disk_error"),
         NodeError::Files { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        NodeError::Link { .. } => (StatusCode::CONFLICT, "link_unavailable"),
     }
 }
 

@@ -108,6 +108,8 @@ pub enum NodeError {
     Disk { what: String, message: String },
     #[error("node {node:?}: {message}")]
     Files { node: String, message: String },
+    #[error("node {node:?}: {message}")]
+    Link { node: String, message: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -1073,6 +1075,42 @@ impl Lab {
         });
     }
 
+    /// Sets the carrier the guest sees on NIC `index` (a pulled cable):
+    /// QMP `set_link` on its netdev, which clears or sets virtio-net's
+    /// LINK_UP status bit and raises a config interrupt. For a vhost-user
+    /// NIC this is the only way under QEMU 7.2, which serves the device's
+    /// config space itself. QEMU nodes that are running only.
+    pub async fn set_nic_link(&self, name: &str, index: usize, up: bool) -> Result<(), LabError> {
+        let (kind, nics, dir, state) = {
+            let table = self.node_table().lock();
+            let e = table.get(name).ok_or_else(|| node_not_found(name))?;
+            let state = e.runtime.status().state;
+            (e.spec.kind, e.spec.nics.len(), e.dir.clone(), state)
+        };
+        let err = |message: String| {
+            LabError::from(NodeError::Link {
+                node: name.to_string(),
+                message,
+            })
+        };
+        if kind != NodeKind::Qemu {
+            return Err(err(
+                "link state is set through QEMU; this is not a QEMU node".into(),
+            ));
+        }
+        if index >= nics {
+            return Err(err(format!("it has no NIC {index}")));
+        }
+        if state != Some(NodeState::Running) {
+            let now = state.map_or("not started", NodeState::as_str);
+            return Err(err(format!("it is {now}, not running")));
+        }
+        let args = serde_json::json!({ "name": format!("n{index}"), "up": up });
+        qmp_command_with(&NodePaths::new(&dir).qmp, "set_link", Some(args))
+            .await
+            .map_err(err)
+    }
+
     /// Stops the guest: ACPI power-off, then QMP `quit` after `grace`, then
     /// SIGKILL. Returns once the process is gone. Stopping a stopped node
     /// is not an error.
@@ -1363,11 +1401,21 @@ const RUNNING_AGENT_PATIENCE: Duration = Duration::from_secs(10);
 const QMP_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn qmp_command(sock: &Path, command: &str) -> Result<(), String> {
+    qmp_command_with(sock, command, None).await
+}
+
+async fn qmp_command_with(
+    sock: &Path,
+    command: &str,
+    arguments: Option<serde_json::Value>,
+) -> Result<(), String> {
     let run = async {
         let mut qmp = qmp::Qmp::connect(sock, Duration::from_secs(2))
             .await
             .map_err(|e| e.to_string())?;
-        qmp.execute(command).await.map_err(|e| e.to_string())?;
+        qmp.execute_with(command, arguments)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(())
     };
     match tokio::time::timeout(QMP_COMMAND_TIMEOUT, run).await {

@@ -81,7 +81,19 @@ impl Qmp {
 
     /// Runs a command; events that arrive meanwhile are skipped.
     pub async fn execute(&mut self, command: &str) -> Result<Value, QmpError> {
-        let msg = serde_json::json!({ "execute": command });
+        self.execute_with(command, None).await
+    }
+
+    /// Runs a command with arguments.
+    pub async fn execute_with(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let msg = match arguments {
+            Some(a) => serde_json::json!({ "execute": command, "arguments": a }),
+            None => serde_json::json!({ "execute": command }),
+        };
         self.writer.write_all(format!("{msg}\n").as_bytes()).await?;
         loop {
             let v = self.read_message().await?;
