@@ -1017,3 +1017,32 @@ fn a_flood_of_valid_messages_does_not_starve_the_data_plane() {
     lab.survives("msgflood");
     lab.finish();
 }
+
+/// A chain of 300 descriptors on a ring of 1024: legal by the spec, but
+/// more than ulan walks for one frame (`MAX_CHAIN`, 256, as DPDK's vhost
+/// library): the frontend is cut off and the others go on.
+#[test]
+fn tx_chain_longer_than_ulan_walks() {
+    let mut lab = Lab3::start("txlong");
+    let mut v = VhostFrontend::builder(&lab.victim)
+        .memory_size(4 * MEM)
+        .queue_size(1024)
+        .connect()
+        .unwrap();
+    wait_for("the victim up", || lab.lab.port("v").unwrap().up);
+    assert!(Lab3::pass(&mut v, &mut lab.c, V, C, 0xa2));
+    let before = lab.victim_counters();
+    let chain: Vec<RawDesc> = (0..300u16)
+        .map(|i| {
+            let last = i == 299;
+            let flags = if last { 0 } else { VIRTQ_DESC_F_NEXT };
+            desc(i, BUF + 64 * u64::from(i), 12, flags, i + 1)
+        })
+        .collect();
+    v.post_raw(TX_QUEUE, &chain, &[0], 0);
+    wait_eof(&v, "txlong");
+    wait_for("the victim port down", || !lab.lab.port("v").unwrap().up);
+    drop(v);
+    lab.after_attack("txlong", &before);
+    lab.finish();
+}

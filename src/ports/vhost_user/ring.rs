@@ -20,6 +20,12 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRe
 
 use super::device::RingError;
 
+/// Descriptors one chain may have. The spec allows a chain as long as
+/// the ring (up to 32768), which the shared data plane would walk for every
+/// frame; Linux uses at most 19 and DPDK's vhost library caps chains at
+/// 256 buffers too.
+pub const MAX_CHAIN: u16 = 256;
+
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 const DESC_F_INDIRECT: u16 = 4;
@@ -191,7 +197,7 @@ impl SplitRing {
 
     /// Walks the chain at `head`, handing each buffer to `f` until it
     /// returns false or the chain ends. A chain longer than the ring (a
-    /// loop), a next index out of range, an indirect descriptor (not
+    /// loop) or than [`MAX_CHAIN`], a next index out of range, an indirect descriptor (not
     /// offered) or a buffer outside guest memory is an error.
     #[inline]
     pub fn walk(
@@ -201,7 +207,7 @@ impl SplitRing {
         mut f: impl FnMut(Seg) -> Result<bool, RingError>,
     ) -> Result<(), RingError> {
         let mut idx = head;
-        for _ in 0..self.size {
+        for _ in 0..self.size.min(MAX_CHAIN) {
             // SAFETY: idx < size: inside the descriptor table.
             let d = unsafe { self.desc.add(16 * idx as usize) };
             // SAFETY: 16 bytes inside the table, 16-aligned.
