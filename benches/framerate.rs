@@ -12,6 +12,8 @@
 //! sink receives in batches (recvmmsg, or large reads) so it is never the
 //! limit. Frames are learned unicast: the sink announces its MAC first.
 
+mod common;
+use common::{allowed_cpus, cpu_model, cpu_ns, gettid, pin};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -111,48 +113,6 @@ struct Measured {
 enum Placement {
     Shared,
     Pinned { generator: usize, sink: usize },
-}
-
-/// The CPUs this process may run on (its affinity mask, which a cgroup
-/// or taskset may have narrowed), in order.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    }
-}
-
-/// Pins a thread (tid, 0 = the caller) or process to one CPU.
-fn pin(tid: libc::pid_t, cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
-fn gettid() -> libc::pid_t {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::gettid() }
-}
-
-/// CPU time (user + system) of one thread or process from /proc, in ns.
-fn cpu_ns(stat_path: &str) -> Option<u64> {
-    let stat = std::fs::read_to_string(stat_path).ok()?;
-    // Fields after the ")" that ends the command name: utime is the 12th.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(ticks * 1_000_000_000 / hz)
 }
 
 const DATAPLANE_THREAD: &str = "ulan-dataplane";
@@ -536,18 +496,6 @@ fn have_vde_switch() -> bool {
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 /// What systemd sets `net.unix.max_dgram_qlen` to on boot (Debian 12 and
