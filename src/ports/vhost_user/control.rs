@@ -207,7 +207,6 @@ pub struct Session {
     link: DeviceLink,
     log: PortLink,
     offered: u64,
-    acked: u64,
     protocol: u64,
     regions: Vec<RegionDesc>,
     rings: [RingConfig; NUM_QUEUES],
@@ -223,7 +222,6 @@ impl Session {
             link,
             log,
             offered,
-            acked: 0,
             protocol: 0,
             regions: Vec::new(),
             rings: Default::default(),
@@ -295,7 +293,6 @@ impl Session {
     /// The data plane forgets this frontend.
     pub fn reset(&mut self) {
         let _ = self.link.call(Op::Reset);
-        self.acked = 0;
         self.protocol = 0;
         self.regions.clear();
         self.rings = Default::default();
@@ -329,7 +326,6 @@ impl VhostUserBackendReqHandlerMut for Session {
             ));
             return refuse("features not offered");
         }
-        self.acked = features;
         self.apply(Op::Features(features))?;
         Ok(())
     }

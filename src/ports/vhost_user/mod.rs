@@ -92,10 +92,7 @@ pub struct VhostUserPort {
     up: bool,
     /// The frontend set protocol features: rings start disabled.
     protocol_in_use: bool,
-    /// The guest may leave checksums and segmentation to ulan (CSUM acked).
-    offloads_in: bool,
     refused_seen: u64,
-    registry_ok: bool,
     /// The socket file is the lab's own: no client may name it.
     _own: crate::ports::own::OwnSocket,
 }
@@ -129,9 +126,7 @@ impl VhostUserPort {
             polling_until: None,
             up: false,
             protocol_in_use: false,
-            offloads_in: false,
             refused_seen: 0,
-            registry_ok: false,
             _own: crate::ports::own::OwnSocket::claim(path),
         })
     }
@@ -150,7 +145,6 @@ impl VhostUserPort {
         match op {
             Op::Features(f) => {
                 self.dev.features = f;
-                self.offloads_in = features::has(f, features::VIRTIO_NET_F_CSUM);
                 Reply::Done
             }
             Op::Memory { mem, rings } => {
@@ -220,7 +214,6 @@ impl VhostUserPort {
             }
             Op::Reset => {
                 self.protocol_in_use = false;
-                self.offloads_in = false;
                 self.unregister_kick(RX, cx.registry);
                 self.unregister_kick(TX, cx.registry);
                 self.drop_backlog(cx);
@@ -303,6 +296,7 @@ impl VhostUserPort {
         if !self.dev.rings[TX].running() {
             return RxState::Drained;
         }
+        let offloads_in = features::has(self.dev.features, features::VIRTIO_NET_F_CSUM);
         let mut got = 0;
         let mut state = RxState::Drained;
         loop {
@@ -316,7 +310,9 @@ impl VhostUserPort {
                 Ok(Some(f)) => {
                     got += 1;
                     match check_frame_len(f.len) {
-                        Ok(()) if !self.offloads_in => batch.commit(f.len),
+                        // Without CSUM acked the guest leaves no work in
+                        // its frames: the header is not read.
+                        Ok(()) if !offloads_in => batch.commit(f.len),
                         Ok(()) => match offload_of(&f.header) {
                             Ok(off) => batch.commit_with(f.len, off),
                             Err(e) => {
@@ -456,7 +452,6 @@ impl PortIo for VhostUserPort {
             cx.token(SUB_CTRL),
             mio::Interest::READABLE,
         )?;
-        self.registry_ok = true;
         Ok(())
     }
 
@@ -534,10 +529,9 @@ impl PortIo for VhostUserPort {
     fn deregister(&mut self, registry: &mio::Registry) {
         self.unregister_kick(RX, registry);
         self.unregister_kick(TX, registry);
-        if self.registry_ok {
-            let raw = self.shared.notify.as_raw_fd();
-            let _ = registry.deregister(&mut mio::unix::SourceFd(&raw));
-        }
+        // Harmless if it never got registered.
+        let raw = self.shared.notify.as_raw_fd();
+        let _ = registry.deregister(&mut mio::unix::SourceFd(&raw));
     }
 }
 
