@@ -280,3 +280,65 @@ fn moving_a_vhost_user_port_between_lans_under_traffic() {
     assert!(at_c.windows(2).all(|w| w[0] < w[1]));
     lab.shutdown();
 }
+
+/// Frames whose virtio-net header asks for work ulan does not do (UDP
+/// segmentation, unknown flags) or that the frame does not allow (a
+/// checksum offset past its end) are dropped and counted, one by one; the
+/// good frame after them goes through.
+#[test]
+fn bad_offload_requests_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = lab(dir.path());
+    lab.add_lan("l").unwrap();
+    lab.add_port("a", PortKind::VhostUser, Some("l")).unwrap();
+    let s = lab.add_port("s", PortKind::Stream, Some("l")).unwrap();
+    let mut fa = VhostFrontend::builder(port_path(&lab, "a"))
+        .features(VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4)
+        .connect()
+        .unwrap();
+    let mut es = Endpoint::connect(PortKind::Stream, Path::new(&s.path), dir.path()).unwrap();
+    wait_up(&lab, &["a", "s"]);
+    let f = frame(MacAddr::BROADCAST, mac(1), 200, 7);
+    let bad = [
+        // UDP segmentation is not offered.
+        NetHeader {
+            gso_type: NetHeader::GSO_UDP,
+            gso_size: 1000,
+            ..NetHeader::default()
+        },
+        // Flag bits that mean nothing.
+        NetHeader {
+            flags: 0x40,
+            ..NetHeader::default()
+        },
+        // A checksum to fill past the end of the frame.
+        NetHeader {
+            flags: NetHeader::F_NEEDS_CSUM,
+            csum_start: 190,
+            csum_offset: 16,
+            ..NetHeader::default()
+        },
+    ];
+    for h in bad {
+        assert_eq!(fa.send_with_header(&[(h, &f)]), 1);
+    }
+    assert_eq!(fa.send(&[&f]), 1);
+    let got = es
+        .recv(Duration::from_secs(2))
+        .unwrap()
+        .expect("the good frame");
+    assert_eq!(got, f);
+    assert!(es.recv(Duration::from_millis(200)).unwrap().is_none());
+    std::thread::sleep(Duration::from_millis(1100));
+    let c = lab.port_stats("a").unwrap().counters;
+    // A header refused on its own is not a received frame (like a runt);
+    // the frame whose checksum cannot be filled was received, and dropped
+    // when it was to be finished for the stream port.
+    assert_eq!(
+        (c.rx_drop_bad_offload, c.rx_dropped, c.rx_frames),
+        (3, 3, 2),
+        "{c:?}"
+    );
+    assert_eq!(c.protocol_errors, 0, "a bad request is not a broken ring");
+    lab.shutdown();
+}
