@@ -41,8 +41,10 @@ struct Fake {
     call: [Option<File>; 2],
     enabled: [bool; 2],
     owner: bool,
-    /// Close the session after the next request.
+    /// Close the session after the next GET_FEATURES.
     hang_up: bool,
+    /// Set by the GET_FEATURES that saw `hang_up`: the server closes now.
+    closing: bool,
 }
 
 impl Fake {
@@ -63,6 +65,7 @@ impl Fake {
             enabled: [false, false],
             owner: false,
             hang_up: false,
+            closing: false,
         }
     }
 
@@ -100,6 +103,9 @@ impl VhostUserBackendReqHandlerMut for Fake {
         unsupported()
     }
     fn get_features(&mut self) -> VuResult<u64> {
+        // Decided while handling the request, not after it: the server
+        // thread may only look after the frontend has sent the next one.
+        self.closing = self.hang_up;
         Ok(self.offered)
     }
     fn set_features(&mut self, features: u64) -> VuResult<()> {
@@ -298,7 +304,7 @@ impl Device {
             };
             loop {
                 handler.handle_request()?;
-                if f.lock().unwrap().hang_up {
+                if f.lock().unwrap().closing {
                     return Ok(());
                 }
             }
@@ -797,8 +803,8 @@ fn closing_either_side_is_seen_by_the_other() {
     // The backend goes: the frontend notices, and calls fail cleanly.
     let mut dev = Device::start(OFFER_ALL);
     let mut fe = VhostFrontend::connect(dev.path()).unwrap();
-    dev.with(|d| d.hang_up = true);
     use vhost::VhostBackend;
+    dev.with(|d| d.hang_up = true);
     assert_eq!(fe.session().get_features().unwrap(), OFFER_ALL);
     assert!(dev.server.take().unwrap().join().unwrap().is_ok());
     let deadline = Instant::now() + Duration::from_secs(5);
