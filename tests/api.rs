@@ -456,13 +456,14 @@ async fn routes_match_the_openapi_document() {
             .path
             .replace("{lan}", "ghost")
             .replace("{port}", "ghost")
-            .replace("{node}", "ghost");
+            .replace("{node}", "ghost")
+            .replace("{capture}", "ghost");
         if r.path == "/v1/events" {
             let mut events = api.client.events().await.unwrap();
             assert_eq!(next_event(&mut events).await.event, "hello");
             continue;
         }
-        let body = if matches!(r.method, "POST" | "PATCH") {
+        let body = if matches!(r.method, "POST" | "PATCH" | "PUT") {
             Some(json!({}))
         } else {
             None
@@ -963,7 +964,7 @@ async fn hostile_requests_change_nothing() {
     assert!(r.json()["error"]["message"]
         .as_str()
         .unwrap()
-        .contains("missing field `lan`"));
+        .contains("give \"lan\""));
     let r = api.http("DELETE", "/v1/lab", None, b"").await;
     assert_eq!(r.header("allow").as_deref(), Some("GET"));
     let r = api.http("PUT", "/v1/ports/p1", None, b"").await;
@@ -1595,6 +1596,8 @@ fn decoding_random_bodies_never_panics() {
             Op::AddLan,
             Op::AddPort,
             Op::MovePort,
+            Op::SetImpairments,
+            Op::AddCapture,
             Op::AddNode,
             Op::StopNode,
             Op::ExecNode,

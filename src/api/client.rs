@@ -21,6 +21,7 @@ use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 
 use crate::ports::PortKind;
+use crate::switch::impair::ImpairSpec;
 use crate::vmlaunch::spec::{NodeKind, NodeSpec, Transport};
 
 /// Largest response body the client reads (a list of many ports).
@@ -91,6 +92,10 @@ pub struct PortView {
     pub lan: Option<String>,
     pub path: String,
     pub up: bool,
+    #[serde(default)]
+    pub link: crate::lab::LinkState,
+    #[serde(default)]
+    pub impaired: bool,
 }
 
 /// `GET /v1/ports/{port}/stats`: every counter by name, so new counters
@@ -394,6 +399,79 @@ impl Client {
         )
     }
 
+    /// Sets the port's link up or down.
+    pub async fn set_link(
+        &self,
+        name: &str,
+        link: crate::lab::LinkState,
+    ) -> Result<PortView, ClientError> {
+        let path = format!("/v1/ports/{}", segment(name));
+        typed(
+            self.call(Method::PATCH, &path, Some(json!({ "link": link })))
+                .await?,
+        )
+    }
+
+    pub async fn impairments(&self, port: &str) -> Result<ImpairSpec, ClientError> {
+        self.get(&format!("/v1/ports/{}/impairments", segment(port)))
+            .await
+    }
+
+    /// Replaces the port's impairments; returns what now applies.
+    pub async fn set_impairments(
+        &self,
+        port: &str,
+        spec: &ImpairSpec,
+    ) -> Result<ImpairSpec, ClientError> {
+        let path = format!("/v1/ports/{}/impairments", segment(port));
+        let body = serde_json::to_value(spec).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        typed(self.call(Method::PUT, &path, Some(body)).await?)
+    }
+
+    pub async fn clear_impairments(&self, port: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/ports/{}/impairments", segment(port));
+        self.call(Method::DELETE, &path, None).await.map(drop)
+    }
+
+    pub async fn start_capture(
+        &self,
+        req: &crate::lab::CaptureRequest,
+    ) -> Result<crate::lab::CaptureInfo, ClientError> {
+        let body = serde_json::to_value(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        typed(self.call(Method::POST, "/v1/captures", Some(body)).await?)
+    }
+
+    pub async fn captures(&self) -> Result<Vec<crate::lab::CaptureInfo>, ClientError> {
+        self.get("/v1/captures").await
+    }
+
+    /// Stops a capture; returns its final counts once its file is whole.
+    pub async fn stop_capture(&self, id: &str) -> Result<crate::lab::CaptureInfo, ClientError> {
+        let path = format!("/v1/captures/{}", segment(id));
+        typed(self.call(Method::DELETE, &path, None).await?)
+    }
+
+    /// Opens a stream capture's pcapng stream.
+    pub async fn capture_stream(&self, id: &str) -> Result<ByteStream, ClientError> {
+        let path = format!("/v1/captures/{}/stream", segment(id));
+        let (resp, driver) = self.send(Method::GET, &path, None).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = Limited::new(resp.into_body(), MAX_EVENT)
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            driver.abort();
+            return Err(api_error(status, &value));
+        }
+        Ok(ByteStream {
+            body: resp.into_body(),
+            driver,
+        })
+    }
+
     pub async fn port_stats(&self, name: &str) -> Result<PortStatsView, ClientError> {
         self.get(&format!("/v1/ports/{}/stats", segment(name)))
             .await
@@ -532,6 +610,36 @@ fn api_error(status: StatusCode, body: &Value) -> ClientError {
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| format!("the daemon answered {status}")),
+    }
+}
+
+/// A response body read as it arrives (a capture's pcapng). Dropping it
+/// closes the connection.
+pub struct ByteStream {
+    body: Incoming,
+    driver: JoinHandle<()>,
+}
+
+impl Drop for ByteStream {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl ByteStream {
+    /// The next chunk; `Ok(None)` at the end.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, ClientError> {
+        loop {
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(protocol(e)),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Ok(Some(data));
+                    }
+                }
+            }
+        }
     }
 }
 

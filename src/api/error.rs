@@ -5,7 +5,7 @@
 use hyper::StatusCode;
 use serde::Serialize;
 
-use crate::lab::LabError;
+use crate::lab::{CaptureError, LabError};
 use crate::ports::PortError;
 use crate::vmlaunch::node::NodeError;
 
@@ -168,8 +168,23 @@ impl From<&LabError> for ApiError {
             }
             LabError::DataPlane(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             LabError::Node(n) => node_status(n),
+            LabError::Impairment(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_value"),
+            LabError::Capture(c) => capture_status(c),
         };
         ApiError::new(status, code, e.to_string())
+    }
+}
+
+fn capture_status(e: &CaptureError) -> (StatusCode, &'static str) {
+    match e {
+        CaptureError::Target | CaptureError::Snaplen | CaptureError::RelativePath(_) => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid_value")
+        }
+        CaptureError::File { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "capture_file"),
+        CaptureError::NotAStream(_) | CaptureError::StreamTaken(_) => {
+            (StatusCode::CONFLICT, "capture_busy")
+        }
+        CaptureError::Writer(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
 

@@ -16,7 +16,7 @@ pub mod error;
 pub mod routes;
 pub mod server;
 
-pub use client::{Client, ClientError, EventStream, SseEvent};
+pub use client::{ByteStream, Client, ClientError, EventStream, SseEvent};
 pub use error::ApiError;
 pub use routes::{Route, ROUTES};
 pub use server::{serve, serve_with, ServerConfig};

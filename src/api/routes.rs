@@ -13,9 +13,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::error::{truncate, ApiError};
+use crate::lab::{CaptureRequest, LinkState};
 use crate::lab::{Lab, LabError};
 use crate::names::check_name;
 use crate::ports::PortKind;
+use crate::switch::impair::ImpairSpec;
 use crate::vmlaunch::spec::NodeSpec;
 
 /// What a route does.
@@ -33,6 +35,14 @@ pub enum Op {
     MovePort,
     RemovePort,
     GetPortStats,
+    GetImpairments,
+    SetImpairments,
+    ClearImpairments,
+    ListCaptures,
+    AddCapture,
+    GetCapture,
+    RemoveCapture,
+    CaptureStream,
     ListNodes,
     AddNode,
     GetNode,
@@ -54,6 +64,8 @@ impl Op {
             Op::AddLan
                 | Op::AddPort
                 | Op::MovePort
+                | Op::SetImpairments
+                | Op::AddCapture
                 | Op::AddNode
                 | Op::StopNode
                 | Op::ExecNode
@@ -90,6 +102,18 @@ pub const ROUTES: &[Route] = &[
     route("PATCH", "/v1/ports/{port}", Op::MovePort),
     route("DELETE", "/v1/ports/{port}", Op::RemovePort),
     route("GET", "/v1/ports/{port}/stats", Op::GetPortStats),
+    route("GET", "/v1/ports/{port}/impairments", Op::GetImpairments),
+    route("PUT", "/v1/ports/{port}/impairments", Op::SetImpairments),
+    route(
+        "DELETE",
+        "/v1/ports/{port}/impairments",
+        Op::ClearImpairments,
+    ),
+    route("GET", "/v1/captures", Op::ListCaptures),
+    route("POST", "/v1/captures", Op::AddCapture),
+    route("GET", "/v1/captures/{capture}", Op::GetCapture),
+    route("DELETE", "/v1/captures/{capture}", Op::RemoveCapture),
+    route("GET", "/v1/captures/{capture}/stream", Op::CaptureStream),
     route("GET", "/v1/nodes", Op::ListNodes),
     route("POST", "/v1/nodes", Op::AddNode),
     route("GET", "/v1/nodes/{node}", Op::GetNode),
@@ -242,19 +266,25 @@ pub struct NewPort {
     pub lan: Option<String>,
 }
 
-/// `PATCH /v1/ports/{port}`. The `lan` key must be present: a lan name
-/// moves the port there, `null` takes it off any lan.
+/// `PATCH /v1/ports/{port}`: `lan` (a lan name moves the port there,
+/// `null` takes it off any lan) and/or `link` ("up" or "down"); at least
+/// one of them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortPatch {
-    #[serde(deserialize_with = "required_nullable")]
-    pub lan: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "present_nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub lan: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkState>,
 }
 
-/// With `deserialize_with` serde no longer treats a missing `Option` field
-/// as `None`, so the key is required while `null` stays allowed.
-fn required_nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Option::<String>::deserialize(d)
+/// A key that may be missing (outer `None`) or `null` (inner `None`).
+fn present_nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
 }
 
 /// `POST /v1/nodes/{node}/stop`, body optional.
@@ -287,7 +317,7 @@ pub struct CommitRequest {
 }
 
 /// A decoded, validated request body.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     None,
     NewLan {
@@ -298,9 +328,12 @@ pub enum Input {
         kind: PortKind,
         lan: Option<String>,
     },
-    MovePort {
-        lan: Option<String>,
+    PatchPort {
+        lan: Option<Option<String>>,
+        link: Option<LinkState>,
     },
+    Impairments(ImpairSpec),
+    NewCapture(CaptureRequest),
     NewNode(Box<NodeSpec>),
     Stop {
         grace: Option<std::time::Duration>,
@@ -376,10 +409,33 @@ pub fn decode_body(op: Op, body: &[u8]) -> Result<Input, ApiError> {
         }
         Op::MovePort => {
             let b: PortPatch = parse_json(body)?;
-            if let Some(lan) = &b.lan {
+            if let Some(Some(lan)) = &b.lan {
                 invalid_name("lan", lan)?;
             }
-            Ok(Input::MovePort { lan: b.lan })
+            if b.lan.is_none() && b.link.is_none() {
+                return Err(ApiError::bad_json(
+                    "invalid JSON body: give \"lan\" (a name or null) or \"link\" (\"up\" or \"down\")",
+                ));
+            }
+            Ok(Input::PatchPort {
+                lan: b.lan,
+                link: b.link,
+            })
+        }
+        Op::SetImpairments => {
+            let spec: ImpairSpec = parse_json(body)?;
+            spec.validate()
+                .map_err(|e| ApiError::invalid_value(e.to_string()))?;
+            Ok(Input::Impairments(spec))
+        }
+        Op::AddCapture => {
+            let b: CaptureRequest = parse_json(body)?;
+            for (what, name) in [("port", &b.port), ("lan", &b.lan)] {
+                if let Some(n) = name {
+                    invalid_name(what, n)?;
+                }
+            }
+            Ok(Input::NewCapture(b))
         }
         Op::AddNode => {
             let spec: NodeSpec = parse_json(body)?;
@@ -447,6 +503,8 @@ pub enum Reply {
     NoContent,
     /// The server opens the event stream.
     Events,
+    /// A capture's pcapng stream.
+    Capture(tokio::sync::mpsc::Receiver<bytes::Bytes>),
     /// The OpenAPI document.
     OpenApi,
 }
@@ -536,9 +594,45 @@ pub async fn execute(lab: &Arc<Lab>, m: &Matched<'_>, input: Input) -> Result<Re
             created(&info, format!("/v1/ports/{name}"))
         }
         (Op::GetPort, _) => json(ok, &lab.port(m.name())?),
-        (Op::MovePort, Input::MovePort { lan }) => {
-            json(ok, &lab.move_port(m.name(), lan.as_deref())?)
+        (Op::MovePort, Input::PatchPort { lan, link }) => {
+            let mut info = lab.port(m.name())?;
+            if let Some(lan) = lan {
+                info = lab.move_port(m.name(), lan.as_deref())?;
+            }
+            if let Some(link) = link {
+                let (lab, name) = (lab.clone(), m.name().to_string());
+                let (port, carrier) =
+                    detached(async move { lab.set_port_link(&name, link).await }).await?;
+                info = port;
+                if let Some(why) = carrier {
+                    tracing::debug!(port = m.name(), "carrier: {why}");
+                }
+            }
+            json(ok, &info)
         }
+        (Op::GetImpairments, _) => json(ok, &lab.impairments(m.name())?),
+        (Op::SetImpairments, Input::Impairments(spec)) => {
+            json(ok, &lab.set_impairments(m.name(), spec)?)
+        }
+        (Op::ClearImpairments, _) => {
+            lab.set_impairments(m.name(), ImpairSpec::default())?;
+            Ok(Reply::NoContent)
+        }
+        (Op::ListCaptures, _) => json(ok, &lab.capture_list()),
+        (Op::AddCapture, Input::NewCapture(req)) => {
+            let info = lab.start_capture(req)?;
+            let location = format!("/v1/captures/{}", info.id);
+            created(&info, location)
+        }
+        (Op::GetCapture, _) => json(ok, &lab.capture(m.name())?),
+        (Op::RemoveCapture, _) => {
+            let (lab, id) = (lab.clone(), m.name().to_string());
+            json(
+                ok,
+                &detached(async move { lab.stop_capture(&id).await }).await?,
+            )
+        }
+        (Op::CaptureStream, _) => Ok(Reply::Capture(lab.capture_stream(m.name())?)),
         (Op::RemovePort, _) => {
             if let Some(node) = lab.port_node(m.name()) {
                 return Err(ApiError::new(

@@ -484,7 +484,32 @@ async fn respond(
             };
             events_response(ctx, permit)
         }
+        Reply::Capture(rx) => {
+            let Ok(permit) = ctx.streams.clone().try_acquire_owned() else {
+                return Err(ApiError::too_many_event_streams(
+                    ctx.config.max_event_streams,
+                ));
+            };
+            capture_response(rx, permit)
+        }
     })
+}
+
+/// `GET /v1/captures/{id}/stream`: pcapng as the capture's writer makes
+/// it. Ends when the capture does; a client that hangs up ends the
+/// capture (its writer sees the stream gone).
+fn capture_response(
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Response<Body> {
+    let stream = futures_util::stream::unfold((rx, permit), |(mut rx, permit)| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok::<_, Infallible>(Frame::data(chunk)), (rx, permit)))
+    });
+    let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
+    set(&mut resp, header::CONTENT_TYPE, "application/x-pcapng");
+    set(&mut resp, header::CACHE_CONTROL, "no-cache");
+    resp
 }
 
 /// Checks the content type and reads the body within the size and time

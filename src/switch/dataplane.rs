@@ -18,12 +18,15 @@ use mio::{Events, Poll, Token, Waker};
 use tokio::sync::oneshot;
 
 use crate::ports::{PortCx, PortIo, RxBatch, RxState, PROBE_MS, TOKENS_PER_PORT};
+use crate::switch::capture::CaptureTap;
 use crate::switch::fdb::Learned;
 use crate::switch::forward::{Decision, FdbRow, Forwarder};
+use crate::switch::impair::{Impairer, Verdict};
 use crate::switch::stats::{PortCounters, PortShared};
 use crate::switch::topology::Snapshot;
 use crate::switch::{LanId, PortId};
-use crate::wire::offload::{OffloadError, Segmenter, Segments};
+use crate::wire::offload::{Offload, OffloadError, Segmenter, Segments};
+use crate::wire::pcapng::Direction;
 use crate::wire::EthernetFrame;
 
 const WAKER: Token = Token(usize::MAX);
@@ -50,7 +53,36 @@ pub enum Command {
         lan: LanId,
         reply: oneshot::Sender<Vec<FdbRow>>,
     },
+    /// New impairments for a port (built on the control side, so the data
+    /// plane allocates nothing); `None` clears a direction. Frames waiting
+    /// under the old settings keep their place.
+    SetImpairments {
+        id: PortId,
+        ingress: Option<Box<Impairer>>,
+        egress: Option<Box<Impairer>>,
+    },
+    /// Administrative link state: a down port forwards nothing either way.
+    SetLink {
+        id: PortId,
+        up: bool,
+    },
+    /// Starts a capture of a port (both ways) or of a lan (every frame
+    /// that enters it, once).
+    AddCapture {
+        target: CaptureTarget,
+        tap: CaptureTap,
+    },
+    /// Stops a capture: its tap is dropped and its writer finishes.
+    RemoveCapture {
+        id: u64,
+    },
     Shutdown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureTarget {
+    Port(PortId),
+    Lan(LanId),
 }
 
 #[derive(Debug, Clone)]
@@ -99,11 +131,17 @@ impl DataPlaneHandle {
             forwarder: Forwarder::new(config.aging_ms, config.fdb_capacity),
             snapshot: initial,
             published: snapshot,
-            batch: RxBatch::new(),
+            batch: Some(Box::new(RxBatch::new())),
+            round_ns: 0,
             segmenter: Segmenter::new(),
             egress: Vec::with_capacity(64),
+            timed: Vec::new(),
+            lan_taps: Vec::new(),
             commands: rx,
             epoch: Instant::now(),
+            wall0_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
         };
         let thread = std::thread::Builder::new()
             .name("ulan-dataplane".into())
@@ -118,6 +156,15 @@ impl DataPlaneHandle {
     pub fn send(&self, cmd: Command) -> Result<(), DataPlaneGone> {
         self.tx.send(cmd).map_err(|_| DataPlaneGone)?;
         self.waker.wake().map_err(|_| DataPlaneGone)
+    }
+
+    /// A handle that only sends commands, for threads that outlive a
+    /// request (a capture's writer stops its own tap).
+    pub fn commander(&self) -> Commander {
+        Commander {
+            tx: self.tx.clone(),
+            waker: self.waker.clone(),
+        }
     }
 
     /// Tells the thread a new snapshot is out (it would notice at its next
@@ -136,6 +183,19 @@ impl DataPlaneHandle {
     }
 }
 
+#[derive(Clone)]
+pub struct Commander {
+    tx: mpsc::Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+impl Commander {
+    pub fn send(&self, cmd: Command) -> Result<(), DataPlaneGone> {
+        self.tx.send(cmd).map_err(|_| DataPlaneGone)?;
+        self.waker.wake().map_err(|_| DataPlaneGone)
+    }
+}
+
 impl Drop for DataPlaneHandle {
     fn drop(&mut self) {
         self.shutdown();
@@ -150,6 +210,16 @@ struct Slot {
     touched: bool,
     /// Up state last seen here, see [`note_link_state`].
     was_up: bool,
+    /// Set down by the API: nothing in or out.
+    admin_down: bool,
+    /// Impairments of frames from the client.
+    ingress: Option<Box<Impairer>>,
+    /// Impairments of frames to the client.
+    egress: Option<Box<Impairer>>,
+    /// Captures of this port.
+    taps: Vec<CaptureTap>,
+    /// On [`DataPlane::timed`].
+    timed: bool,
 }
 
 struct DataPlane {
@@ -170,13 +240,23 @@ struct DataPlane {
     forwarder: Forwarder,
     snapshot: Arc<Snapshot>,
     published: Arc<ArcSwap<Snapshot>>,
-    batch: RxBatch,
+    /// Taken while a batch is forwarded (the forwarding code needs all
+    /// of `self`).
+    batch: Option<Box<RxBatch>>,
+    /// The loop's clock at the start of this round, in nanoseconds.
+    round_ns: u64,
     /// Scratch space for frames finished in software (allocated once).
     segmenter: Segmenter,
     /// The ports one frame goes to (kept, so no allocation per frame).
     egress: Vec<PortId>,
+    /// Ports with impaired frames waiting for their time.
+    timed: Vec<PortId>,
+    /// Lan captures.
+    lan_taps: Vec<(LanId, CaptureTap)>,
     commands: mpsc::Receiver<Command>,
     epoch: Instant,
+    /// Wall clock at `epoch`, for capture timestamps.
+    wall0_ns: u64,
 }
 
 fn cx<'a>(
@@ -195,10 +275,6 @@ fn cx<'a>(
 }
 
 impl DataPlane {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
     fn run(&mut self) {
         let mut events = Events::with_capacity(256);
         let mut last_tick = 0u64;
@@ -226,6 +302,21 @@ impl DataPlane {
             } else {
                 Some(Duration::from_millis(TICK_MS))
             };
+            // Impaired frames waiting: wake when the first is due (epoll
+            // counts in whole milliseconds, rounded up; the last 200 µs are
+            // not worth a sleep).
+            let timeout = match (timeout, self.next_due_ns()) {
+                (Some(t), Some(due)) => {
+                    let wait = due.saturating_sub(self.epoch.elapsed().as_nanos() as u64);
+                    let wait = if wait < 200_000 {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_nanos(wait)
+                    };
+                    Some(t.min(wait))
+                }
+                (t, _) => t,
+            };
             let polled = match timeout {
                 None => Ok(()),
                 Some(t) => self.poll.poll(&mut events, Some(t)),
@@ -237,7 +328,8 @@ impl DataPlane {
                 }
                 continue;
             }
-            let now = self.now_ms();
+            self.round_ns = self.epoch.elapsed().as_nanos() as u64;
+            let now = self.round_ns / 1_000_000;
             if !self.apply_commands(now) {
                 break;
             }
@@ -258,6 +350,7 @@ impl DataPlane {
                 let closed = ev.is_read_closed() || ev.is_error();
                 self.service(id, sub, readable, ev.is_writable(), closed, now);
             }
+            self.release_due(now);
             self.flush_all(now);
             if self.probing > 0 && now.saturating_sub(last_probe) >= PROBE_MS {
                 last_probe = now;
@@ -296,6 +389,11 @@ impl DataPlane {
                         dirty: false,
                         touched: false,
                         was_up: false,
+                        admin_down: false,
+                        ingress: None,
+                        egress: None,
+                        taps: Vec::new(),
+                        timed: false,
                     });
                 }
                 Ok(Command::RemovePort { id, done }) => {
@@ -308,7 +406,63 @@ impl DataPlane {
                         slot.shared.set_up(false);
                     }
                     self.forwarder.forget_port(id);
+                    self.timed.retain(|&p| p != id);
                     let _ = done.send(());
+                }
+                Ok(Command::SetImpairments {
+                    id,
+                    ingress,
+                    egress,
+                }) => {
+                    let Some(Some(slot)) = self.ports.get_mut(id as usize) else {
+                        continue;
+                    };
+                    for (dir, new) in [(&mut slot.ingress, ingress), (&mut slot.egress, egress)] {
+                        let old = dir.take();
+                        *dir = match (new, old) {
+                            (Some(mut n), Some(o)) => {
+                                n.inherit(*o);
+                                Some(n)
+                            }
+                            (Some(n), None) => Some(n),
+                            // Cleared: frames that wait still go, in order;
+                            // the direction is dropped once they are out.
+                            (None, Some(o)) if o.held() > 0 => {
+                                let mut n = Box::new(Impairer::new(&Default::default(), 1));
+                                n.inherit(*o);
+                                Some(n)
+                            }
+                            (None, _) => None,
+                        };
+                    }
+                    let waiting = slot.ingress.as_ref().is_some_and(|i| i.held() > 0)
+                        || slot.egress.as_ref().is_some_and(|i| i.held() > 0);
+                    if waiting {
+                        mark(&mut self.timed, &mut slot.timed, id);
+                    }
+                }
+                Ok(Command::SetLink { id, up }) => {
+                    if let Some(Some(slot)) = self.ports.get_mut(id as usize) {
+                        slot.admin_down = !up;
+                        if !up {
+                            // As a pulled cable: the port's addresses go.
+                            self.forwarder.forget_port(id);
+                        }
+                    }
+                }
+                Ok(Command::AddCapture { target, tap }) => match target {
+                    CaptureTarget::Port(id) => {
+                        if let Some(Some(slot)) = self.ports.get_mut(id as usize) {
+                            slot.taps.push(tap);
+                        }
+                    }
+                    CaptureTarget::Lan(lan) => self.lan_taps.push((lan, tap)),
+                },
+                Ok(Command::RemoveCapture { id }) => {
+                    self.lan_taps.retain(|(_, t)| t.id() != id);
+                    for slot in self.ports.iter_mut().flatten() {
+                        slot.taps.retain(|t| t.id() != id);
+                    }
                 }
                 Ok(Command::Fdb { lan, reply }) => {
                     // A topology change published before this question
@@ -335,10 +489,22 @@ impl DataPlane {
                     if let Some(Some(slot)) = self.ports.get_mut(port as usize) {
                         slot.io
                             .discard_queued(&mut cx(registry, port, &mut slot.counters, now));
+                        if let Some(i) = slot.egress.as_deref_mut() {
+                            let n = i.discard() as u64;
+                            slot.counters.tx_drop_moved += n;
+                            slot.counters.tx_dropped += n;
+                        }
+                        if let Some(i) = slot.ingress.as_deref_mut() {
+                            let n = i.discard() as u64;
+                            slot.counters.rx_drop_moved += n;
+                            slot.counters.rx_dropped += n;
+                        }
                         mark(&mut self.touched, &mut slot.touched, port);
                     }
                 }
             }
+            // A lan capture ends with its lan.
+            self.lan_taps.retain(|(lan, _)| new.lan_exists(*lan));
             self.snapshot = new;
         }
     }
@@ -359,15 +525,19 @@ impl DataPlane {
             let Some(slot) = self.ports.get_mut(id as usize).and_then(Option::as_mut) else {
                 return;
             };
-            self.batch.clear();
+            let Some(mut batch) = self.batch.take() else {
+                return;
+            };
+            batch.clear();
             let registry = self.poll.registry();
             let mut port_cx = cx(registry, id, &mut slot.counters, now);
             port_cx.read_to_end = read_to_end;
             let state = slot
                 .io
-                .on_ready(sub, readable, writable, &mut port_cx, &mut self.batch);
+                .on_ready(sub, readable, writable, &mut port_cx, &mut batch);
             mark(&mut self.touched, &mut slot.touched, id);
-            self.forward_batch(id, now);
+            self.forward_batch(&batch, id, now);
+            self.batch = Some(batch);
             // After forwarding: a client's last frames and its leaving in
             // one call must not leave addresses learned on a port that is
             // down.
@@ -385,86 +555,261 @@ impl DataPlane {
         self.rx_pending.push((id, sub));
     }
 
-    fn forward_batch(&mut self, ingress: PortId, now: u64) {
+    fn forward_batch(&mut self, batch: &RxBatch, ingress: PortId, now: u64) {
+        let now_ns = self.round_ns;
+        for i in 0..batch.len() {
+            let bytes = batch.frame(i);
+            let offload = *batch.offload(i);
+            let Some(Some(slot)) = self.ports.get_mut(ingress as usize) else {
+                return;
+            };
+            if slot.admin_down {
+                slot.counters.rx_drop_link_down += 1;
+                slot.counters.rx_dropped += 1;
+                continue;
+            }
+            if !slot.taps.is_empty() {
+                let ts = self.wall0_ns + now_ns;
+                for tap in &mut slot.taps {
+                    if !tap.record(ts, ingress, Direction::Inbound, bytes) {
+                        slot.counters.capture_dropped += 1;
+                    }
+                }
+            }
+            if let Some(imp) = slot.ingress.as_deref_mut() {
+                match imp.admit(bytes, offload, now_ns) {
+                    Verdict::Pass => {}
+                    Verdict::Lost => {
+                        slot.counters.rx_drop_impair_loss += 1;
+                        slot.counters.rx_dropped += 1;
+                        continue;
+                    }
+                    Verdict::QueueFull => {
+                        slot.counters.rx_drop_impair_queue += 1;
+                        slot.counters.rx_dropped += 1;
+                        continue;
+                    }
+                    Verdict::Held => {
+                        mark(&mut self.timed, &mut slot.timed, ingress);
+                        continue;
+                    }
+                }
+            }
+            self.forward_one(ingress, bytes, offload, now);
+        }
+    }
+
+    /// Decides where one frame from `ingress` goes and hands it to every
+    /// egress port (through their egress impairments and captures).
+    fn forward_one(&mut self, ingress: PortId, bytes: &[u8], offload: Offload, now: u64) {
         let registry = self.poll.registry();
         let snap = &*self.snapshot;
         let segmenter = &mut self.segmenter;
-        for i in 0..self.batch.len() {
-            let bytes = self.batch.frame(i);
-            let offload = self.batch.offload(i);
-            let Ok(frame) = EthernetFrame::new_checked(bytes) else {
-                continue; // ports only hand over checked frames
-            };
-            let (decision, learned) = self.forwarder.decide(snap, ingress, &frame, now);
-            if let Some(Some(slot)) = self.ports.get_mut(ingress as usize) {
-                let c = &mut slot.counters;
-                c.rx_frames += 1;
-                c.rx_bytes += bytes.len() as u64;
-                if learned == Learned::TableFull {
-                    c.fdb_full += 1;
-                }
-                match decision {
-                    Decision::NoLan => {
-                        c.rx_drop_no_lan += 1;
-                        c.rx_dropped += 1;
-                    }
-                    Decision::Filtered => {
-                        c.rx_drop_filtered += 1;
-                        c.rx_dropped += 1;
-                    }
-                    _ => {}
-                }
+        let now_ns = self.round_ns;
+        let ts = self.wall0_ns + now_ns;
+        let Ok(frame) = EthernetFrame::new_checked(bytes) else {
+            return; // ports only hand over checked frames
+        };
+        let (decision, learned) = self.forwarder.decide(snap, ingress, &frame, now);
+        if let Some(Some(slot)) = self.ports.get_mut(ingress as usize) {
+            let c = &mut slot.counters;
+            c.rx_frames += 1;
+            c.rx_bytes += bytes.len() as u64;
+            if learned == Learned::TableFull {
+                c.fdb_full += 1;
             }
-            let egress = &mut self.egress;
-            egress.clear();
             match decision {
-                Decision::Unicast(p) => egress.push(p),
-                Decision::Flood(lan) => {
-                    egress.extend(snap.ports_of(lan).iter().filter(|&&p| p != ingress))
+                Decision::NoLan => {
+                    c.rx_drop_no_lan += 1;
+                    c.rx_dropped += 1;
                 }
-                Decision::NoLan | Decision::Filtered => {}
+                Decision::Filtered => {
+                    c.rx_drop_filtered += 1;
+                    c.rx_dropped += 1;
+                }
+                _ => {}
             }
-            // The frame finished in software, made at most once per frame
-            // and only if some egress port cannot take its offloads.
-            let mut finished: Option<Result<Segments<'_>, OffloadError>> = None;
-            let mut bad_offload = false;
-            for &p in egress.iter() {
-                let Some(Some(slot)) = self.ports.get_mut(p as usize) else {
-                    continue;
-                };
-                let mut pcx = cx(registry, p, &mut slot.counters, now);
-                if offload.is_none() {
-                    slot.io.enqueue(bytes, &mut pcx);
-                } else if offload.fits(slot.io.accepts()) {
-                    slot.io.enqueue_offload(bytes, offload, &mut pcx);
-                } else {
-                    if finished.is_none() {
-                        finished = Some(segmenter.finish(bytes, offload));
-                    }
-                    match &finished {
-                        Some(Ok(segments)) => {
-                            for seg in segments.clone() {
-                                slot.io.enqueue(seg, &mut pcx);
-                            }
-                        }
-                        _ => {
-                            bad_offload = true;
-                            continue;
-                        }
+        }
+        if !self.lan_taps.is_empty() {
+            if let Some(lan) = snap.lan_of(ingress) {
+                let mut lost = 0;
+                for (l, tap) in self.lan_taps.iter_mut().filter(|(l, _)| *l == lan) {
+                    let _ = l;
+                    if !tap.record(ts, ingress, Direction::Inbound, bytes) {
+                        lost += 1;
                     }
                 }
-                mark(&mut self.dirty, &mut slot.dirty, p);
-                mark(&mut self.touched, &mut slot.touched, p);
-            }
-            if bad_offload {
-                // The guest asked for work its frame does not allow: the
-                // ports that needed it finished got nothing; counted once.
-                if let Some(Some(slot)) = self.ports.get_mut(ingress as usize) {
-                    slot.counters.rx_drop_bad_offload += 1;
-                    slot.counters.rx_dropped += 1;
+                if lost > 0 {
+                    if let Some(Some(slot)) = self.ports.get_mut(ingress as usize) {
+                        slot.counters.capture_dropped += lost;
+                    }
                 }
             }
         }
+        let egress = &mut self.egress;
+        egress.clear();
+        match decision {
+            Decision::Unicast(p) => egress.push(p),
+            Decision::Flood(lan) => {
+                egress.extend(snap.ports_of(lan).iter().filter(|&&p| p != ingress))
+            }
+            Decision::NoLan | Decision::Filtered => {}
+        }
+        // The frame finished in software, made at most once per frame
+        // and only if some egress port cannot take its offloads.
+        let mut finished: Option<Result<Segments<'_>, OffloadError>> = None;
+        let mut bad_offload = false;
+        for &p in egress.iter() {
+            let Some(Some(slot)) = self.ports.get_mut(p as usize) else {
+                continue;
+            };
+            if slot.admin_down {
+                slot.counters.tx_drop_link_down += 1;
+                slot.counters.tx_dropped += 1;
+                mark(&mut self.touched, &mut slot.touched, p);
+                continue;
+            }
+            let mut pcx = cx(registry, p, &mut slot.counters, now);
+            let mut out = Out {
+                io: &mut *slot.io,
+                egress: slot.egress.as_deref_mut(),
+                taps: &mut slot.taps,
+                pcx: &mut pcx,
+                id: p,
+                now_ns,
+                ts,
+                held: false,
+            };
+            if offload.is_none() || offload.fits(out.io.accepts()) {
+                out.send(bytes, offload);
+            } else {
+                if finished.is_none() {
+                    finished = Some(segmenter.finish(bytes, &offload));
+                }
+                match &finished {
+                    Some(Ok(segments)) => {
+                        for seg in segments.clone() {
+                            out.send(seg, Offload::default());
+                        }
+                    }
+                    _ => {
+                        bad_offload = true;
+                        continue;
+                    }
+                }
+            }
+            if out.held {
+                mark(&mut self.timed, &mut slot.timed, p);
+            }
+            mark(&mut self.dirty, &mut slot.dirty, p);
+            mark(&mut self.touched, &mut slot.touched, p);
+        }
+        if bad_offload {
+            // The guest asked for work its frame does not allow: the
+            // ports that needed it finished got nothing; counted once.
+            if let Some(Some(slot)) = self.ports.get_mut(ingress as usize) {
+                slot.counters.rx_drop_bad_offload += 1;
+                slot.counters.rx_dropped += 1;
+            }
+        }
+    }
+
+    /// Hands out the impaired frames whose time has come: those from a
+    /// client are forwarded, those to a client are queued on its port.
+    fn release_due(&mut self, now: u64) {
+        if self.timed.is_empty() {
+            return;
+        }
+        let now_ns = self.round_ns;
+        let ts = self.wall0_ns + now_ns;
+        let timed = std::mem::take(&mut self.timed);
+        let mut keep = Vec::new();
+        for &id in &timed {
+            // From the client: forwarded as if it arrived now.
+            loop {
+                let Some(Some(slot)) = self.ports.get_mut(id as usize) else {
+                    break;
+                };
+                let Some(h) = slot.ingress.as_deref_mut().and_then(|i| i.pop_due(now_ns)) else {
+                    break;
+                };
+                self.forward_one(id, &h.buf, h.offload, now);
+                if let Some(Some(slot)) = self.ports.get_mut(id as usize) {
+                    if let Some(i) = slot.ingress.as_deref_mut() {
+                        i.recycle(h.buf);
+                    }
+                }
+            }
+            let registry = self.poll.registry();
+            let Some(Some(slot)) = self.ports.get_mut(id as usize) else {
+                continue;
+            };
+            // To the client.
+            if let Some(imp) = slot.egress.as_deref_mut() {
+                let mut sent = false;
+                while let Some(h) = imp.pop_due(now_ns) {
+                    let c = &mut slot.counters;
+                    if slot.admin_down {
+                        c.tx_drop_link_down += 1;
+                        c.tx_dropped += 1;
+                    } else {
+                        let mut pcx = cx(registry, id, c, now);
+                        deliver(
+                            &mut *slot.io,
+                            &mut slot.taps,
+                            &mut pcx,
+                            id,
+                            ts,
+                            &h.buf,
+                            h.offload,
+                        );
+                        sent = true;
+                    }
+                    imp.recycle(h.buf);
+                }
+                if sent {
+                    mark(&mut self.dirty, &mut slot.dirty, id);
+                }
+            }
+            mark(&mut self.touched, &mut slot.touched, id);
+            let waiting = slot.ingress.as_ref().is_some_and(|i| i.held() > 0)
+                || slot.egress.as_ref().is_some_and(|i| i.held() > 0);
+            // A cleared direction lives on only while its frames wait.
+            for dir in [&mut slot.ingress, &mut slot.egress] {
+                if dir
+                    .as_ref()
+                    .is_some_and(|i| i.held() == 0 && i.spec().is_empty())
+                {
+                    *dir = None;
+                }
+            }
+            slot.timed = waiting;
+            if waiting {
+                keep.push(id);
+            }
+        }
+        let mut timed = timed;
+        timed.clear();
+        timed.extend(keep);
+        // Frames released to a client made their ports dirty.
+        self.timed = timed;
+        self.flush_dirty(now);
+    }
+
+    /// Nanoseconds (on the loop's clock) until the next impaired frame is
+    /// due, if any waits.
+    fn next_due_ns(&self) -> Option<u64> {
+        self.timed
+            .iter()
+            .filter_map(|&id| self.ports.get(id as usize)?.as_ref())
+            .flat_map(|s| {
+                [
+                    s.ingress.as_ref().and_then(|i| i.next_due()),
+                    s.egress.as_ref().and_then(|i| i.next_due()),
+                ]
+            })
+            .flatten()
+            .min()
     }
 
     /// Flushes the ports that got frames since the last flush.
@@ -532,6 +877,18 @@ impl DataPlane {
         for id in self.touched.drain(..) {
             if let Some(Some(slot)) = self.ports.get_mut(id as usize) {
                 slot.touched = false;
+                if let Some(i) = slot.ingress.as_deref_mut() {
+                    let e = std::mem::take(&mut i.events);
+                    slot.counters.rx_impair_duplicated += e.duplicated;
+                    slot.counters.rx_impair_corrupted += e.corrupted;
+                    slot.counters.rx_impair_reordered += e.reordered;
+                }
+                if let Some(i) = slot.egress.as_deref_mut() {
+                    let e = std::mem::take(&mut i.events);
+                    slot.counters.tx_impair_duplicated += e.duplicated;
+                    slot.counters.tx_impair_corrupted += e.corrupted;
+                    slot.counters.tx_impair_reordered += e.reordered;
+                }
                 if !slot.counters.is_zero() {
                     slot.shared.counters.add(&slot.counters);
                     slot.counters = PortCounters::default();
@@ -547,6 +904,68 @@ impl DataPlane {
             let mut slot = slot;
             slot.io.deregister(registry);
             slot.shared.set_up(false);
+        }
+    }
+}
+
+/// One egress port's view while a frame goes out.
+struct Out<'a, 'c> {
+    io: &'a mut dyn PortIo,
+    egress: Option<&'a mut Impairer>,
+    taps: &'a mut Vec<CaptureTap>,
+    pcx: &'a mut PortCx<'c>,
+    id: PortId,
+    now_ns: u64,
+    ts: u64,
+    /// A frame went into the egress impairment's queue.
+    held: bool,
+}
+
+impl Out<'_, '_> {
+    fn send(&mut self, bytes: &[u8], offload: Offload) {
+        if let Some(imp) = self.egress.as_deref_mut() {
+            match imp.admit(bytes, offload, self.now_ns) {
+                Verdict::Pass => {}
+                Verdict::Lost => {
+                    self.pcx.counters.tx_drop_impair_loss += 1;
+                    self.pcx.counters.tx_dropped += 1;
+                    return;
+                }
+                Verdict::QueueFull => {
+                    self.pcx.counters.tx_drop_impair_queue += 1;
+                    self.pcx.counters.tx_dropped += 1;
+                    return;
+                }
+                Verdict::Held => {
+                    self.held = true;
+                    return;
+                }
+            }
+        }
+        deliver(
+            self.io, self.taps, self.pcx, self.id, self.ts, bytes, offload,
+        );
+    }
+}
+
+/// Queues a frame on a port and shows it to the port's captures.
+fn deliver(
+    io: &mut dyn PortIo,
+    taps: &mut [CaptureTap],
+    pcx: &mut PortCx<'_>,
+    id: PortId,
+    ts: u64,
+    bytes: &[u8],
+    offload: Offload,
+) {
+    if offload.is_none() {
+        io.enqueue(bytes, pcx);
+    } else {
+        io.enqueue_offload(bytes, &offload, pcx);
+    }
+    for tap in taps.iter_mut() {
+        if !tap.record(ts, id, Direction::Outbound, bytes) {
+            pcx.counters.capture_dropped += 1;
         }
     }
 }

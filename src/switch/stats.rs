@@ -58,6 +58,20 @@ counters! {
     /// client, the kernel refuses such senders (EPERM) before ulan sees
     /// them.
     rx_drop_stranger,
+    /// Received while the port is set down (`link: down`).
+    rx_drop_link_down,
+    /// Lost on purpose by the port's ingress impairment (loss_*).
+    rx_drop_impair_loss,
+    /// The ingress impairment's queue (delay, rate limit) was full.
+    rx_drop_impair_queue,
+    /// Waiting in the ingress impairment when the port left its lan.
+    rx_drop_moved,
+    /// Frames from the client the ingress impairment sent twice.
+    rx_impair_duplicated,
+    /// Frames from the client the ingress impairment corrupted.
+    rx_impair_corrupted,
+    /// Frames from the client the ingress impairment let skip its delay.
+    rx_impair_reordered,
     /// Frames bound for this port that it could not take: sum of tx_drop_*.
     tx_dropped,
     /// The output queue was full (slow or stuck client).
@@ -66,9 +80,24 @@ counters! {
     tx_drop_no_peer,
     /// The send failed for another reason (client went away mid-batch).
     tx_drop_error,
-    /// Still queued for the lan the port left when it moved (or was
-    /// detached): frames never cross lans.
+    /// Still queued (or waiting in the egress impairment) for the lan the
+    /// port left when it moved (or was detached): frames never cross lans.
     tx_drop_moved,
+    /// Bound for this port while it is set down (`link: down`).
+    tx_drop_link_down,
+    /// Lost on purpose by the port's egress impairment (loss_*).
+    tx_drop_impair_loss,
+    /// The egress impairment's queue (delay, rate limit) was full.
+    tx_drop_impair_queue,
+    /// Frames to the client the egress impairment sent twice.
+    tx_impair_duplicated,
+    /// Frames to the client the egress impairment corrupted.
+    tx_impair_corrupted,
+    /// Frames to the client the egress impairment let skip its delay.
+    tx_impair_reordered,
+    /// Frames of this port (or from it, for a lan capture) a capture's
+    /// queue could not take: the capture misses them, forwarding does not.
+    capture_dropped,
     /// Clients that connected.
     connects,
     /// Clients that left or were disconnected.

@@ -587,6 +587,16 @@ impl Lab {
             .map(|(n, _)| n.clone())
     }
 
+    /// The node and NIC index whose NIC `port` is, if any.
+    pub fn port_nic(&self, port: &str) -> Option<(String, usize)> {
+        let table = self.node_table().lock();
+        table.iter().find_map(|(n, e)| {
+            (0..e.spec.nics.len())
+                .find(|&i| e.spec.port_name(i) == port)
+                .map(|i| (n.clone(), i))
+        })
+    }
+
     /// The running lab as a lab file: lans, node specs with their NICs'
     /// lans as they are now, and the ports that are not NICs.
     pub fn spec(&self) -> crate::labfile::LabFile {

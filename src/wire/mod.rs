@@ -5,6 +5,7 @@
 
 pub mod checksum;
 pub mod offload;
+pub mod pcapng;
 
 use std::fmt;
 use std::str::FromStr;

@@ -20,6 +20,9 @@ use crate::switch::topology::Snapshot;
 use crate::switch::{LanId, PortId};
 use crate::vmlaunch::node::{NodeConfig, NodeError, NodeTable};
 
+mod instruments;
+pub use instruments::{CaptureError, CaptureInfo, CaptureRequest, LinkState};
+
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
     #[error("no {what} named {name:?}")]
@@ -40,6 +43,10 @@ pub enum LabError {
     DataPlane(#[from] DataPlaneGone),
     #[error("{0}")]
     Node(#[from] NodeError),
+    #[error("{0}")]
+    Impairment(#[from] crate::switch::impair::ImpairError),
+    #[error("{0}")]
+    Capture(#[from] instruments::CaptureError),
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +84,10 @@ pub struct PortInfo {
     pub path: String,
     /// A client is attached.
     pub up: bool,
+    /// Set by the API: a down port forwards nothing either way.
+    pub link: LinkState,
+    /// Whether the port has impairments (see its `/impairments`).
+    pub impaired: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -119,6 +130,8 @@ struct PortEntry {
     lan: Option<String>,
     path: PathBuf,
     shared: Arc<PortShared>,
+    link: LinkState,
+    impairments: crate::switch::impair::ImpairSpec,
 }
 
 /// Small-integer ids with reuse, so snapshots index by id.
@@ -169,6 +182,8 @@ impl State {
             lan: p.lan.clone(),
             path: p.path.display().to_string(),
             up: p.shared.is_up(),
+            link: p.link,
+            impaired: !p.impairments.is_empty(),
         }
     }
 
@@ -205,6 +220,7 @@ pub struct Lab {
     nodes: NodeTable,
     /// Writes the lab's desired state to disk (the daemon's labs only).
     persister: std::sync::OnceLock<Arc<crate::persist::Persister>>,
+    captures: Mutex<instruments::Captures>,
 }
 
 impl Lab {
@@ -235,6 +251,7 @@ impl Lab {
             events: Arc::new(EventSink::new()),
             nodes: NodeTable::default(),
             persister: std::sync::OnceLock::new(),
+            captures: Mutex::new(instruments::Captures::default()),
         }))
     }
 
@@ -322,6 +339,7 @@ impl Lab {
                 ports: info.ports,
             });
         }
+        self.end_captures_of("lan", name);
         let entry = st.lans.remove(name).expect("checked above");
         st.lan_ids.give(entry.id);
         self.publish(&mut st);
@@ -420,6 +438,8 @@ impl Lab {
                 lan: lan.map(str::to_string),
                 path: path.clone(),
                 shared,
+                link: LinkState::Up,
+                impairments: Default::default(),
             },
         );
         self.publish(&mut st);
@@ -441,6 +461,7 @@ impl Lab {
                 .ports
                 .remove(name)
                 .ok_or_else(|| not_found("port", name))?;
+            self.end_captures_of("port", name);
             self.publish(&mut st);
             let (done, rx) = oneshot::channel();
             self.dataplane
