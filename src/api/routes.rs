@@ -769,20 +769,74 @@ mod tests {
     }
 
     #[test]
-    fn patch_requires_the_lan_key() {
+    fn patch_takes_lan_or_link() {
         let e = decode_body(Op::MovePort, b"{}").unwrap_err();
         assert_eq!(e.code, "bad_json");
-        assert!(e.message.contains("missing field `lan`"), "{}", e.message);
+        assert!(e.message.contains("give \"lan\""), "{}", e.message);
         assert_eq!(
             decode_body(Op::MovePort, br#"{"lan":null}"#).unwrap(),
-            Input::MovePort { lan: None }
-        );
-        assert_eq!(
-            decode_body(Op::MovePort, br#"{"lan":"x"}"#).unwrap(),
-            Input::MovePort {
-                lan: Some("x".into())
+            Input::PatchPort {
+                lan: Some(None),
+                link: None
             }
         );
+        assert_eq!(
+            decode_body(Op::MovePort, br#"{"lan":"x","link":"down"}"#).unwrap(),
+            Input::PatchPort {
+                lan: Some(Some("x".into())),
+                link: Some(LinkState::Down)
+            }
+        );
+        assert_eq!(
+            decode_body(Op::MovePort, br#"{"link":"up"}"#).unwrap(),
+            Input::PatchPort {
+                lan: None,
+                link: Some(LinkState::Up)
+            }
+        );
+        for bad in [
+            r#"{"link":"sideways"}"#,
+            r#"{"link":null}"#,
+            r#"{"link":1}"#,
+        ] {
+            assert_eq!(
+                decode_body(Op::MovePort, bad.as_bytes()).unwrap_err().code,
+                "bad_json"
+            );
+        }
+    }
+
+    #[test]
+    fn impairment_and_capture_bodies_are_checked() {
+        let code = |op, b: &str| decode_body(op, b.as_bytes()).unwrap_err().code;
+        assert_eq!(
+            code(Op::SetImpairments, r#"{"egress":{"loss_pct":150}}"#),
+            "invalid_value"
+        );
+        assert_eq!(
+            code(Op::SetImpairments, r#"{"egress":{"rate_kbps":0}}"#),
+            "invalid_value"
+        );
+        assert_eq!(
+            code(Op::SetImpairments, r#"{"egress":{"delay_ms":-1}}"#),
+            "invalid_value"
+        );
+        assert_eq!(
+            code(Op::SetImpairments, r#"{"egress":{"rate_kbps":-5}}"#),
+            "bad_json"
+        );
+        assert_eq!(code(Op::SetImpairments, r#"{"sideways":{}}"#), "bad_json");
+        assert_eq!(
+            code(Op::SetImpairments, r#"{"egress":{"delay":5}}"#),
+            "bad_json"
+        );
+        assert_eq!(code(Op::AddCapture, r#"{"port":"P"}"#), "invalid_name");
+        assert_eq!(code(Op::AddCapture, r#"{"port":"p","x":1}"#), "bad_json");
+        assert!(decode_body(
+            Op::SetImpairments,
+            br#"{"ingress":{"delay_ms":50,"jitter_ms":5}}"#
+        )
+        .is_ok());
     }
 
     #[test]
