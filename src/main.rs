@@ -81,6 +81,32 @@ enum Cmd {
     Ls,
     /// Check this machine: QEMU, KVM, UML, qemu-img, the built-in image...
     Doctor,
+    /// Impair a port's traffic (delay, jitter, loss, rate...) like tc netem.
+    Netem(cli::instruments::NetemArgs),
+    /// Set a port's link up or down (a guest's NIC loses carrier).
+    Link {
+        port: String,
+        /// up | down
+        #[arg(value_parser = ["up", "down"])]
+        state: String,
+    },
+    /// Capture a port or a lan into pcapng (Wireshark, tshark, tcpdump).
+    Capture {
+        /// A port, or a lan.
+        target: String,
+        /// The file to write, or - for stdout (`| wireshark -k -i -`).
+        #[arg(short = 'w', long = "write")]
+        write: String,
+        /// Treat the target as a lan even if a port has its name.
+        #[arg(long)]
+        lan: bool,
+        /// Bytes kept of each frame.
+        #[arg(long, short = 's')]
+        snaplen: Option<u32>,
+        /// Stop after this many seconds (else at Ctrl-C).
+        #[arg(long)]
+        duration: Option<f64>,
+    },
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -198,6 +224,32 @@ fn main() -> ExitCode {
         Cmd::Save => cli::block_on(cli::labctl::save(&lab, out)),
         Cmd::Ls => cli::block_on(cli::labctl::ls(&lab, out)),
         Cmd::Doctor => cli::doctor(out),
+        Cmd::Netem(a) => {
+            let dir_given = std::env::args().any(|x| x == "--dir" || x.starts_with("--dir="));
+            cli::block_on(async {
+                cli::instruments::netem(&cli::client(&lab), &a, dir_given, out).await
+            })
+        }
+        Cmd::Link { port, state } => cli::block_on(async {
+            let state = cli::instruments::parse_link(&state)?;
+            cli::instruments::link(&cli::client(&lab), &port, state, out).await
+        }),
+        Cmd::Capture {
+            target,
+            write,
+            lan: force_lan,
+            snaplen,
+            duration,
+        } => cli::block_on(async {
+            let args = cli::instruments::CaptureArgs {
+                target,
+                lan: force_lan,
+                write,
+                snaplen,
+                duration,
+            };
+            cli::instruments::capture(&cli::client(&lab), args).await
+        }),
         Cmd::Image(ImageCmd::Build {
             name,
             kernel_version,

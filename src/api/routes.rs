@@ -332,7 +332,7 @@ pub enum Input {
         lan: Option<Option<String>>,
         link: Option<LinkState>,
     },
-    Impairments(ImpairSpec),
+    Impairments(Box<ImpairSpec>),
     NewCapture(CaptureRequest),
     NewNode(Box<NodeSpec>),
     Stop {
@@ -426,7 +426,7 @@ pub fn decode_body(op: Op, body: &[u8]) -> Result<Input, ApiError> {
             let spec: ImpairSpec = parse_json(body)?;
             spec.validate()
                 .map_err(|e| ApiError::invalid_value(e.to_string()))?;
-            Ok(Input::Impairments(spec))
+            Ok(Input::Impairments(Box::new(spec)))
         }
         Op::AddCapture => {
             let b: CaptureRequest = parse_json(body)?;
@@ -612,7 +612,7 @@ pub async fn execute(lab: &Arc<Lab>, m: &Matched<'_>, input: Input) -> Result<Re
         }
         (Op::GetImpairments, _) => json(ok, &lab.impairments(m.name())?),
         (Op::SetImpairments, Input::Impairments(spec)) => {
-            json(ok, &lab.set_impairments(m.name(), spec)?)
+            json(ok, &lab.set_impairments(m.name(), *spec)?)
         }
         (Op::ClearImpairments, _) => {
             lab.set_impairments(m.name(), ImpairSpec::default())?;

@@ -11,6 +11,7 @@ use crate::daemon;
 use crate::ports::PortKind;
 
 pub mod console;
+pub mod instruments;
 pub mod labctl;
 pub mod nodes;
 

@@ -726,13 +726,13 @@ impl DataPlane {
         let mut keep = Vec::new();
         for &id in &timed {
             // From the client: forwarded as if it arrived now.
-            loop {
-                let Some(Some(slot)) = self.ports.get_mut(id as usize) else {
-                    break;
-                };
-                let Some(h) = slot.ingress.as_deref_mut().and_then(|i| i.pop_due(now_ns)) else {
-                    break;
-                };
+            while let Some(h) = self
+                .ports
+                .get_mut(id as usize)
+                .and_then(Option::as_mut)
+                .and_then(|slot| slot.ingress.as_deref_mut())
+                .and_then(|i| i.pop_due(now_ns))
+            {
                 self.forward_one(id, &h.buf, h.offload, now);
                 if let Some(Some(slot)) = self.ports.get_mut(id as usize) {
                     if let Some(i) = slot.ingress.as_deref_mut() {

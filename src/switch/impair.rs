@@ -138,8 +138,8 @@ impl ImpairSpec {
 
     /// Nothing set in either direction.
     pub fn is_empty(&self) -> bool {
-        self.egress.as_ref().is_none_or(DirectionSpec::is_empty)
-            && self.ingress.as_ref().is_none_or(DirectionSpec::is_empty)
+        self.egress.as_ref().map_or(true, DirectionSpec::is_empty)
+            && self.ingress.as_ref().map_or(true, DirectionSpec::is_empty)
     }
 }
 
@@ -460,7 +460,9 @@ impl Impairer {
         if self.lost() {
             return Verdict::Lost;
         }
-        if !self.holds {
+        // Frames still waiting (from settings since cleared or changed)
+        // go first: a new frame queues behind them.
+        if !self.holds && self.queue.is_empty() {
             return Verdict::Pass;
         }
         let copies = if self.happens(self.duplicate) { 2 } else { 1 };
@@ -526,7 +528,7 @@ impl Impairer {
         };
         // Ordered by release time; only reordered frames go anywhere but
         // the back.
-        if self.queue.back().is_none_or(|b| b.release_ns <= release) {
+        if self.queue.back().map_or(true, |b| b.release_ns <= release) {
             self.queue.push_back(held);
         } else {
             let at = self.queue.partition_point(|h| h.release_ns <= release);
@@ -732,7 +734,7 @@ mod tests {
         let mut last = None;
         for (waited, f) in &out {
             let seq = seq_of(f);
-            assert!(last.is_none_or(|l| seq > l), "out of order at {seq}");
+            assert!(last.map_or(true, |l| seq > l), "out of order at {seq}");
             last = Some(seq);
             // Order costs at most the jitter on top: 45..=60 ms.
             assert!((45_000_000..=60_000_000).contains(waited), "{waited}");
