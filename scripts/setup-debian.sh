@@ -14,6 +14,7 @@ packages=(
     util-linux                   # unshare
     socat curl                   # the README's examples
     dpdk dpdk-dev                # dpdk-testpmd (in dpdk-dev on Debian 12): the vhost-user reference backend
+    tshark                       # reads captures back in the tests
 )
 
 find_missing() {

@@ -318,6 +318,7 @@ pub async fn capture(client: &Client, args: CaptureArgs) -> anyhow::Result<()> {
         .duration
         .map(|s| tokio::time::Instant::now() + std::time::Duration::from_secs_f64(s));
     let mut stopping = false;
+    let mut end = None;
     let result: anyhow::Result<()> = loop {
         let until = async {
             match deadline {
@@ -348,18 +349,20 @@ pub async fn capture(client: &Client, args: CaptureArgs) -> anyhow::Result<()> {
                 stopping = true;
                 // The daemon ends the capture and the stream, after the
                 // frames already queued.
-                let _ = client.stop_capture(&cap.id).await;
+                end = client.stop_capture(&cap.id).await.ok();
             }
             _ = until => {
                 stopping = true;
-                let _ = client.stop_capture(&cap.id).await;
+                end = client.stop_capture(&cap.id).await.ok();
             }
         }
     };
     drop(stream);
     let _ = sink.flush();
     // Final counts: from the stop (already done, or now).
-    let end = client.stop_capture(&cap.id).await.ok();
+    if end.is_none() {
+        end = client.stop_capture(&cap.id).await.ok();
+    }
     if let Some(end) = end {
         eprintln!(
             "{} frames captured, {} dropped by the capture",
