@@ -20,6 +20,8 @@ use crate::switch::topology::Snapshot;
 use crate::switch::{LanId, PortId};
 use crate::vmlaunch::node::{NodeConfig, NodeError, NodeTable};
 
+mod metrics;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
     #[error("no {what} named {name:?}")]

@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 use crate::ports::{PortCx, PortIo, RxBatch, RxState, PROBE_MS, TOKENS_PER_PORT};
 use crate::switch::fdb::Learned;
 use crate::switch::forward::{Decision, FdbRow, Forwarder};
-use crate::switch::stats::{PortCounters, PortShared};
+use crate::switch::stats::{DataPlaneStats, LoadMeter, PortCounters, PortShared};
 use crate::switch::topology::Snapshot;
 use crate::switch::{LanId, PortId};
 use crate::wire::offload::{OffloadError, Segmenter, Segments};
@@ -77,6 +77,7 @@ pub struct DataPlaneHandle {
     tx: mpsc::Sender<Command>,
     waker: Arc<Waker>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    stats: Arc<DataPlaneStats>,
 }
 
 impl DataPlaneHandle {
@@ -88,6 +89,7 @@ impl DataPlaneHandle {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = mpsc::channel();
         let initial = snapshot.load_full();
+        let stats = Arc::new(DataPlaneStats::default());
         let mut dp = DataPlane {
             poll,
             ports: Vec::new(),
@@ -104,6 +106,7 @@ impl DataPlaneHandle {
             egress: Vec::with_capacity(64),
             commands: rx,
             epoch: Instant::now(),
+            stats: stats.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("ulan-dataplane".into())
@@ -112,7 +115,13 @@ impl DataPlaneHandle {
             tx,
             waker,
             thread: std::sync::Mutex::new(Some(thread)),
+            stats,
         })
+    }
+
+    /// How busy the thread is (read by `/metrics`).
+    pub fn stats(&self) -> &Arc<DataPlaneStats> {
+        &self.stats
     }
 
     pub fn send(&self, cmd: Command) -> Result<(), DataPlaneGone> {
@@ -177,6 +186,7 @@ struct DataPlane {
     egress: Vec<PortId>,
     commands: mpsc::Receiver<Command>,
     epoch: Instant,
+    stats: Arc<DataPlaneStats>,
 }
 
 fn cx<'a>(
@@ -204,6 +214,15 @@ impl DataPlane {
         let mut last_tick = 0u64;
         let mut last_probe = 0u64;
         let mut busy_rounds = 0u32;
+        // Time in epoll against time outside it: one more clock read per
+        // round that polls, summed here, stored once per round.
+        let mut meter = LoadMeter::default();
+        let mut poll_end = Instant::now();
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.stats
+            .tid
+            .store(tid as u64, std::sync::atomic::Ordering::Relaxed);
         loop {
             // Ports with more to read (a polled vhost-user ring, a full
             // batch) are served again at once. Asking epoll about the others
@@ -226,9 +245,21 @@ impl DataPlane {
             } else {
                 Some(Duration::from_millis(TICK_MS))
             };
+            let mut woke = None;
             let polled = match timeout {
-                None => Ok(()),
-                Some(t) => self.poll.poll(&mut events, Some(t)),
+                None => {
+                    meter.round(None);
+                    Ok(())
+                }
+                Some(t) => {
+                    let start = Instant::now();
+                    let r = self.poll.poll(&mut events, Some(t));
+                    let end = Instant::now();
+                    meter.round(Some((nanos(start - poll_end), nanos(end - start))));
+                    poll_end = end;
+                    woke = Some(end);
+                    r
+                }
             };
             if let Err(e) = polled {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -237,7 +268,7 @@ impl DataPlane {
                 }
                 continue;
             }
-            let now = self.now_ms();
+            let now = woke.map_or_else(|| self.now_ms(), |t| millis(t - self.epoch));
             if !self.apply_commands(now) {
                 break;
             }
@@ -266,8 +297,10 @@ impl DataPlane {
             if now.saturating_sub(last_tick) >= TICK_MS {
                 last_tick = now;
                 self.tick(now);
+                meter.tick(&self.stats);
             }
             self.publish_counters();
+            meter.publish(&self.stats);
         }
         self.close_all();
     }
@@ -559,6 +592,14 @@ fn note_link_state(forwarder: &mut Forwarder, slot: &mut Slot, id: PortId) {
         forwarder.forget_port(id);
     }
     slot.was_up = up;
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis() as u64
 }
 
 /// Adds `id` to `list` once per round.
