@@ -13,6 +13,7 @@ use crate::ports::PortKind;
 pub mod console;
 pub mod labctl;
 pub mod nodes;
+pub mod top;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
