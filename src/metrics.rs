@@ -685,6 +685,35 @@ mod tests {
     }
 
     #[test]
+    fn random_text_never_panics_the_parser() {
+        let alphabet: Vec<char> = "m_a{}=\",\\n\n #HELPTYPEcounter 1.5e-3+Inf é}"
+            .chars()
+            .collect();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let valid = render(&snapshot("t", "p", Some("l")));
+        for _ in 0..4_000 {
+            let len = (next() % 80) as usize;
+            let junk: String = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            let _ = parse(&junk);
+            let _ = parse(&format!("# TYPE m counter\n{junk}"));
+            // A valid exposition cut anywhere (on a char boundary).
+            let mut cut = (next() as usize) % valid.len();
+            while !valid.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let _ = parse(&valid[..cut]);
+        }
+    }
+
+    #[test]
     fn this_threads_cpu_time_is_read() {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() } as u64;
