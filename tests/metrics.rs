@@ -302,7 +302,7 @@ fn counters_only_grow_while_traffic_flows() {
     let busy = d("ulan_dataplane_busy_seconds_total");
     let wait = d("ulan_dataplane_wait_seconds_total");
     assert!(busy > 0.0 && wait >= 0.0, "busy {busy} wait {wait}");
-    assert!(busy + wait <= dt + 0.05, "busy {busy} + wait {wait} > {dt}");
+    assert!(busy + wait <= dt + 0.3, "busy {busy} + wait {wait} > {dt}");
     assert!(busy + wait >= dt - 1.1, "busy {busy} + wait {wait} << {dt}");
     let cpu = d("ulan_dataplane_cpu_seconds_total");
     assert!(cpu > 0.0 && cpu <= dt + 0.05, "cpu {cpu} in {dt} s");
