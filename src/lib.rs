@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod events;
 pub mod lab;
 pub mod labfile;
+pub mod metrics;
 pub mod names;
 pub mod persist;
 pub mod ports;

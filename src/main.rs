@@ -52,6 +52,16 @@ enum Cmd {
     Fdb { lan: String },
     /// Follow topology changes, port up/down and node states as they happen.
     Events,
+    /// Live per-port frame and bit rates, drops, data-plane load and MAC
+    /// table sizes (from GET /metrics); q or Ctrl-C quits.
+    Top {
+        /// Time between samples: seconds (1, 0.5) or 500ms, 2s.
+        #[arg(long, default_value = "1", value_parser = cli::top::parse_interval)]
+        interval: std::time::Duration,
+        /// Print one snapshot (two samples an interval apart) and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Guests (QEMU or UML) with NICs on the switch.
     #[command(subcommand)]
     Node(NodeCmd),
@@ -249,6 +259,10 @@ fn main() -> ExitCode {
                 duration,
             };
             cli::instruments::capture(&cli::client(&lab), args).await
+        }),
+        Cmd::Top { interval, once } => cli::block_on(async {
+            let client = cli::client(&lab);
+            cli::top::top(&client, interval, once, out == Output::Json).await
         }),
         Cmd::Image(ImageCmd::Build {
             name,

@@ -463,6 +463,11 @@ async fn routes_match_the_openapi_document() {
             assert_eq!(next_event(&mut events).await.event, "hello");
             continue;
         }
+        if r.path == "/metrics" {
+            let text = api.client.metrics_text().await.unwrap();
+            assert!(text.contains("# TYPE ulan_build_info gauge"), "{text}");
+            continue;
+        }
         let body = if matches!(r.method, "POST" | "PATCH" | "PUT") {
             Some(json!({}))
         } else {

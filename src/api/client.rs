@@ -477,6 +477,44 @@ impl Client {
             .await
     }
 
+    /// `GET /metrics`: the Prometheus exposition, as text.
+    pub async fn metrics_text(&self) -> Result<String, ClientError> {
+        let call = async {
+            let (resp, _driver) = self.send(Method::GET, "/metrics", None).await?;
+            let status = resp.status();
+            let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(protocol)?
+                .to_bytes();
+            if !status.is_success() {
+                let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                return Err(api_error(status, &body));
+            }
+            String::from_utf8(bytes.to_vec())
+                .map_err(|_| ClientError::Protocol("/metrics is not UTF-8".into()))
+        };
+        match self.timeout {
+            Some(t) => tokio::time::timeout(t, call).await.map_err(|_| {
+                ClientError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the daemon at {} did not answer in {t:?}",
+                        self.socket.display()
+                    ),
+                ))
+            })?,
+            None => call.await,
+        }
+    }
+
+    /// `GET /metrics`, parsed.
+    pub async fn metrics(&self) -> Result<crate::metrics::Exposition, ClientError> {
+        let text = self.metrics_text().await?;
+        crate::metrics::parse(&text)
+            .map_err(|e| ClientError::Protocol(format!("bad /metrics from the daemon: {e}")))
+    }
+
     pub async fn nodes(&self) -> Result<Vec<NodeView>, ClientError> {
         self.get("/v1/nodes").await
     }

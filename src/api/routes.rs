@@ -54,6 +54,7 @@ pub enum Op {
     GetLabSpec,
     Events,
     OpenApi,
+    Metrics,
 }
 
 impl Op {
@@ -125,6 +126,7 @@ pub const ROUTES: &[Route] = &[
     route("GET", "/v1/lab/spec", Op::GetLabSpec),
     route("GET", "/v1/events", Op::Events),
     route("GET", "/v1/openapi.json", Op::OpenApi),
+    route("GET", "/metrics", Op::Metrics),
 ];
 
 /// A request matched to a route, with its path parameters in order.
@@ -507,6 +509,11 @@ pub enum Reply {
     Capture(tokio::sync::mpsc::Receiver<bytes::Bytes>),
     /// The OpenAPI document.
     OpenApi,
+    /// A body that is not JSON, with its content type (`/metrics`).
+    Text {
+        content_type: &'static str,
+        body: Vec<u8>,
+    },
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Result<Reply, ApiError> {
@@ -688,6 +695,10 @@ pub async fn execute(lab: &Arc<Lab>, m: &Matched<'_>, input: Input) -> Result<Re
         (Op::GetLabSpec, _) => json(ok, &lab_spec_body(&lab.spec())?),
         (Op::Events, _) => Ok(Reply::Events),
         (Op::OpenApi, _) => Ok(Reply::OpenApi),
+        (Op::Metrics, _) => Ok(Reply::Text {
+            content_type: crate::metrics::CONTENT_TYPE,
+            body: crate::metrics::render(&lab.metrics().await).into_bytes(),
+        }),
         (op, input) => Err(ApiError::internal(format!(
             "{op:?} got the wrong input {input:?}"
         ))),

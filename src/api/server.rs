@@ -476,6 +476,11 @@ async fn respond(
             set(&mut resp, header::CONTENT_TYPE, "application/json");
             resp
         }
+        Reply::Text { content_type, body } => {
+            let mut resp = Response::new(full(body));
+            set(&mut resp, header::CONTENT_TYPE, content_type);
+            resp
+        }
         Reply::Events => {
             let Ok(permit) = ctx.streams.clone().try_acquire_owned() else {
                 return Err(ApiError::too_many_event_streams(

@@ -14,6 +14,7 @@ pub mod console;
 pub mod instruments;
 pub mod labctl;
 pub mod nodes;
+pub mod top;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {

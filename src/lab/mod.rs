@@ -22,6 +22,7 @@ use crate::vmlaunch::node::{NodeConfig, NodeError, NodeTable};
 
 mod instruments;
 pub use instruments::{CaptureError, CaptureInfo, CaptureRequest, LinkState};
+mod metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {

@@ -22,7 +22,7 @@ use crate::switch::capture::CaptureTap;
 use crate::switch::fdb::Learned;
 use crate::switch::forward::{Decision, FdbRow, Forwarder};
 use crate::switch::impair::{Impairer, Verdict};
-use crate::switch::stats::{PortCounters, PortShared};
+use crate::switch::stats::{DataPlaneStats, LoadMeter, PortCounters, PortShared};
 use crate::switch::topology::Snapshot;
 use crate::switch::{LanId, PortId};
 use crate::wire::offload::{Offload, OffloadError, Segmenter, Segments};
@@ -109,6 +109,7 @@ pub struct DataPlaneHandle {
     tx: mpsc::Sender<Command>,
     waker: Arc<Waker>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    stats: Arc<DataPlaneStats>,
 }
 
 impl DataPlaneHandle {
@@ -120,6 +121,7 @@ impl DataPlaneHandle {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = mpsc::channel();
         let initial = snapshot.load_full();
+        let stats = Arc::new(DataPlaneStats::default());
         let mut dp = DataPlane {
             poll,
             ports: Vec::new(),
@@ -142,6 +144,7 @@ impl DataPlaneHandle {
             wall0_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
+            stats: stats.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("ulan-dataplane".into())
@@ -150,7 +153,13 @@ impl DataPlaneHandle {
             tx,
             waker,
             thread: std::sync::Mutex::new(Some(thread)),
+            stats,
         })
+    }
+
+    /// How busy the thread is (read by `/metrics`).
+    pub fn stats(&self) -> &Arc<DataPlaneStats> {
+        &self.stats
     }
 
     pub fn send(&self, cmd: Command) -> Result<(), DataPlaneGone> {
@@ -257,6 +266,7 @@ struct DataPlane {
     epoch: Instant,
     /// Wall clock at `epoch`, for capture timestamps.
     wall0_ns: u64,
+    stats: Arc<DataPlaneStats>,
 }
 
 fn cx<'a>(
@@ -280,6 +290,15 @@ impl DataPlane {
         let mut last_tick = 0u64;
         let mut last_probe = 0u64;
         let mut busy_rounds = 0u32;
+        // Time in epoll against time outside it: one more clock read per
+        // round that polls, summed here, stored once per round.
+        let mut meter = LoadMeter::default();
+        let mut poll_end = Instant::now();
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.stats
+            .tid
+            .store(tid as u64, std::sync::atomic::Ordering::Relaxed);
         loop {
             // Ports with more to read (a polled vhost-user ring, a full
             // batch) are served again at once. Asking epoll about the others
@@ -317,9 +336,21 @@ impl DataPlane {
                 }
                 (t, _) => t,
             };
+            let mut woke = None;
             let polled = match timeout {
-                None => Ok(()),
-                Some(t) => self.poll.poll(&mut events, Some(t)),
+                None => {
+                    meter.round(None);
+                    Ok(())
+                }
+                Some(t) => {
+                    let start = Instant::now();
+                    let r = self.poll.poll(&mut events, Some(t));
+                    let end = Instant::now();
+                    meter.round(Some((nanos(start - poll_end), nanos(end - start))));
+                    poll_end = end;
+                    woke = Some(end);
+                    r
+                }
             };
             if let Err(e) = polled {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -328,8 +359,12 @@ impl DataPlane {
                 }
                 continue;
             }
-            self.round_ns = self.epoch.elapsed().as_nanos() as u64;
-            let now = self.round_ns / 1_000_000;
+            let woke_ns = woke.map_or_else(
+                || self.epoch.elapsed().as_nanos() as u64,
+                |t| nanos(t - self.epoch),
+            );
+            self.round_ns = woke_ns;
+            let now = woke_ns / 1_000_000;
             if !self.apply_commands(now) {
                 break;
             }
@@ -359,8 +394,10 @@ impl DataPlane {
             if now.saturating_sub(last_tick) >= TICK_MS {
                 last_tick = now;
                 self.tick(now);
+                meter.tick(&self.stats);
             }
             self.publish_counters();
+            meter.publish(&self.stats);
         }
         self.close_all();
     }
@@ -978,6 +1015,10 @@ fn note_link_state(forwarder: &mut Forwarder, slot: &mut Slot, id: PortId) {
         forwarder.forget_port(id);
     }
     slot.was_up = up;
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Adds `id` to `list` once per round.

@@ -4,10 +4,10 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 macro_rules! counters {
-    ($($(#[$doc:meta])+ $name:ident),* $(,)?) => {
+    ($($(#[doc = $doc:literal])+ $name:ident),* $(,)?) => {
         /// Counters as plain integers, summed on the data plane per batch.
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-        pub struct PortCounters { $($(#[$doc])+ pub $name: u64),* }
+        pub struct PortCounters { $($(#[doc = $doc])+ pub $name: u64),* }
 
         /// The same counters, shared with the control side.
         #[derive(Debug, Default)]
@@ -24,7 +24,21 @@ macro_rules! counters {
 
         impl PortCounters {
             pub fn is_zero(&self) -> bool { $(self.$name == 0)&&* }
+
+            /// Every counter: (name, its doc comment as one line, value),
+            /// in declaration order. `/metrics` is made from this, so a
+            /// counter added above shows there with no other change.
+            pub fn fields(&self) -> [CounterField; COUNTER_COUNT] {
+                [$(CounterField {
+                    name: stringify!($name),
+                    help: concat!($($doc),+),
+                    value: self.$name,
+                }),*]
+            }
         }
+
+        /// How many counters [`PortCounters`] has.
+        pub const COUNTER_COUNT: usize = [$(stringify!($name)),*].len();
     };
 }
 
@@ -110,6 +124,15 @@ counters! {
     fdb_full,
 }
 
+/// One counter of [`PortCounters::fields`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterField {
+    pub name: &'static str,
+    /// The doc comment, its lines joined (each begins with a space).
+    pub help: &'static str,
+    pub value: u64,
+}
+
 /// What the control side sees of a port that lives on the data plane.
 #[derive(Debug, Default)]
 pub struct PortShared {
@@ -124,5 +147,93 @@ impl PortShared {
     }
     pub fn set_up(&self, up: bool) {
         self.up.store(up, Relaxed)
+    }
+}
+
+/// How busy the data-plane thread is. It sums plain integers itself and
+/// stores them here once per round (a few stores, no read-modify-write);
+/// the control side only reads.
+#[derive(Debug, Default)]
+pub struct DataPlaneStats {
+    /// The thread's kernel id (0 until it runs), for its CPU time in
+    /// `/proc/self/task/TID/`.
+    pub tid: AtomicU64,
+    /// Rounds of the loop (each serves what one wakeup found).
+    pub rounds: AtomicU64,
+    /// Rounds that asked epoll (the others go on serving busy ports).
+    pub polls: AtomicU64,
+    /// Nanoseconds spent working: from the end of one epoll wait to the
+    /// start of the next.
+    pub busy_ns: AtomicU64,
+    /// Nanoseconds spent waiting in epoll.
+    pub wait_ns: AtomicU64,
+    /// busy / (busy + wait) over the last tick (about a second), in
+    /// millionths.
+    pub busy_ppm: AtomicU64,
+}
+
+/// What [`DataPlaneStats`] holds, read at one time.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DataPlaneLoad {
+    pub tid: u64,
+    pub rounds: u64,
+    pub polls: u64,
+    pub busy_ns: u64,
+    pub wait_ns: u64,
+    pub busy_ppm: u64,
+}
+
+impl DataPlaneStats {
+    pub fn load(&self) -> DataPlaneLoad {
+        DataPlaneLoad {
+            tid: self.tid.load(Relaxed),
+            rounds: self.rounds.load(Relaxed),
+            polls: self.polls.load(Relaxed),
+            busy_ns: self.busy_ns.load(Relaxed),
+            wait_ns: self.wait_ns.load(Relaxed),
+            busy_ppm: self.busy_ppm.load(Relaxed),
+        }
+    }
+}
+
+/// The data plane's own running sums, published into [`DataPlaneStats`].
+#[derive(Debug, Default)]
+pub(crate) struct LoadMeter {
+    rounds: u64,
+    polls: u64,
+    busy_ns: u64,
+    wait_ns: u64,
+    /// busy_ns and wait_ns at the last tick.
+    window: (u64, u64),
+}
+
+impl LoadMeter {
+    /// One round; `waited` is the time spent in epoll and `worked` the
+    /// time since the previous wait ended, both in nanoseconds, or None
+    /// when the round did not ask epoll.
+    pub(crate) fn round(&mut self, poll: Option<(u64, u64)>) {
+        self.rounds += 1;
+        if let Some((worked, waited)) = poll {
+            self.polls += 1;
+            self.busy_ns += worked;
+            self.wait_ns += waited;
+        }
+    }
+
+    pub(crate) fn publish(&self, to: &DataPlaneStats) {
+        to.rounds.store(self.rounds, Relaxed);
+        to.polls.store(self.polls, Relaxed);
+        to.busy_ns.store(self.busy_ns, Relaxed);
+        to.wait_ns.store(self.wait_ns, Relaxed);
+    }
+
+    /// Once a tick: the busy share since the previous tick.
+    pub(crate) fn tick(&mut self, to: &DataPlaneStats) {
+        let busy = self.busy_ns - self.window.0;
+        let wait = self.wait_ns - self.window.1;
+        self.window = (self.busy_ns, self.wait_ns);
+        if let Some(ppm) = (busy.saturating_mul(1_000_000)).checked_div(busy + wait) {
+            to.busy_ppm.store(ppm, Relaxed);
+        }
     }
 }
