@@ -3,6 +3,7 @@
 //! socket changes the topology at runtime.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod daemon;
 pub mod doctor;

@@ -100,6 +100,9 @@ enum Cmd {
         #[arg(value_parser = ["up", "down"])]
         state: String,
     },
+    /// RFC 2544-style frame-rate tests (throughput, latency, loss, bursts)
+    /// through the daemon, on temporary ports it makes and removes.
+    Bench(cli::bench::BenchArgs),
     /// Capture a port or a lan into pcapng (Wireshark, tshark, tcpdump).
     Capture {
         /// A port, or a lan.
@@ -260,6 +263,7 @@ fn main() -> ExitCode {
             };
             cli::instruments::capture(&cli::client(&lab), args).await
         }),
+        Cmd::Bench(a) => cli::block_on(async { cli::bench::bench(&cli::client(&lab), &a, out).await }),
         Cmd::Top { interval, once } => cli::block_on(async {
             let client = cli::client(&lab);
             cli::top::top(&client, interval, once, out == Output::Json).await

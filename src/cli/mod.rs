@@ -10,6 +10,7 @@ use crate::api::client::{Client, ClientError};
 use crate::daemon;
 use crate::ports::PortKind;
 
+pub mod bench;
 pub mod console;
 pub mod instruments;
 pub mod labctl;
