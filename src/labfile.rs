@@ -12,8 +12,10 @@ use std::path::Path;
 use serde::de::{self, DeserializeSeed, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
+use crate::lab::LinkState;
 use crate::names::{check_name, NameError};
 use crate::ports::PortKind;
+use crate::switch::impair::{ImpairError, ImpairSpec};
 use crate::vmlaunch::spec::{nic_port_name, NodeSpec, SpecError, DEFAULT_MEMORY_MB};
 use crate::wire::MacAddr;
 
@@ -66,7 +68,7 @@ fn location(line: Option<usize>, column: Option<usize>) -> String {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CheckError {
     #[error("invalid lab name: {0}")]
     LabName(NameError),
@@ -96,6 +98,8 @@ pub enum CheckError {
     },
     #[error("port {port:?}: lan {lan:?} is not listed in `lans`")]
     PortLan { port: String, lan: String },
+    #[error("port {port:?}: impairments: {source}")]
+    PortImpairments { port: String, source: ImpairError },
     #[error("node {node:?} nic {nic} and node {other:?} nic {other_nic} have the same MAC {mac}")]
     DuplicateMac {
         node: String,
@@ -107,16 +111,39 @@ pub enum CheckError {
 }
 
 /// A plain switch port for outside clients (vde_plug, a QEMU you run).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortSpec {
     pub name: String,
     pub kind: PortKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lan: Option<String>,
+    /// A down port forwards nothing either way.
+    #[serde(default, skip_serializing_if = "is_up")]
+    pub link: LinkState,
+    /// As `PUT /v1/ports/{port}/impairments` takes them.
+    #[serde(default, skip_serializing_if = "ImpairSpec::is_empty")]
+    pub impairments: ImpairSpec,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+impl PortSpec {
+    /// A port with the link up and no impairments.
+    pub fn new(name: &str, kind: PortKind, lan: Option<&str>) -> PortSpec {
+        PortSpec {
+            name: name.into(),
+            kind,
+            lan: lan.map(str::to_string),
+            link: LinkState::Up,
+            impairments: ImpairSpec::default(),
+        }
+    }
+}
+
+fn is_up(link: &LinkState) -> bool {
+    *link == LinkState::Up
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabFile {
     /// The lab `ulan up` starts when no `--lab` is given.
@@ -442,6 +469,12 @@ impl LabFile {
                     });
                 }
             }
+            port.impairments
+                .validate()
+                .map_err(|source| CheckError::PortImpairments {
+                    port: port.name.clone(),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -486,12 +519,12 @@ impl LabFile {
 
 /// The changes that turn one lab into another, in an order where each is
 /// valid when it runs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
     pub steps: Vec<Step>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     AddLan(String),
     RemoveLan(String),
@@ -511,6 +544,16 @@ pub enum Step {
     },
     /// Anything else about the node differs: remove it, add the new one.
     ReplaceNode(NodeSpec),
+    /// A port's or NIC's link state differs: set it, nothing restarts.
+    SetLink {
+        port: String,
+        link: LinkState,
+    },
+    /// A port's or NIC's impairments differ: replace them (empty clears).
+    SetImpairments {
+        port: String,
+        impairments: ImpairSpec,
+    },
 }
 
 impl Plan {
@@ -555,20 +598,60 @@ impl fmt::Display for Step {
                 write!(f, "~ node {node}: {nic} -> {}", lan_text(lan))
             }
             Step::ReplaceNode(n) => write!(f, "-+ node {} (changed: the guest restarts)", n.name),
+            Step::SetLink { port, link } => {
+                let word = match link {
+                    LinkState::Up => "up",
+                    LinkState::Down => "down",
+                };
+                write!(f, "~ port {port}: link {word}")
+            }
+            Step::SetImpairments { port, impairments } if impairments.is_empty() => {
+                write!(f, "~ port {port}: no impairments")
+            }
+            Step::SetImpairments { port, impairments } => {
+                // One line, in the same words as the file and the API.
+                let text = serde_json::to_string(impairments).unwrap_or_default();
+                write!(f, "~ port {port}: impairments {text}")
+            }
         }
     }
 }
 
-/// Whether `a` and `b` differ only in their NICs' lans.
-fn only_nic_lans_differ(a: &NodeSpec, b: &NodeSpec) -> bool {
+/// Whether `a` and `b` differ only in what their NICs' ports can change
+/// while the guest runs: lan, link state and impairments.
+fn only_nic_ports_differ(a: &NodeSpec, b: &NodeSpec) -> bool {
     if a.nics.len() != b.nics.len() {
         return false;
     }
     let mut a = a.clone();
     for (nic, other) in a.nics.iter_mut().zip(&b.nics) {
         nic.lan.clone_from(&other.lan);
+        nic.link = other.link;
+        nic.impairments.clone_from(&other.impairments);
     }
     a == *b
+}
+
+/// The steps that give an existing port `link` and `impairments`.
+fn port_state_steps(
+    port: &str,
+    (was_link, was_imp): (LinkState, &ImpairSpec),
+    (link, imp): (LinkState, &ImpairSpec),
+    out: &mut Vec<Step>,
+) {
+    // Compared as what acts: an empty direction is no impairment.
+    if was_imp != imp && !(was_imp.is_empty() && imp.is_empty()) {
+        out.push(Step::SetImpairments {
+            port: port.to_string(),
+            impairments: imp.clone(),
+        });
+    }
+    if was_link != link {
+        out.push(Step::SetLink {
+            port: port.to_string(),
+            link,
+        });
+    }
 }
 
 /// The steps from `current` to `wanted`, both files that pass `check`.
@@ -614,6 +697,12 @@ pub fn plan(current: &LabFile, wanted: &LabFile) -> Plan {
                         lan: port.lan.clone(),
                     });
                 }
+                port_state_steps(
+                    &port.name,
+                    (old.link, &old.impairments),
+                    (port.link, &port.impairments),
+                    &mut moves,
+                );
             }
             _ => additions.push(Step::AddPort(port.clone())),
         }
@@ -632,18 +721,25 @@ pub fn plan(current: &LabFile, wanted: &LabFile) -> Plan {
         if old == node {
             continue;
         }
-        if !only_nic_lans_differ(old, node) {
+        if !only_nic_ports_differ(old, node) {
             replacements.push(Step::ReplaceNode(node.clone()));
             continue;
         }
         for (i, (was, now)) in old.nics.iter().zip(&node.nics).enumerate() {
+            let port = nic_port_name(&node.name, i);
             if was.lan != now.lan {
                 nic_moves.push(Step::MoveNic {
                     node: node.name.clone(),
-                    port: nic_port_name(&node.name, i),
+                    port: port.clone(),
                     lan: now.lan.clone(),
                 });
             }
+            port_state_steps(
+                &port,
+                (was.link, &was.impairments),
+                (now.link, &now.impairments),
+                &mut nic_moves,
+            );
         }
     }
     moves.extend(nic_moves);
@@ -721,12 +817,149 @@ ports:
         assert_eq!(h1.routes[0].via.to_string(), "10.0.1.1");
         assert_eq!(
             lab.ports,
-            [PortSpec {
-                name: "ext0".into(),
-                kind: PortKind::Vde,
-                lan: Some("left".into()),
-            }]
+            [PortSpec::new("ext0", PortKind::Vde, Some("left"))]
         );
+    }
+
+    const IMPAIRED: &str = "\
+lans: [left]
+nodes:
+  - name: h1
+    nics:
+      - {lan: left, ip: 10.0.1.10/24, link: down,
+         impairments: {egress: {delay_ms: 20, loss_pct: 1}}}
+      - {lan: left, impairments: {ingress: {rate_kbps: 512, burst_kb: 8}}}
+ports:
+  - {name: ext0, kind: vde, lan: left, link: down}
+  - {name: ext1, kind: stream, lan: left, link: up,
+     impairments: {ingress: {loss_gilbert_elliott: {p_pct: 1, r_pct: 20}}}}
+";
+
+    fn impaired() -> LabFile {
+        let lab = parse(IMPAIRED, "impaired.yaml").unwrap();
+        lab.check().unwrap();
+        lab
+    }
+
+    #[test]
+    fn parses_link_state_and_impairments() {
+        use crate::switch::impair::{DirectionSpec, GilbertElliott};
+        let lab = impaired();
+        let nics = &lab.nodes[0].nics;
+        assert_eq!(nics[0].link, LinkState::Down);
+        assert_eq!(
+            nics[0].impairments,
+            ImpairSpec {
+                egress: Some(DirectionSpec {
+                    delay_ms: Some(20.0),
+                    loss_pct: Some(1.0),
+                    ..Default::default()
+                }),
+                ingress: None,
+            }
+        );
+        assert_eq!(nics[1].link, LinkState::Up);
+        let ingress = nics[1].impairments.ingress.as_ref().unwrap();
+        assert_eq!((ingress.rate_kbps, ingress.burst_kb), (Some(512), Some(8)));
+        assert_eq!(lab.ports[0].link, LinkState::Down);
+        assert!(lab.ports[0].impairments.is_empty());
+        assert_eq!(lab.ports[1].link, LinkState::Up);
+        assert_eq!(
+            lab.ports[1]
+                .impairments
+                .ingress
+                .as_ref()
+                .unwrap()
+                .loss_gilbert_elliott,
+            Some(GilbertElliott {
+                p_pct: 1.0,
+                r_pct: 20.0,
+                bad_loss_pct: None,
+                good_loss_pct: None,
+            })
+        );
+        // Left out, both are the defaults.
+        let router = router();
+        assert!(router.nodes[0]
+            .nics
+            .iter()
+            .all(|n| n.link == LinkState::Up && n.impairments.is_empty()));
+        assert_eq!(router.ports[0].link, LinkState::Up);
+    }
+
+    #[test]
+    fn bad_link_states_and_impairments_are_refused_by_name() {
+        // Syntax: unknown keys and words, wrong types.
+        for (text, want) in [
+            (
+                "nodes: [{name: h, nics: [{lan: a, link: sideways}]}]\n",
+                "unknown variant `sideways`, expected `up` or `down`",
+            ),
+            ("ports: [{name: p, kind: vde, link: 0}]\n", "link"),
+            (
+                "nodes: [{name: h, nics: [{impairments: {egress: {delay: 5}}}]}]\n",
+                "unknown field `delay`",
+            ),
+            (
+                "nodes: [{name: h, nics: [{impairments: {both: {delay_ms: 5}}}]}]\n",
+                "unknown field `both`, expected `egress` or `ingress`",
+            ),
+            (
+                "ports: [{name: p, kind: vde, impairments: {egress: {loss_pct: lots}}}]\n",
+                "loss_pct",
+            ),
+            (
+                "ports: [{name: p, kind: vde, impairments: {ingress: {loss_gilbert_elliott: {p_pct: 1}}}}]\n",
+                "missing field `r_pct`",
+            ),
+        ] {
+            let e = syntax_error(text);
+            assert!(e.contains(want), "{text:?}: {e:?} should contain {want:?}");
+        }
+        // Values out of range: `check`, naming node, NIC or port, and the field.
+        for (text, want) in [
+            (
+                "lans: [a]\nnodes: [{name: h1, nics: [{lan: a}, {lan: a, impairments: {egress: {loss_pct: 200}}}]}]\n",
+                "node \"h1\": nic 1: impairments: egress.loss_pct is 200; it must be between 0 and 100",
+            ),
+            (
+                "nodes: [{name: h1, nics: [{impairments: {ingress: {delay_ms: -1}}}]}]\n",
+                "node \"h1\": nic 0: impairments: ingress.delay_ms is -1",
+            ),
+            (
+                "ports: [{name: ext0, kind: vde, impairments: {ingress: {rate_kbps: 0}}}]\n",
+                "port \"ext0\": impairments: ingress.rate_kbps is 0",
+            ),
+            (
+                "ports: [{name: ext0, kind: vde, impairments: {egress: {reorder_pct: 5}}}]\n",
+                "port \"ext0\": impairments: egress.reorder_pct needs",
+            ),
+            (
+                "ports: [{name: ext0, kind: vde, impairments: {egress: {loss_pct: 1, loss_gilbert_elliott: {p_pct: 1, r_pct: 2}}}}]\n",
+                "port \"ext0\": impairments: egress: loss_pct and loss_gilbert_elliott",
+            ),
+        ] {
+            let lab = parse(text, "lab.yaml").unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            let e = check_error(&lab);
+            assert!(e.contains(want), "{text:?}: {e:?} should contain {want:?}");
+        }
+    }
+
+    #[test]
+    fn link_state_and_impairments_round_trip_and_defaults_stay_out() {
+        let lab = impaired();
+        let text = lab.to_yaml();
+        assert_eq!(parse(&text, "saved.yaml").unwrap(), lab, "{text}");
+        assert_eq!(text.matches("link: down").count(), 2, "{text}");
+        // ext1's `link: up` is the default: not written.
+        assert!(!text.contains("link: up"), "{text}");
+        assert!(text.contains("delay_ms: 20"), "{text}");
+        let json = serde_json::to_string(&lab).unwrap();
+        assert_eq!(parse(&json, "saved.json").unwrap(), lab);
+        let plain = router().to_yaml();
+        for absent in ["link", "impairments"] {
+            assert!(!plain.contains(absent), "{absent} in\n{plain}");
+        }
     }
 
     #[test]
@@ -1047,6 +1280,39 @@ ports:
     const NODES: [&str; 5] = ["n1", "n2", "on", "0x1f", "n5"];
     const PORTS: [&str; 4] = ["p1", "~p", "n1.eth1", "off"];
 
+    fn random_link(rng: &mut Rng) -> LinkState {
+        if rng.below(4) == 0 {
+            LinkState::Down
+        } else {
+            LinkState::Up
+        }
+    }
+
+    fn random_impairments(rng: &mut Rng) -> ImpairSpec {
+        use crate::switch::impair::DirectionSpec;
+        match rng.below(6) {
+            0 => ImpairSpec {
+                egress: Some(DirectionSpec {
+                    delay_ms: Some(20.0),
+                    jitter_ms: Some(2.5),
+                    ..Default::default()
+                }),
+                ingress: None,
+            },
+            1 => ImpairSpec {
+                egress: Some(DirectionSpec {
+                    rate_kbps: Some(1000),
+                    ..Default::default()
+                }),
+                ingress: Some(DirectionSpec {
+                    loss_pct: Some(1.5),
+                    ..Default::default()
+                }),
+            },
+            _ => ImpairSpec::default(),
+        }
+    }
+
     fn random_lab(rng: &mut Rng) -> LabFile {
         let lans: Vec<String> = LANS
             .iter()
@@ -1075,10 +1341,10 @@ ports:
                         .unwrap()]
                 };
                 n.nics.push(NicSpec {
-                    lan: lan(rng),
-                    mac: None,
-                    transport: None,
                     ip,
+                    link: random_link(rng),
+                    impairments: random_impairments(rng),
+                    ..NicSpec::on(lan(rng).as_deref())
                 });
             }
             n.memory_mb = *rng.pick(&[DEFAULT_MEMORY_MB, 160, 512]);
@@ -1093,9 +1359,13 @@ ports:
         for name in PORTS {
             if rng.below(2) == 0 {
                 ports.push(PortSpec {
-                    name: name.replace('~', "x"),
-                    kind: *rng.pick(&PortKind::ALL),
-                    lan: lan(rng),
+                    link: random_link(rng),
+                    impairments: random_impairments(rng),
+                    ..PortSpec::new(
+                        &name.replace('~', "x"),
+                        *rng.pick(&PortKind::ALL),
+                        lan(rng).as_deref(),
+                    )
                 });
             }
         }
@@ -1236,8 +1506,17 @@ ports:
     #[derive(Debug, Default, PartialEq)]
     struct Sim {
         lans: BTreeSet<String>,
-        ports: BTreeMap<String, (PortKind, Option<String>)>,
+        ports: BTreeMap<String, PortSpec>,
         nodes: BTreeMap<String, NodeSpec>,
+    }
+
+    /// What acts on a port: an empty direction is none, as the daemon
+    /// keeps it.
+    fn acting(i: &ImpairSpec) -> ImpairSpec {
+        ImpairSpec {
+            egress: i.egress.clone().filter(|d| !d.is_empty()),
+            ingress: i.ingress.clone().filter(|d| !d.is_empty()),
+        }
     }
 
     impl Sim {
@@ -1274,8 +1553,26 @@ ports:
                 }
                 self.lan_ok(&nic.lan)?;
             }
-            self.nodes.insert(n.name.clone(), n.clone());
+            let mut n = n.clone();
+            for nic in &mut n.nics {
+                nic.impairments = acting(&nic.impairments);
+            }
+            self.nodes.insert(n.name.clone(), n);
             Ok(())
+        }
+
+        /// A port's or NIC's (link, impairments).
+        fn port_state(&mut self, port: &str) -> Result<(&mut LinkState, &mut ImpairSpec), String> {
+            if let Some(p) = self.ports.get_mut(port) {
+                return Ok((&mut p.link, &mut p.impairments));
+            }
+            for n in self.nodes.values_mut() {
+                if let Some(i) = (0..n.nics.len()).find(|&i| n.port_name(i) == port) {
+                    let nic = &mut n.nics[i];
+                    return Ok((&mut nic.link, &mut nic.impairments));
+                }
+            }
+            Err(format!("no port {port}"))
         }
 
         fn apply(&mut self, step: &Step) -> Result<(), String> {
@@ -1286,7 +1583,7 @@ ports:
                     }
                 }
                 Step::RemoveLan(l) => {
-                    let used = self.ports.values().any(|p| p.1.as_ref() == Some(l))
+                    let used = self.ports.values().any(|p| p.lan.as_ref() == Some(l))
                         || self
                             .nodes
                             .values()
@@ -1303,7 +1600,9 @@ ports:
                         return Err(format!("port {} exists", p.name));
                     }
                     self.lan_ok(&p.lan)?;
-                    self.ports.insert(p.name.clone(), (p.kind, p.lan.clone()));
+                    let mut p = p.clone();
+                    p.impairments = acting(&p.impairments);
+                    self.ports.insert(p.name.clone(), p);
                 }
                 Step::RemovePort(p) => {
                     self.ports.remove(p).ok_or(format!("no port {p}"))?;
@@ -1311,7 +1610,7 @@ ports:
                 Step::MovePort { port, lan } => {
                     self.lan_ok(lan)?;
                     let p = self.ports.get_mut(port).ok_or(format!("no port {port}"))?;
-                    p.1.clone_from(lan);
+                    p.lan.clone_from(lan);
                 }
                 Step::AddNode(n) => self.add_node(n)?,
                 Step::RemoveNode(n) => {
@@ -1330,6 +1629,11 @@ ports:
                         .find(|&i| n.port_name(i) == *port)
                         .ok_or(format!("no nic {port}"))?;
                     n.nics[i].lan.clone_from(lan);
+                }
+                Step::SetLink { port, link } => *self.port_state(port)?.0 = *link,
+                Step::SetImpairments { port, impairments } => {
+                    impairments.validate().map_err(|e| e.to_string())?;
+                    *self.port_state(port)?.1 = acting(impairments);
                 }
             }
             Ok(())
@@ -1417,6 +1721,87 @@ ports:
     }
 
     #[test]
+    fn plan_sets_link_and_impairments_without_replacing() {
+        use crate::switch::impair::DirectionSpec;
+        let delay = ImpairSpec {
+            egress: Some(DirectionSpec {
+                delay_ms: Some(20.0),
+                ..Default::default()
+            }),
+            ingress: None,
+        };
+        let mut wanted = router();
+        wanted.nodes[1].nics[0].link = LinkState::Down;
+        wanted.nodes[1].nics[0].impairments = delay.clone();
+        wanted.ports[0].link = LinkState::Down;
+        let p = run(&router(), &wanted);
+        assert_eq!(
+            p.steps,
+            [
+                Step::SetLink {
+                    port: "ext0".into(),
+                    link: LinkState::Down
+                },
+                Step::SetImpairments {
+                    port: "h1.eth0".into(),
+                    impairments: delay.clone()
+                },
+                Step::SetLink {
+                    port: "h1.eth0".into(),
+                    link: LinkState::Down
+                },
+            ]
+        );
+        assert_eq!(
+            kinds(&p),
+            [
+                "~ port ext0: link down",
+                "~ port h1.eth0: impairments {\"egress\":{\"delay_ms\":20.0}}",
+                "~ port h1.eth0: link down",
+            ]
+        );
+        // And back: the link up, the impairments cleared.
+        let back = run(&wanted, &router());
+        assert_eq!(
+            kinds(&back),
+            [
+                "~ port ext0: link up",
+                "~ port h1.eth0: no impairments",
+                "~ port h1.eth0: link up",
+            ]
+        );
+        // With a lan move too: still no replacement.
+        wanted.nodes[1].nics[0].lan = Some("right".into());
+        let p = run(&router(), &wanted);
+        assert!(
+            p.steps.iter().all(|s| !matches!(s, Step::ReplaceNode(_))),
+            "{p:#?}"
+        );
+        assert_eq!(p.steps.len(), 4, "{p:#?}");
+        // An empty direction is no impairment: nothing to do.
+        let mut empty = router();
+        empty.ports[0].impairments.ingress = Some(DirectionSpec::default());
+        assert!(run(&router(), &empty).is_empty());
+        // A new port gets its settings with it.
+        let mut wanted = router();
+        wanted.ports.push(PortSpec {
+            link: LinkState::Down,
+            impairments: delay,
+            ..PortSpec::new("tap", PortKind::Dgram, Some("right"))
+        });
+        let p = run(&router(), &wanted);
+        assert_eq!(p.steps, [Step::AddPort(wanted.ports[1].clone())]);
+        // Anything else about the node still replaces it.
+        let mut changed = wanted.clone();
+        changed.nodes[1].nics[0].link = LinkState::Down;
+        changed.nodes[1].cpus = 2;
+        assert_eq!(
+            run(&wanted, &changed).steps,
+            [Step::ReplaceNode(changed.nodes[1].clone())]
+        );
+    }
+
+    #[test]
     fn plan_replaces_nodes_whose_spec_changed() {
         let mut wanted = router();
         wanted.nodes[1].memory_mb = 512;
@@ -1434,12 +1819,7 @@ ports:
         );
         // As is a different number of NICs.
         let mut wanted = router();
-        wanted.nodes[1].nics.push(NicSpec {
-            lan: Some("right".into()),
-            mac: None,
-            transport: None,
-            ip: vec![],
-        });
+        wanted.nodes[1].nics.push(NicSpec::on(Some("right")));
         assert_eq!(
             run(&router(), &wanted).steps,
             [Step::ReplaceNode(wanted.nodes[1].clone())]
@@ -1466,11 +1846,9 @@ ports:
         current.lans.push("old".into());
         current.nodes[1].nics[0].lan = Some("old".into());
         current.ports[0].lan = Some("old".into());
-        current.ports.push(PortSpec {
-            name: "gone".into(),
-            kind: PortKind::Stream,
-            lan: Some("old".into()),
-        });
+        current
+            .ports
+            .push(PortSpec::new("gone", PortKind::Stream, Some("old")));
         current.nodes.push(NodeSpec::new("h2", &["old"]));
         let mut wanted = router();
         wanted.lans.push("new".into());
@@ -1494,11 +1872,9 @@ ports:
     fn plan_adds_removes_and_moves_ports() {
         let mut wanted = router();
         wanted.ports[0].lan = Some("right".into());
-        wanted.ports.push(PortSpec {
-            name: "tap".into(),
-            kind: PortKind::Dgram,
-            lan: None,
-        });
+        wanted
+            .ports
+            .push(PortSpec::new("tap", PortKind::Dgram, None));
         let p = run(&router(), &wanted);
         assert_eq!(
             kinds(&p),
@@ -1528,12 +1904,7 @@ ports:
         current.ports[0].name = "h1.eth1".into();
         let mut wanted = router();
         wanted.ports.clear();
-        wanted.nodes[1].nics.push(NicSpec {
-            lan: Some("right".into()),
-            mac: None,
-            transport: None,
-            ip: vec![],
-        });
+        wanted.nodes[1].nics.push(NicSpec::on(Some("right")));
         run(&current, &wanted);
         // ...and takes it back.
         run(&wanted, &current);

@@ -53,7 +53,7 @@ pub enum PersistError {
 }
 
 /// What is on disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SavedLab {
     pub format: String,
@@ -312,7 +312,10 @@ pub async fn restore(lab: &Arc<Lab>, path: &Path) -> Option<SavedLab> {
         }
     }
     for p in &saved.lab.ports {
-        if let Err(e) = lab.add_port(&p.name, p.kind, p.lan.as_deref()) {
+        let made = lab
+            .add_port(&p.name, p.kind, p.lan.as_deref())
+            .and_then(|_| lab.apply_port_spec(&p.name, p.link, &p.impairments));
+        if let Err(e) = made {
             failed.push(format!("port {}: {e}", p.name));
         }
     }

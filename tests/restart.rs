@@ -303,6 +303,58 @@ fn kill_9_then_restart_brings_back_the_same_lab() {
     u.stop();
 }
 
+/// Link state and impairments of plain ports and of NICs are part of
+/// the saved lab: a kill -9 and a restart bring them back, including a
+/// change made through the API after `up`.
+#[test]
+fn kill_9_then_restart_keeps_link_state_and_impairments() {
+    let mut u = User::new("links", empty_images());
+    u.start();
+    let (binary, initrd) = u.stand_in();
+    let file = u.home.path().join("lab.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "lans: [a]\n\
+             nodes:\n\
+             - {{name: n1, kind: uml, binary: {binary}, initrd: {initrd}, nics: [{{lan: a, link: down, impairments: {{ingress: {{delay_ms: 5}}}}}}]}}\n\
+             ports:\n\
+             - {{name: p1, kind: stream, lan: a, link: down}}\n\
+             - {{name: p2, kind: dgram, lan: a, impairments: {{egress: {{loss_pct: 2.5, rate_kbps: 800}}}}}}\n"
+        ),
+    )
+    .unwrap();
+    u.ok(&["up", file.to_str().unwrap()]);
+    u.ok(&["link", "p2", "down"]);
+    let before = u.ok(&["save"]);
+    assert_eq!(before.matches("link: down").count(), 3, "{before}");
+    assert!(before.contains("delay_ms: 5"), "{before}");
+    assert!(before.contains("loss_pct: 2.5"), "{before}");
+    u.kill9();
+    let n = u.start();
+    let after = u.ok(&["save"]);
+    assert_eq!(after, before, "log:\n{}", u.log_text(n));
+    let ports = u.json(&["port", "ls"]);
+    let port = |name: &str| {
+        ports
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    for (name, link, impaired) in [
+        ("p1", "down", false),
+        ("p2", "down", true),
+        ("n1.eth0", "down", true),
+    ] {
+        assert_eq!(port(name)["link"], link, "{name}");
+        assert_eq!(port(name)["impaired"], impaired, "{name}");
+    }
+    u.down();
+}
+
 /// A truncated and a garbage state file: each is moved aside (kept, with
 /// a log line naming where), the daemon starts with an empty lab and
 /// saves anew. A lab whose daemon died is forgotten by `ulan down`.

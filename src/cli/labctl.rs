@@ -12,6 +12,7 @@ use super::nodes::{nodes_table, wait_running};
 use super::{print_json, table, Output};
 use crate::api::client::{Client, ClientError};
 use crate::daemon::{self, DaemonOptions};
+use crate::lab::LinkState;
 use crate::labfile::{self, LabFile, Step};
 use crate::vmlaunch::image::{self, ImageStore};
 
@@ -82,7 +83,17 @@ pub async fn apply_file(
         match step {
             Step::AddLan(l) => drop(client.add_lan(l).await?),
             Step::RemoveLan(l) => client.remove_lan(l).await?,
-            Step::AddPort(p) => drop(client.add_port(&p.name, p.kind, p.lan.as_deref()).await?),
+            Step::AddPort(p) => {
+                client.add_port(&p.name, p.kind, p.lan.as_deref()).await?;
+                // Right after the port is made, before a client can have
+                // found its new socket.
+                if p.link != LinkState::Up {
+                    client.set_link(&p.name, p.link).await?;
+                }
+                if !p.impairments.is_empty() {
+                    client.set_impairments(&p.name, &p.impairments).await?;
+                }
+            }
             Step::RemovePort(p) => client.remove_port(p).await?,
             Step::MovePort { port, lan } => drop(client.move_port(port, lan.as_deref()).await?),
             Step::AddNode(spec) => {
@@ -91,6 +102,13 @@ pub async fn apply_file(
             }
             Step::RemoveNode(n) => client.remove_node(n).await?,
             Step::MoveNic { port, lan, .. } => drop(client.move_port(port, lan.as_deref()).await?),
+            Step::SetLink { port, link } => drop(client.set_link(port, *link).await?),
+            Step::SetImpairments { port, impairments } if impairments.is_empty() => {
+                client.clear_impairments(port).await?
+            }
+            Step::SetImpairments { port, impairments } => {
+                client.set_impairments(port, impairments).await?;
+            }
             Step::ReplaceNode(spec) => {
                 // The new spec's files first: a typo must not cost the old
                 // node. And if the new one fails all the same, the old one

@@ -8,17 +8,12 @@ use super::{dash, print_json, table, Output};
 use crate::api::client::{Client, NodeView};
 use crate::vmlaunch::spec::{Accel, Cidr, NicSpec, NodeKind, NodeSpec, RouteSpec, Transport};
 
-/// `--nic LAN[,ip=CIDR][,mac=MAC][,transport=T]`; `-` as LAN leaves the
-/// NIC unplugged.
+/// `--nic LAN[,ip=CIDR][,mac=MAC][,transport=T][,link=down]`; `-` as LAN
+/// leaves the NIC unplugged.
 pub fn parse_nic(text: &str) -> anyhow::Result<NicSpec> {
     let mut parts = text.split(',');
     let lan = parts.next().unwrap_or("");
-    let mut nic = NicSpec {
-        lan: (lan != "-" && !lan.is_empty()).then(|| lan.to_string()),
-        mac: None,
-        transport: None,
-        ip: Vec::new(),
-    };
+    let mut nic = NicSpec::on(Some(lan).filter(|l| *l != "-" && !l.is_empty()));
     for p in parts {
         let (k, v) = p
             .split_once('=')
@@ -44,7 +39,14 @@ pub fn parse_nic(text: &str) -> anyhow::Result<NicSpec> {
                         })?,
                 )
             }
-            _ => bail!("--nic {text:?}: unknown key {k:?} (ip, mac, transport)"),
+            "link" => {
+                nic.link = match v {
+                    "up" => crate::lab::LinkState::Up,
+                    "down" => crate::lab::LinkState::Down,
+                    _ => bail!("--nic {text:?}: link must be up or down"),
+                }
+            }
+            _ => bail!("--nic {text:?}: unknown key {k:?} (ip, mac, transport, link)"),
         }
     }
     Ok(nic)

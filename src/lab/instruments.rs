@@ -188,6 +188,30 @@ impl Lab {
         port: &str,
         link: LinkState,
     ) -> Result<(PortInfo, Option<String>), LabError> {
+        let info = self.set_switch_link(port, link)?;
+        let mut carrier = None;
+        if let Some((node, i)) = self.port_nic(port) {
+            if let Err(e) = self.set_nic_link(&node, i, link == LinkState::Up).await {
+                tracing::info!(port, "the guest's carrier is not set: {e}");
+                carrier = Some(e.to_string());
+            }
+        }
+        Ok((info, carrier))
+    }
+
+    /// A port's shared state, for what follows it off the lab's lock (a
+    /// guest's supervisor).
+    pub(crate) fn port_shared(&self, port: &str) -> Option<Arc<crate::switch::stats::PortShared>> {
+        self.state().ports.get(port).map(|p| p.shared.clone())
+    }
+
+    /// The switch's half of [`Lab::set_port_link`]: the data plane and
+    /// what the API shows; the guest's carrier is left alone.
+    pub(crate) fn set_switch_link(
+        &self,
+        port: &str,
+        link: LinkState,
+    ) -> Result<PortInfo, LabError> {
         let info = {
             let mut st = self.state();
             let id = self.port_id(&st, port)?;
@@ -200,22 +224,46 @@ impl Lab {
                 .get_mut(port)
                 .ok_or_else(|| not_found("port", port))?;
             entry.link = link;
+            entry
+                .shared
+                .link_down
+                .store(link == LinkState::Down, Relaxed);
             State::port_info(port, entry)
         };
         tracing::info!(port, link = ?link, "link set");
-        let mut carrier = None;
-        if let Some((node, i)) = self.port_nic(port) {
-            if let Err(e) = self.set_nic_link(&node, i, link == LinkState::Up).await {
-                tracing::info!(port, "the guest's carrier is not set: {e}");
-                carrier = Some(e.to_string());
-            }
+        Ok(info)
+    }
+
+    /// Gives a port just made the link state and impairments its spec
+    /// asks for (a lab file, a node's NIC, a restored lab). Defaults cost
+    /// nothing. A guest NIC's carrier is set when its QEMU starts.
+    pub(crate) fn apply_port_spec(
+        &self,
+        port: &str,
+        link: LinkState,
+        impairments: &ImpairSpec,
+    ) -> Result<(), LabError> {
+        if !impairments.is_empty() {
+            self.set_impairments(port, impairments.clone())?;
         }
-        Ok((info, carrier))
+        if link != LinkState::Up {
+            self.set_switch_link(port, link)?;
+        }
+        Ok(())
     }
 
     /// The link state a port was given (guest launches apply it).
     pub fn port_link(&self, port: &str) -> Option<LinkState> {
         self.state().ports.get(port).map(|p| p.link)
+    }
+
+    /// Every port's link state and impairments, by name.
+    pub(crate) fn port_settings(&self) -> BTreeMap<String, (LinkState, ImpairSpec)> {
+        self.state()
+            .ports
+            .iter()
+            .map(|(n, p)| (n.clone(), (p.link, p.impairments.clone())))
+            .collect()
     }
 
     fn captures(&self) -> std::sync::MutexGuard<'_, Captures> {

@@ -139,6 +139,10 @@ pub struct PortShared {
     pub counters: SharedCounters,
     /// A client is attached (stream/bess/vde connected, dgram heard from).
     pub up: AtomicBool,
+    /// The port's link was set down (API or spec): what a guest NIC's
+    /// carrier must follow when its QEMU starts or reconnects. The data
+    /// plane learns it by its own command.
+    pub link_down: AtomicBool,
 }
 
 impl PortShared {

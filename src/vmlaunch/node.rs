@@ -601,6 +601,8 @@ impl Lab {
     /// lans as they are now, and the ports that are not NICs.
     pub fn spec(&self) -> crate::labfile::LabFile {
         let ports = self.ports();
+        let settings = self.port_settings();
+        let setting = |name: &str| settings.get(name).cloned().unwrap_or_default();
         let lan_of = |name: &str| {
             ports
                 .iter()
@@ -614,7 +616,9 @@ impl Lab {
                 .map(|e| {
                     let mut spec = e.spec.clone();
                     for i in 0..spec.nics.len() {
-                        spec.nics[i].lan = lan_of(&spec.port_name(i));
+                        let port = spec.port_name(i);
+                        spec.nics[i].lan = lan_of(&port);
+                        (spec.nics[i].link, spec.nics[i].impairments) = setting(&port);
                     }
                     spec
                 })
@@ -631,10 +635,15 @@ impl Lab {
             ports: ports
                 .into_iter()
                 .filter(|p| !nic_ports.contains(&p.name))
-                .map(|p| crate::labfile::PortSpec {
-                    name: p.name,
-                    kind: p.kind,
-                    lan: p.lan,
+                .map(|p| {
+                    let (link, impairments) = setting(&p.name);
+                    crate::labfile::PortSpec {
+                        name: p.name,
+                        kind: p.kind,
+                        lan: p.lan,
+                        link,
+                        impairments,
+                    }
                 })
                 .collect(),
         }
@@ -765,12 +774,9 @@ impl Lab {
             let options = PortOptions {
                 dgram_peer: (transport == Transport::Dgram).then(|| dgram_local(dir, i)),
             };
-            self.add_port_with(
-                &spec.port_name(i),
-                transport.port_kind(),
-                nic.lan.as_deref(),
-                &options,
-            )?;
+            let port = spec.port_name(i);
+            self.add_port_with(&port, transport.port_kind(), nic.lan.as_deref(), &options)?;
+            self.apply_port_spec(&port, nic.link, &nic.impairments)?;
         }
         Ok(())
     }
@@ -977,8 +983,27 @@ impl Lab {
         };
         tracing::info!(node = name, pid = pid.unwrap_or(0), binary = %binary.display(), "node starting");
         self.emit_state(name, NodeState::Starting, None);
+        // QEMU nodes' NICs follow their ports' link state (QMP set_link);
+        // UML has no such control.
+        let nics = if spec.kind == NodeKind::Qemu {
+            (0..spec.nics.len())
+                .filter_map(|index| {
+                    let port = spec.port_name(index);
+                    let shared = self.port_shared(&port)?;
+                    Some(NicLink {
+                        index,
+                        port,
+                        shared,
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let ready = Readiness {
             qmp: (spec.kind == NodeKind::Qemu).then(|| paths.qmp.clone()),
+            nics,
+            links_applied: Default::default(),
             agent: plan.agent.then(|| paths.agent.clone()),
             boot_timeout: cfg.boot_timeout,
             console: paths.console.clone(),
@@ -1111,14 +1136,18 @@ impl Lab {
         if index >= nics {
             return Err(err(format!("it has no NIC {index}")));
         }
-        if state != Some(NodeState::Running) {
+        let starting = state == Some(NodeState::Starting);
+        if state != Some(NodeState::Running) && !starting {
             let now = state.map_or("not started", NodeState::as_str);
             return Err(err(format!("it is {now}, not running")));
         }
         let args = serde_json::json!({ "name": format!("n{index}"), "up": up });
-        qmp_command_with(&NodePaths::new(&dir).qmp, "set_link", Some(args))
-            .await
-            .map_err(err)
+        match qmp_command_with(&NodePaths::new(&dir).qmp, "set_link", Some(args)).await {
+            // A starting guest whose QMP does not answer yet gets the
+            // port's link state from its supervisor once it does.
+            Err(_) if starting => Ok(()),
+            r => r.map_err(err),
+        }
     }
 
     /// Stops the guest: ACPI power-off, then QMP `quit` after `grace`, then
@@ -1448,8 +1477,53 @@ fn overlay_path(spec: &NodeSpec, dir: &Path, cfg: &NodeConfig) -> PathBuf {
     }
 }
 
+/// A QEMU guest NIC whose carrier follows its port's link state.
+struct NicLink {
+    index: usize,
+    port: String,
+    shared: Arc<crate::switch::stats::PortShared>,
+}
+
+impl NicLink {
+    fn is_down(&self) -> bool {
+        self.shared
+            .link_down
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set_link_args(&self) -> serde_json::Value {
+        serde_json::json!({ "name": format!("n{}", self.index), "up": false })
+    }
+}
+
+/// Takes the carrier of NIC `nic` down in the background (QMP set_link),
+/// for a guest whose QEMU brought it up by itself.
+fn carrier_down(node: &str, qmp: &Path, nic: &NicLink) {
+    let (node, qmp, port, args) = (
+        node.to_string(),
+        qmp.to_path_buf(),
+        nic.port.clone(),
+        nic.set_link_args(),
+    );
+    tokio::spawn(async move {
+        match qmp_command_with(&qmp, "set_link", Some(args)).await {
+            Ok(()) => {
+                tracing::info!(node = %node, port = %port, "guest carrier set down again (its port is down)")
+            }
+            Err(e) => {
+                tracing::warn!(node = %node, port = %port, "cannot set the guest's carrier down: {e}")
+            }
+        }
+    });
+}
+
 struct Readiness {
     qmp: Option<PathBuf>,
+    /// The NICs to set down once QMP answers (those whose port is down
+    /// then), and again whenever their port comes up while down.
+    nics: Vec<NicLink>,
+    /// Set once QMP answered and `nics` were first applied.
+    links_applied: std::sync::atomic::AtomicBool,
     agent: Option<PathBuf>,
     boot_timeout: Duration,
     console: PathBuf,
@@ -1533,9 +1607,26 @@ async fn serve_uml_console(sock: PathBuf, log: PathBuf, mut stdin: tokio::proces
 /// agent answers.
 async fn wait_up(r: &Readiness) -> Result<(), String> {
     if let Some(q) = &r.qmp {
-        qmp::connect_when_up(q, Duration::from_secs(30))
+        let mut qmp = qmp::connect_when_up(q, Duration::from_secs(30))
             .await
             .map_err(|e| format!("QEMU did not answer on QMP: {e}"))?;
+        // QEMU starts every NIC with carrier; the guest's driver should
+        // find it already down when its port is. Read now, not at launch:
+        // the link may have been set meanwhile (see `set_nic_link`).
+        for nic in r.nics.iter().filter(|n| n.is_down()) {
+            let set = qmp.execute_with("set_link", Some(nic.set_link_args()));
+            match tokio::time::timeout(QMP_COMMAND_TIMEOUT, set).await {
+                Ok(Ok(_)) => tracing::debug!(port = %nic.port, "guest carrier starts down"),
+                Ok(Err(e)) => {
+                    tracing::warn!(port = %nic.port, "cannot set the guest's carrier down: {e}")
+                }
+                Err(_) => {
+                    tracing::warn!(port = %nic.port, "cannot set the guest's carrier down: QMP set_link got no answer")
+                }
+            }
+        }
+        r.links_applied
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
     if let Some(a) = &r.agent {
         agent::wait_ready(a, tokio::time::Instant::now() + r.boot_timeout)
@@ -1599,12 +1690,40 @@ async fn supervise(
             stdin,
         ))
     });
+    // A NIC port that comes up while its link is down had its carrier
+    // forced up by QEMU (a vhost-user frontend that reconnected does so).
+    let mut port_events = events.subscribe();
+    let mut follow_ports = ready.qmp.is_some() && !ready.nics.is_empty();
     let up = wait_up(&ready);
     tokio::pin!(up);
     let mut up_done = false;
     let status = loop {
         tokio::select! {
             s = child.wait() => break s,
+            ev = port_events.recv(), if follow_ports => {
+                let Some(qmp) = &ready.qmp else { continue };
+                // Before that, wait_up applies the links itself.
+                if !ready.links_applied.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue;
+                }
+                match ev {
+                    Ok(rec) => {
+                        if let Event::PortUp { port, .. } = &rec.event {
+                            let nic = ready.nics.iter().find(|n| n.port == *port);
+                            if let Some(nic) = nic.filter(|n| n.is_down()) {
+                                carrier_down(&name, qmp, nic);
+                            }
+                        }
+                    }
+                    // Events were missed: set every down NIC again.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        for nic in ready.nics.iter().filter(|n| n.is_down()) {
+                            carrier_down(&name, qmp, nic);
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => follow_ports = false,
+                }
+            }
             r = &mut up, if !up_done => {
                 up_done = true;
                 let mut st = runtime.status();

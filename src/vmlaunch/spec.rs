@@ -8,8 +8,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::lab::LinkState;
 use crate::names::{check_name, NameError};
 use crate::ports::PortKind;
+use crate::switch::impair::{ImpairError, ImpairSpec};
 use crate::wire::MacAddr;
 
 /// Port names are `NODE.ethN`, and a port name is at most 32 characters.
@@ -20,7 +22,7 @@ pub const MAX_MEMORY_MB: u32 = 1 << 20;
 pub const MAX_CPUS: u32 = 64;
 pub const DEFAULT_MEMORY_MB: u32 = 256;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SpecError {
     #[error("invalid node name: {0}")]
     Name(#[from] NameError),
@@ -50,6 +52,8 @@ pub enum SpecError {
     },
     #[error("nic {nic}: {source}")]
     Address { nic: usize, source: CidrError },
+    #[error("nic {nic}: impairments: {source}")]
+    Impairments { nic: usize, source: ImpairError },
     #[error("route {index}: {message}")]
     Route { index: usize, message: String },
     #[error("{field} must not be empty or contain NUL or newline characters")]
@@ -225,7 +229,7 @@ impl<'de> Deserialize<'de> for Cidr {
 }
 
 /// One guest NIC. It becomes the switch port `NODE.ethN`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
     /// The lan the NIC is plugged into; none leaves the cable out.
@@ -245,6 +249,27 @@ pub struct NicSpec {
         deserialize_with = "one_or_many_cidrs"
     )]
     pub ip: Vec<Cidr>,
+    /// The port's link as the node starts (a down port forwards nothing
+    /// and the guest sees no carrier).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub link: LinkState,
+    /// The port's impairments, as `PUT /v1/ports/{port}/impairments` takes.
+    #[serde(default, skip_serializing_if = "ImpairSpec::is_empty")]
+    pub impairments: ImpairSpec,
+}
+
+impl NicSpec {
+    /// A NIC on `lan` with everything else default.
+    pub fn on(lan: Option<&str>) -> NicSpec {
+        NicSpec {
+            lan: lan.map(str::to_string),
+            mac: None,
+            transport: None,
+            ip: Vec::new(),
+            link: LinkState::Up,
+            impairments: ImpairSpec::default(),
+        }
+    }
 }
 
 /// `ip: 10.0.0.1/24` or `ip: [10.0.0.1/24, 10.0.0.2/24]`.
@@ -306,7 +331,7 @@ fn is_default<T: Default + PartialEq>(t: &T) -> bool {
     *t == T::default()
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSpec {
     pub name: String,
@@ -366,15 +391,7 @@ impl NodeSpec {
             append: None,
             persistent: false,
             accel: Accel::Auto,
-            nics: lans
-                .iter()
-                .map(|l| NicSpec {
-                    lan: Some(l.to_string()),
-                    mac: None,
-                    transport: None,
-                    ip: Vec::new(),
-                })
-                .collect(),
+            nics: lans.iter().map(|l| NicSpec::on(Some(l))).collect(),
             routes: Vec::new(),
             forward: false,
             binary: None,
@@ -415,6 +432,9 @@ impl NodeSpec {
                     return Err(SpecError::MulticastMac { nic: i, mac });
                 }
             }
+            nic.impairments
+                .validate()
+                .map_err(|source| SpecError::Impairments { nic: i, source })?;
         }
         for i in 0..self.nics.len() {
             for j in 0..i {

@@ -555,10 +555,8 @@ mod tests {
         s.nics = transports
             .iter()
             .map(|t| NicSpec {
-                lan: Some("a".into()),
-                mac: None,
                 transport: Some(*t),
-                ip: Vec::new(),
+                ..NicSpec::on(Some("a"))
             })
             .collect();
         s.validate().unwrap();
