@@ -23,6 +23,11 @@ pub const MAX_SIZE: usize = 9216;
 pub const DEFAULT_SIZES: [usize; 7] = [64, 128, 256, 512, 1024, 1280, 1518];
 const TIME: std::ops::Range<usize> = 30..38;
 
+/// The generator's and the sink's addresses (the switch learns the sink's
+/// before the first trial, so frames are unicast).
+pub const GEN_MAC: MacAddr = MacAddr([0x02, 0x75, 0x6c, 0x62, 0x00, 0x01]);
+pub const SINK_MAC: MacAddr = MacAddr([0x02, 0x75, 0x6c, 0x62, 0x00, 0x02]);
+
 /// Bytes on the port for an RFC 2544 frame size.
 pub fn port_len(size: usize) -> Result<usize, BenchError> {
     if !(MIN_SIZE..=MAX_SIZE).contains(&size) {

@@ -5,11 +5,20 @@ use std::any::Any;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
-use super::frames::{Generator, Meter};
+use std::path::Path;
+
+use super::frames::{Generator, Meter, GEN_MAC, SINK_MAC};
 use super::BenchError;
 use crate::ports::sys::{self, RxBatch, RxRejects, UnixAddr, BATCH};
-use crate::testkit::vhost_frontend::VhostFrontend;
-use crate::wire::MAX_FRAME_LEN;
+use crate::ports::PortKind;
+use crate::testkit::vhost_frontend::{VhostFrontend, NET_HDR_LEN, SMALL_BUFFER};
+use crate::testkit::{frame, Endpoint};
+use crate::wire::{MacAddr, MAX_FRAME_LEN};
+
+/// A broadcast from `src`: the switch learns where `src` is.
+fn hello(src: MacAddr) -> Vec<u8> {
+    frame(MacAddr::BROADCAST, src, 60, 0)
+}
 
 /// A path under test, driven by one thread.
 pub trait Link {
@@ -338,6 +347,33 @@ impl SocketLink {
         }
     }
 
+    /// Two clients of the switch ports at `gen_path` and `sink_path` (for
+    /// vde: the switch's directory, both), sending in batches. The switch
+    /// learns the sink's MAC first, so frames are unicast.
+    pub fn connect(kind: PortKind, gen_path: &Path, sink_path: &Path) -> Result<SocketLink, BenchError> {
+        let scratch = tempfile::tempdir()?;
+        let mut gen = Endpoint::connect(kind, gen_path, scratch.path())?;
+        let mut sink = Endpoint::connect(kind, sink_path, scratch.path())?;
+        // A dgram port also learns its client from the client's first frame.
+        sink.send(&hello(SINK_MAC))?;
+        gen.send(&hello(GEN_MAC))?;
+        let framing = if kind == PortKind::Stream {
+            Framing::Stream
+        } else {
+            Framing::Datagram
+        };
+        let dest = (kind == PortKind::Dgram)
+            .then(|| UnixAddr::from_path(gen_path))
+            .transpose()?;
+        let tx = SocketTx::new(gen.raw_fd().try_clone()?, dest, framing, SendMode::Batched);
+        let rx = SocketRx::new(sink.raw_fd().try_clone()?, framing);
+        let mut link = SocketLink::new(tx, rx);
+        link.keep(gen);
+        link.keep(sink);
+        link.keep(scratch);
+        Ok(link)
+    }
+
     pub fn keep(&mut self, v: impl Any + Send) {
         self.keep.push(Box::new(v));
     }
@@ -380,6 +416,25 @@ impl Link for SocketLink {
 pub struct VhostLink {
     pub tx: VhostFrontend,
     pub rx: VhostFrontend,
+}
+
+impl VhostLink {
+    /// Frontends on the vhost-user ports at `gen_path` and `sink_path`,
+    /// with buffers for frames of up to `max_len` bytes.
+    pub fn connect(gen_path: &Path, sink_path: &Path, max_len: usize) -> Result<VhostLink, BenchError> {
+        let connect = |p: &Path| {
+            VhostFrontend::builder(p)
+                .big_frames(max_len + NET_HDR_LEN > SMALL_BUFFER)
+                .timeout(Duration::from_secs(10))
+                .connect()
+        };
+        let mut rx = connect(sink_path)?;
+        let mut tx = connect(gen_path)?;
+        rx.send(&[&hello(SINK_MAC)[..]]);
+        let _ = tx.wait_rx(Duration::from_millis(200));
+        tx.recv(|_| {});
+        Ok(VhostLink { tx, rx })
+    }
 }
 
 impl Link for VhostLink {

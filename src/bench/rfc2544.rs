@@ -13,12 +13,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::frames::{port_len, Generator, Meter, MeterCounts};
+use super::frames::{port_len, Generator, Meter, MeterCounts, GEN_MAC, SINK_MAC};
 use super::link::Link;
 use super::BenchError;
 use crate::ports::sys::BATCH;
 use crate::testkit::vhost_frontend::traffic::MAX_STREAMS;
-use crate::wire::MacAddr;
 
 /// Share of the aimed rate a trial must offer to pass.
 pub const OFFERED_SHARE: f64 = 0.99;
@@ -27,10 +26,6 @@ pub const OFFERED_SHARE: f64 = 0.99;
 const DRAIN_QUIET: Duration = Duration::from_millis(100);
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
-/// The generator's and the sink's addresses (the switch learns the sink's
-/// before the first trial, so frames are unicast).
-pub const GEN_MAC: MacAddr = MacAddr([0x02, 0x75, 0x6c, 0x62, 0x00, 0x01]);
-pub const SINK_MAC: MacAddr = MacAddr([0x02, 0x75, 0x6c, 0x62, 0x00, 0x02]);
 
 /// What one trial does.
 #[derive(Clone, Copy, Debug, PartialEq)]

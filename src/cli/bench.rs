@@ -4,7 +4,7 @@
 //! vde_switch it starts itself.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,14 +16,10 @@ use serde::Serialize;
 use super::{print_json, table, Output};
 use crate::api::client::Client;
 use crate::bench::frames::{port_len, DEFAULT_SIZES};
-use crate::bench::link::{Framing, Link, SendMode, SocketLink, SocketRx, SocketTx, VhostLink};
-use crate::bench::rfc2544::{self, LatencySummary, Runner, TrialSpec, GEN_MAC, SINK_MAC};
+use crate::bench::link::{Link, SocketLink, VhostLink};
+use crate::bench::rfc2544::{self, LatencySummary, Runner, TrialSpec};
 use crate::bench::BenchError;
-use crate::ports::sys::UnixAddr;
 use crate::ports::PortKind;
-use crate::testkit::vhost_frontend::{VhostFrontend, SMALL_BUFFER, NET_HDR_LEN};
-use crate::testkit::{frame, Endpoint};
-use crate::wire::MacAddr;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -156,6 +152,10 @@ pub struct BenchReport {
     pub kind: String,
     pub trial_s: f64,
     pub loss_tolerance_pct: f64,
+    /// net.unix.max_dgram_qlen: how many datagrams wait for a dgram
+    /// port's client (the kernel's default of 10 limits dgram bursts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dgram_qlen: Option<u32>,
     pub paths: Vec<PathReport>,
 }
 
@@ -255,55 +255,6 @@ struct BenchPath {
     link: Box<dyn Link + Send>,
 }
 
-fn hello(src: MacAddr) -> Vec<u8> {
-    frame(MacAddr::BROADCAST, src, 60, 0)
-}
-
-/// Two socket clients of the switch whose port sockets are `gen_path`
-/// and `sink_path` (for vde: the switch's directory, both).
-fn socket_link(kind: PortKind, gen_path: &Path, sink_path: &Path) -> anyhow::Result<SocketLink> {
-    let scratch = tempfile::tempdir().context("cannot make a temp dir")?;
-    let mut gen = Endpoint::connect(kind, gen_path, scratch.path())
-        .with_context(|| format!("cannot connect to {}", gen_path.display()))?;
-    let mut sink = Endpoint::connect(kind, sink_path, scratch.path())
-        .with_context(|| format!("cannot connect to {}", sink_path.display()))?;
-    // The switch learns the sink's MAC (so frames are unicast), and a
-    // dgram port learns its client from the client's first frame.
-    sink.send(&hello(SINK_MAC))?;
-    gen.send(&hello(GEN_MAC))?;
-    let framing = if kind == PortKind::Stream {
-        Framing::Stream
-    } else {
-        Framing::Datagram
-    };
-    let dest = (kind == PortKind::Dgram)
-        .then(|| UnixAddr::from_path(gen_path))
-        .transpose()?;
-    let tx = SocketTx::new(gen.raw_fd().try_clone()?, dest, framing, SendMode::Batched);
-    let rx = SocketRx::new(sink.raw_fd().try_clone()?, framing);
-    let mut link = SocketLink::new(tx, rx);
-    link.keep(gen);
-    link.keep(sink);
-    link.keep(scratch);
-    Ok(link)
-}
-
-fn vhost_link(gen_path: &Path, sink_path: &Path, max_len: usize) -> anyhow::Result<VhostLink> {
-    let connect = |p: &Path| {
-        VhostFrontend::builder(p)
-            .big_frames(max_len + NET_HDR_LEN > SMALL_BUFFER)
-            .timeout(Duration::from_secs(10))
-            .connect()
-            .with_context(|| format!("cannot connect a vhost-user frontend to {}", p.display()))
-    };
-    let mut rx = connect(sink_path)?;
-    let mut tx = connect(gen_path)?;
-    rx.send(&[&hello(SINK_MAC)[..]]);
-    let _ = tx.wait_rx(Duration::from_millis(200));
-    tx.recv(|_| {});
-    Ok(VhostLink { tx, rx })
-}
-
 async fn ulan_path(
     client: &Client,
     kind: PortKind,
@@ -331,9 +282,9 @@ async fn ulan_path(
         paths.push(PathBuf::from(p.path));
     }
     let link: Box<dyn Link + Send> = if kind == PortKind::VhostUser {
-        Box::new(vhost_link(&paths[0], &paths[1], max_len)?)
+        Box::new(VhostLink::connect(&paths[0], &paths[1], max_len)?)
     } else {
-        Box::new(socket_link(kind, &paths[0], &paths[1])?)
+        Box::new(SocketLink::connect(kind, &paths[0], &paths[1])?)
     };
     Ok(BenchPath {
         name: format!("ulan {}", kind.as_str()),
@@ -369,7 +320,7 @@ fn vde_switch_path() -> anyhow::Result<BenchPath> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut link = socket_link(PortKind::Vde, &sw, &sw)?;
+    let mut link = SocketLink::connect(PortKind::Vde, &sw, &sw)?;
     link.keep(child);
     link.keep(dir);
     Ok(BenchPath {
@@ -597,6 +548,9 @@ pub async fn bench(client: &Client, args: &BenchArgs, out: Output) -> anyhow::Re
         kind: kind.as_str().to_string(),
         trial_s: args.duration.as_secs_f64(),
         loss_tolerance_pct: args.loss_tolerance,
+        dgram_qlen: std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+            .ok()
+            .and_then(|s| s.trim().parse().ok()),
         paths,
     };
     if out == Output::Json {
@@ -657,6 +611,12 @@ fn render(report: &BenchReport, tests: &[Test], args: &BenchArgs) -> String {
         "sizes count the 4-byte FCS (a 64-byte frame is 60 bytes on the port); Mbit/s = \
          frames/s x size x 8\n",
     );
+    if let (Some(q), "dgram") = (report.dgram_qlen, report.kind.as_str()) {
+        s.push_str(&format!(
+            "net.unix.max_dgram_qlen is {q}: at most {q} datagrams wait for a dgram port's client \
+             (systemd hosts set 512)\n"
+        ));
+    }
     let compare = report.paths.len() > 1;
     let base = |size: usize, f: &dyn Fn(&SizeReport) -> Option<f64>| {
         report
