@@ -7,10 +7,12 @@
 //!     ULAN_BENCH_SECS=5 cargo bench --bench framerate
 //!     ULAN_BENCH_ONLY="ulan vde" cargo bench --bench framerate   # one path
 //!
-//! The generator sends one frame per syscall (send/sendto, or one write of
-//! a length-prefixed record for stream), as QEMU's socket backends do. The
+//! The generator and sink are `ulan bench`'s (`ulan::bench`): the generator
+//! sends one frame per syscall (send/sendto, or one write of a
+//! length-prefixed record for stream), as QEMU's socket backends do; the
 //! sink receives in batches (recvmmsg, or large reads) so it is never the
-//! limit. Frames are learned unicast: the sink announces its MAC first.
+//! limit, and checks each frame. Frames are learned unicast: the sink
+//! announces its MAC first.
 
 mod common;
 use common::{allowed_cpus, cpu_model, cpu_ns, gettid, pin};
@@ -22,8 +24,10 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ulan::bench::frames::{Generator, Meter};
+use ulan::bench::link::{Framing as LinkFraming, SendMode, SocketRx, SocketTx};
 use ulan::lab::{Lab, LabConfig};
-use ulan::ports::sys::{self, RxBatch, RxRejects, UnixAddr};
+use ulan::ports::sys::{self, UnixAddr};
 use ulan::ports::PortKind;
 use ulan::testkit::{frame, mac, Endpoint};
 use ulan::wire::MacAddr;
@@ -143,101 +147,54 @@ fn wait_poll(fd: &OwnedFd, events: libc::c_short) {
     unsafe { libc::poll(&mut p, 1, 10) };
 }
 
-/// One frame per syscall. Returns false when the socket is full.
-fn send_one(fd: &OwnedFd, dest: Option<&UnixAddr>, buf: &[u8]) -> bool {
-    // SAFETY: buf and dest are valid for the call.
-    let r = unsafe {
-        match dest {
-            Some(d) => libc::sendto(
-                fd.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                (&d.raw as *const libc::sockaddr_un).cast(),
-                d.len,
-            ),
-            None => libc::send(
-                fd.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            ),
-        }
-    };
-    if r == buf.len() as isize {
-        return true;
+fn framing(f: Framing) -> LinkFraming {
+    match f {
+        Framing::Datagram => LinkFraming::Datagram,
+        Framing::Stream => LinkFraming::Stream,
     }
-    if r > 0 {
-        // A partial stream write: finish the record (rare).
-        let mut rest = &buf[r as usize..];
-        while !rest.is_empty() {
-            match sys::write(fd, rest) {
-                Ok(n) => rest = &rest[n..],
-                Err(_) => wait_poll(fd, libc::POLLOUT),
-            }
-        }
-        return true;
-    }
-    false
 }
 
+/// The library's generator (as `ulan bench` uses it), one frame per
+/// syscall like QEMU's socket netdevs.
 fn generator(wire: &Wire, size: usize, stop: &AtomicBool, sent: &AtomicU64) {
-    let f = frame(mac(2), mac(1), size, 0);
-    let buf = match wire.framing {
-        Framing::Datagram => f,
-        Framing::Stream => {
-            let mut r = (f.len() as u32).to_be_bytes().to_vec();
-            r.extend_from_slice(&f);
-            r
-        }
+    let (Ok(fd), Ok(mut gen)) = (
+        wire.gen_fd.try_clone(),
+        Generator::new(size, mac(2), mac(1), 1, Instant::now(), false),
+    ) else {
+        return;
     };
+    let mut tx = SocketTx::new(fd, wire.gen_dest, framing(wire.framing), SendMode::PerFrame);
     let mut n = 0u64;
     while !stop.load(Relaxed) {
-        if send_one(&wire.gen_fd, wire.gen_dest.as_ref(), &buf) {
-            n += 1;
-            if n % 256 == 0 {
-                sent.store(n, Relaxed);
+        match tx.send(&mut gen, 1) {
+            Ok(1) => {
+                n += 1;
+                if n % 256 == 0 {
+                    sent.store(n, Relaxed);
+                }
             }
-        } else {
-            wait_poll(&wire.gen_fd, libc::POLLOUT);
+            Ok(_) => wait_poll(&wire.gen_fd, libc::POLLOUT),
+            Err(_) => break,
         }
     }
-    sent.store(n, Relaxed);
+    sent.store(gen.sent(), Relaxed);
 }
 
-fn sink(fd: &OwnedFd, framing: Framing, size: usize, stop: &AtomicBool, got: &AtomicU64) {
-    let mut batch = RxBatch::new();
-    let mut rejects = RxRejects::default();
-    let mut stream_buf = vec![0u8; 1 << 20];
-    let mut carry = 0usize;
-    let record = size + 4;
-    let mut n = 0u64;
+/// The library's sink: batched receives (recvmmsg, or large reads), each
+/// frame checked and counted.
+fn sink(fd: &OwnedFd, framing_: Framing, stop: &AtomicBool, got: &AtomicU64) {
+    let Ok(fd2) = fd.try_clone() else {
+        return;
+    };
+    let mut rx = SocketRx::new(fd2, framing(framing_));
+    let mut meter = Meter::new(1, Instant::now(), false);
     while !stop.load(Relaxed) {
-        let more = match framing {
-            Framing::Datagram => {
-                batch.clear();
-                match sys::recv_batch(fd, &mut batch, &mut rejects, false) {
-                    Ok(_) => {
-                        n += batch.len() as u64;
-                        true
-                    }
-                    Err(_) => false,
-                }
-            }
-            Framing::Stream => match sys::read(fd, &mut stream_buf[carry..]) {
-                Ok(k) if k > 0 => {
-                    let total = carry + k;
-                    n += (total / record) as u64;
-                    carry = total % record;
-                    true
-                }
-                _ => false,
-            },
-        };
-        got.store(n, Relaxed);
-        if !more {
-            wait_poll(fd, libc::POLLIN);
+        match rx.recv(&mut meter) {
+            Ok(k) if k > 0 => {}
+            Ok(_) => wait_poll(fd, libc::POLLIN),
+            Err(_) => break,
         }
+        got.store(meter.counts().frames, Relaxed);
     }
 }
 
@@ -436,7 +393,7 @@ fn measure(
                 if let Some((_, cpu)) = cpus {
                     pin(0, cpu);
                 }
-                sink(&wire.sink_fd, wire.framing, size, &stop, &got)
+                sink(&wire.sink_fd, wire.framing, &stop, &got)
             })?
     };
     let gen_thread = {

@@ -13,6 +13,7 @@
 //! instruments cost nothing (within the noise, 3%), a running capture
 //! under 10%.
 
+#[allow(dead_code)]
 mod common;
 use common::cpu_model;
 use std::path::Path;
@@ -43,7 +44,12 @@ impl Config {
     }
 }
 
-const CONFIGS: [Config; 4] = [Config::Plain, Config::Delay0, Config::Loss0, Config::Capture];
+const CONFIGS: [Config; 4] = [
+    Config::Plain,
+    Config::Delay0,
+    Config::Loss0,
+    Config::Capture,
+];
 const SIZES: [usize; 2] = [64, 1518];
 
 fn impair(lab: &Lab, spec: Option<DirectionSpec>) {
@@ -69,17 +75,30 @@ fn run_kind(
     checks: &mut Vec<(String, f64, f64)>,
 ) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let lab = Lab::start(LabConfig::new("cost", &dir.path().join("run"))).map_err(|e| e.to_string())?;
+    let lab =
+        Lab::start(LabConfig::new("cost", &dir.path().join("run"))).map_err(|e| e.to_string())?;
     lab.add_lan("l").map_err(|e| e.to_string())?;
-    let g = lab.add_port("g", kind, Some("l")).map_err(|e| e.to_string())?;
-    let s = lab.add_port("s", kind, Some("l")).map_err(|e| e.to_string())?;
+    let g = lab
+        .add_port("g", kind, Some("l"))
+        .map_err(|e| e.to_string())?;
+    let s = lab
+        .add_port("s", kind, Some("l"))
+        .map_err(|e| e.to_string())?;
     let mut link: Box<dyn Link> = if kind == PortKind::VhostUser {
-        Box::new(VhostLink::connect(Path::new(&g.path), Path::new(&s.path), 1514).map_err(|e| e.to_string())?)
+        Box::new(
+            VhostLink::connect(Path::new(&g.path), Path::new(&s.path), 1514)
+                .map_err(|e| e.to_string())?,
+        )
     } else {
-        Box::new(SocketLink::connect(kind, Path::new(&g.path), Path::new(&s.path)).map_err(|e| e.to_string())?)
+        Box::new(
+            SocketLink::connect(kind, Path::new(&g.path), Path::new(&s.path))
+                .map_err(|e| e.to_string())?,
+        )
     };
     let mut runner = Runner::new(link.as_mut(), None);
-    runner.check_path(64, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    runner
+        .check_path(64, Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
     for size in SIZES {
         let mut rates: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
         let mut lost = vec![0u64; CONFIGS.len()];
@@ -159,7 +178,11 @@ fn run_kind(
                 Config::Capture => 0.90,
                 _ => 0.97,
             };
-            checks.push((format!("{size:>5} B {:<10} {}", kind.as_str(), c.label()), ratio, target));
+            checks.push((
+                format!("{size:>5} B {:<10} {}", kind.as_str(), c.label()),
+                ratio,
+                target,
+            ));
         }
     }
     Ok(())
@@ -181,7 +204,9 @@ fn main() {
         "ulan instrument cost, {}, Linux {}, {} CPUs, {}",
         text("date", &["+%Y-%m-%d"]),
         text("uname", &["-r"]),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         cpu_model()
     );
     println!(
@@ -210,7 +235,9 @@ fn main() {
             println!("{:<11} failed: {e}", kind.as_str());
         }
     }
-    println!("\ntargets (idle instruments: none lost, within 3% noise; a running capture: under 10%):");
+    println!(
+        "\ntargets (idle instruments: none lost, within 3% noise; a running capture: under 10%):"
+    );
     for (what, ratio, target) in checks {
         let verdict = if ratio >= target { "PASS" } else { "BELOW" };
         println!("  {what:<40} >= {target:.2}x  {ratio:>5.2}x  {verdict}");

@@ -263,7 +263,9 @@ fn main() -> ExitCode {
             };
             cli::instruments::capture(&cli::client(&lab), args).await
         }),
-        Cmd::Bench(a) => cli::block_on(async { cli::bench::bench(&cli::client(&lab), &a, out).await }),
+        Cmd::Bench(a) => {
+            cli::block_on(async { cli::bench::bench(&cli::client(&lab), &a, out).await })
+        }
         Cmd::Top { interval, once } => cli::block_on(async {
             let client = cli::client(&lab);
             cli::top::top(&client, interval, once, out == Output::Json).await

@@ -63,7 +63,11 @@ fn loss_counts_match_a_known_random_loss() {
     let t = runner.trial(&trial(64, 20_000.0, 1.0, false)).unwrap();
     // 20000 frames at p = 0.2: sigma = 0.28%; 5 sigma either way.
     assert!(t.sent >= 19_000, "{t:?}");
-    assert!((t.loss_pct() - 20.0).abs() < 1.5, "loss {:.2}%: {t:?}", t.loss_pct());
+    assert!(
+        (t.loss_pct() - 20.0).abs() < 1.5,
+        "loss {:.2}%: {t:?}",
+        t.loss_pct()
+    );
     assert!(!t.passes(Some(20_000.0), 1.0));
     assert!(t.passes(Some(20_000.0), 25.0));
     assert_eq!(t.received.corrupt, 0);
@@ -111,11 +115,21 @@ fn vhost_user_trials_throughput_and_bursts() {
     assert_eq!(t.lost, 0, "{t:?}");
     assert!(t.offered_pps() > 49_000.0, "{t:?}");
     assert_eq!(t.received.bytes, t.received.frames * 1514);
-    let (best, top, trials) =
-        rfc2544::throughput(&mut runner, 64, Duration::from_millis(200), 0.0, 0.02, 8, |_| {})
-            .unwrap();
+    let (best, top, trials) = rfc2544::throughput(
+        &mut runner,
+        64,
+        Duration::from_millis(200),
+        0.0,
+        0.02,
+        8,
+        |_| {},
+    )
+    .unwrap();
     let best = best.expect("some rate passes");
-    assert!(best > 10_000.0 && best <= top.offered_pps() * 1.0001, "{best} {top:?}");
+    assert!(
+        best > 10_000.0 && best <= top.offered_pps() * 1.0001,
+        "{best} {top:?}"
+    );
     assert!((1..=8).contains(&trials));
     // The rate found passes again (with a little slack for a busy host).
     let again = runner.trial(&trial(64, best * 0.9, 0.2, false)).unwrap();

@@ -81,7 +81,15 @@ fn every_test_runs_on_dgram_ports_and_cleans_up() {
     let u = User::new();
     u.start();
     let r = u.json(&[
-        "bench", "--kind", "dgram", "--sizes", "64,1518", "--duration", "0.2", "--max-burst", "2000",
+        "bench",
+        "--kind",
+        "dgram",
+        "--sizes",
+        "64,1518",
+        "--duration",
+        "0.2",
+        "--max-burst",
+        "2000",
     ]);
     assert_eq!(r["kind"], "dgram");
     let path = &r["paths"][0];
@@ -115,9 +123,21 @@ fn every_test_runs_on_dgram_ports_and_cleans_up() {
 fn stream_vde_and_vhost_user_ports_and_jumbo_frames() {
     let u = User::new();
     u.start();
-    for (kind, sizes) in [("stream", "64,9018"), ("vde", "64"), ("vhost-user", "64,1518,9018")] {
+    for (kind, sizes) in [
+        ("stream", "64,9018"),
+        ("vde", "64"),
+        ("vhost-user", "64,1518,9018"),
+    ] {
         let r = u.json(&[
-            "bench", "--kind", kind, "--sizes", sizes, "--duration", "0.2", "--tests", "throughput",
+            "bench",
+            "--kind",
+            kind,
+            "--sizes",
+            sizes,
+            "--duration",
+            "0.2",
+            "--tests",
+            "throughput",
         ]);
         let path = &r["paths"][0];
         assert_eq!(path["path"], format!("ulan {kind}"));
@@ -149,11 +169,27 @@ fn compare_runs_the_same_tests_through_vde_switch() {
     let u = User::new();
     u.start();
     let args = [
-        "bench", "--kind", "vde", "--sizes", "64", "--duration", "0.2", "--tests", "throughput,burst",
-        "--max-burst", "500", "--compare", "vde_switch",
+        "bench",
+        "--kind",
+        "vde",
+        "--sizes",
+        "64",
+        "--duration",
+        "0.2",
+        "--tests",
+        "throughput,burst",
+        "--max-burst",
+        "500",
+        "--compare",
+        "vde_switch",
     ];
     let r = u.json(&args);
-    let names: Vec<_> = r["paths"].as_array().unwrap().iter().map(|p| p["path"].clone()).collect();
+    let names: Vec<_> = r["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].clone())
+        .collect();
     assert_eq!(names, ["ulan vde", "vde_switch"]);
     for p in r["paths"].as_array().unwrap() {
         assert!(f(&p["sizes"][0]["throughput"]["pps"]) > 100.0, "{p}");
@@ -161,9 +197,18 @@ fn compare_runs_the_same_tests_through_vde_switch() {
     }
     // The table puts both side by side with a ratio.
     let table = u.ok(&args[..]);
-    assert!(table.contains("ulan vde") && table.contains("vde_switch"), "{table}");
-    assert!(table.contains("VS VDE_SWITCH") && table.contains("1.00x"), "{table}");
-    assert!(table.contains("throughput") && table.contains("back-to-back"), "{table}");
+    assert!(
+        table.contains("ulan vde") && table.contains("vde_switch"),
+        "{table}"
+    );
+    assert!(
+        table.contains("VS VDE_SWITCH") && table.contains("1.00x"),
+        "{table}"
+    );
+    assert!(
+        table.contains("throughput") && table.contains("back-to-back"),
+        "{table}"
+    );
     u.assert_clean();
 }
 
@@ -203,7 +248,15 @@ fn ctrl_c_stops_the_bench_and_removes_its_ports() {
     let u = User::new();
     u.start();
     let mut child = u
-        .cmd(&["bench", "--sizes", "64", "--duration", "30s", "--tests", "throughput"])
+        .cmd(&[
+            "bench",
+            "--sizes",
+            "64",
+            "--duration",
+            "30s",
+            "--tests",
+            "throughput",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -222,7 +275,10 @@ fn ctrl_c_stops_the_bench_and_removes_its_ports() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "ulan bench did not stop at Ctrl-C");
+        assert!(
+            Instant::now() < deadline,
+            "ulan bench did not stop at Ctrl-C"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut err = String::new();

@@ -10,7 +10,9 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 
 use super::BenchError;
-use crate::testkit::vhost_frontend::traffic::{build_frame, parse, stamp, FrameSpec, Parsed, Verify};
+use crate::testkit::vhost_frontend::traffic::{
+    build_frame, parse, stamp, FrameSpec, Parsed, Verify,
+};
 use crate::wire::MacAddr;
 
 /// RFC 2544 frame sizes count the Ethernet FCS, which no Unix-socket or

@@ -196,7 +196,8 @@ impl SocketTx {
                     for i in 0..m {
                         let f = &mut self.slots[0];
                         gen.stamp(f, i, now);
-                        self.records.extend_from_slice(&(f.len() as u32).to_be_bytes());
+                        self.records
+                            .extend_from_slice(&(f.len() as u32).to_be_bytes());
                         self.records.extend_from_slice(f);
                     }
                     match self.send_one(&self.records) {
@@ -326,7 +327,14 @@ pub fn wait_fds(fds: &[(&OwnedFd, libc::c_short)], timeout: Duration) {
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
     // SAFETY: valid pollfds and timespec for the call.
-    unsafe { libc::ppoll(p.as_mut_ptr(), p.len() as libc::nfds_t, &ts, std::ptr::null()) };
+    unsafe {
+        libc::ppoll(
+            p.as_mut_ptr(),
+            p.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        )
+    };
 }
 
 /// Two socket clients of a switch: one sends, the other receives.
@@ -350,7 +358,11 @@ impl SocketLink {
     /// Two clients of the switch ports at `gen_path` and `sink_path` (for
     /// vde: the switch's directory, both), sending in batches. The switch
     /// learns the sink's MAC first, so frames are unicast.
-    pub fn connect(kind: PortKind, gen_path: &Path, sink_path: &Path) -> Result<SocketLink, BenchError> {
+    pub fn connect(
+        kind: PortKind,
+        gen_path: &Path,
+        sink_path: &Path,
+    ) -> Result<SocketLink, BenchError> {
         let scratch = tempfile::tempdir()?;
         let mut gen = Endpoint::connect(kind, gen_path, scratch.path())?;
         let mut sink = Endpoint::connect(kind, sink_path, scratch.path())?;
@@ -421,7 +433,11 @@ pub struct VhostLink {
 impl VhostLink {
     /// Frontends on the vhost-user ports at `gen_path` and `sink_path`,
     /// with buffers for frames of up to `max_len` bytes.
-    pub fn connect(gen_path: &Path, sink_path: &Path, max_len: usize) -> Result<VhostLink, BenchError> {
+    pub fn connect(
+        gen_path: &Path,
+        sink_path: &Path,
+        max_len: usize,
+    ) -> Result<VhostLink, BenchError> {
         let connect = |p: &Path| {
             VhostFrontend::builder(p)
                 .big_frames(max_len + NET_HDR_LEN > SMALL_BUFFER)

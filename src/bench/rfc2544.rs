@@ -26,7 +26,6 @@ pub const OFFERED_SHARE: f64 = 0.99;
 const DRAIN_QUIET: Duration = Duration::from_millis(100);
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
-
 /// What one trial does.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TrialSpec {
@@ -206,8 +205,9 @@ impl<'a> Runner<'a> {
                         let next = Duration::from_secs_f64(gen.sent() as f64 / r);
                         let gap = next.saturating_sub(el);
                         if gap > Duration::from_micros(200) {
-                            self.link
-                                .wait((gap - Duration::from_micros(100)).min(Duration::from_millis(1)))?;
+                            self.link.wait(
+                                (gap - Duration::from_micros(100)).min(Duration::from_millis(1)),
+                            )?;
                         } else {
                             std::hint::spin_loop();
                         }

@@ -34,7 +34,11 @@ pub struct BenchArgs {
     #[arg(long, default_value = "1s", value_parser = super::top::parse_interval)]
     pub duration: Duration,
     /// Tests to run: throughput, latency, loss, burst.
-    #[arg(long, value_delimiter = ',', default_value = "throughput,latency,loss,burst")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "throughput,latency,loss,burst"
+    )]
     pub tests: Vec<String>,
     /// Load of the latency test: a share of the measured throughput (50%)
     /// or frames per second (100k, 1.5M, 20000).
@@ -84,7 +88,8 @@ impl std::fmt::Display for RateSpec {
 /// `50%`, `100k`, `1.5M`, `20000`, `20000pps`.
 pub fn parse_rate(s: &str) -> Result<RateSpec, String> {
     let t = s.trim();
-    let bad = || format!("{s:?} is not a rate: give a share (50%) or frames per second (100k, 1.5M)");
+    let bad =
+        || format!("{s:?} is not a rate: give a share (50%) or frames per second (100k, 1.5M)");
     if let Some(p) = t.strip_suffix('%') {
         let v: f64 = p.trim().parse().map_err(|_| bad())?;
         if !v.is_finite() || v <= 0.0 || v > 1000.0 {
@@ -101,7 +106,7 @@ pub fn parse_rate(s: &str) -> Result<RateSpec, String> {
     };
     let v: f64 = n.trim().parse().map_err(|_| bad())?;
     let v = v * scale;
-    if !v.is_finite() || v < 1.0 || v > 1e9 {
+    if !v.is_finite() || !(1.0..=1e9).contains(&v) {
         return Err(format!("{s:?}: frames per second must be from 1 to 1G"));
     }
     Ok(RateSpec::Pps(v))
@@ -133,7 +138,9 @@ fn parse_tests(names: &[String]) -> anyhow::Result<Vec<Test>> {
             "latency" => Test::Latency,
             "loss" => Test::Loss,
             "burst" | "back-to-back" => Test::Burst,
-            other => bail!("unknown test {other:?}: the tests are throughput, latency, loss, burst"),
+            other => {
+                bail!("unknown test {other:?}: the tests are throughput, latency, loss, burst")
+            }
         };
         if !tests.contains(&t) {
             tests.push(t);
@@ -304,7 +311,9 @@ fn vde_switch_path() -> anyhow::Result<BenchPath> {
         .spawn()
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                anyhow::anyhow!("--compare vde_switch: vde_switch is not installed (apt-get install vde2)")
+                anyhow::anyhow!(
+                    "--compare vde_switch: vde_switch is not installed (apt-get install vde2)"
+                )
             } else {
                 anyhow::anyhow!("cannot start vde_switch: {e}")
             }
@@ -365,7 +374,10 @@ fn run_path(
             || (plan.tests.contains(&Test::Latency)
                 && matches!(plan.latency_load, RateSpec::Percent(_)));
         let need_max = plan.tests.contains(&Test::Loss)
-            && plan.loss_at.iter().any(|s| matches!(s, RateSpec::Percent(_)));
+            && plan
+                .loss_at
+                .iter()
+                .any(|s| matches!(s, RateSpec::Percent(_)));
         let mut throughput = None;
         if need_throughput {
             let (best, top, trials) = rfc2544::throughput(
@@ -450,10 +462,13 @@ fn run_path(
                     bar.inc(1);
                 }
                 Test::Burst => {
-                    let (frames, trials) =
-                        rfc2544::back_to_back(&mut runner, size, plan.max_burst, BURST_TRIALS, |m| {
-                            bar.set_message(format!("{label} back-to-back: {m}"))
-                        })?;
+                    let (frames, trials) = rfc2544::back_to_back(
+                        &mut runner,
+                        size,
+                        plan.max_burst,
+                        BURST_TRIALS,
+                        |m| bar.set_message(format!("{label} back-to-back: {m}")),
+                    )?;
                     r.back_to_back = Some(BurstReport {
                         frames,
                         at_limit: frames >= plan.max_burst,
@@ -492,10 +507,12 @@ fn today() -> String {
 
 /// `ulan bench`.
 pub async fn bench(client: &Client, args: &BenchArgs, out: Output) -> anyhow::Result<()> {
-    let kind: PortKind = args
-        .kind
-        .parse()
-        .map_err(|_| anyhow::anyhow!("unknown port kind {:?}: dgram, stream, vde or vhost-user", args.kind))?;
+    let kind: PortKind = args.kind.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "unknown port kind {:?}: dgram, stream, vde or vhost-user",
+            args.kind
+        )
+    })?;
     if kind == PortKind::Bess {
         bail!("bess ports are not benchmarked: take dgram, stream, vde or vhost-user");
     }
@@ -522,10 +539,9 @@ pub async fn bench(client: &Client, args: &BenchArgs, out: Output) -> anyhow::Re
         tolerance: args.loss_tolerance,
         max_burst: args.max_burst,
     };
-    client
-        .lab()
-        .await
-        .context("ulan bench runs through the lab's daemon: is it running (ulan daemon --detach)?")?;
+    client.lab().await.context(
+        "ulan bench runs through the lab's daemon: is it running (ulan daemon --detach)?",
+    )?;
     let mut temp = None;
     let setup = async {
         let mut paths = vec![ulan_path(client, kind, max_len, &mut temp).await?];
@@ -562,7 +578,11 @@ pub async fn bench(client: &Client, args: &BenchArgs, out: Output) -> anyhow::Re
 
 /// Runs the paths one after the other on a thread of their own (the
 /// trials are paced by busy loops); Ctrl-C stops them between turns.
-async fn run_all(paths: Vec<BenchPath>, plan: Plan, out: Output) -> anyhow::Result<Vec<PathReport>> {
+async fn run_all(
+    paths: Vec<BenchPath>,
+    plan: Plan,
+    out: Output,
+) -> anyhow::Result<Vec<PathReport>> {
     let cancel = Arc::new(AtomicBool::new(false));
     let steps = (paths.len() * plan.sizes.len() * plan.tests.len()) as u64;
     let bar = if out == Output::Json || !std::io::stderr().is_terminal() {
@@ -570,8 +590,10 @@ async fn run_all(paths: Vec<BenchPath>, plan: Plan, out: Output) -> anyhow::Resu
     } else {
         let b = indicatif::ProgressBar::new(steps);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{bar:20}] {pos}/{len} {elapsed} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{bar:20}] {pos}/{len} {elapsed} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b.enable_steady_tick(Duration::from_millis(200));
         b
@@ -693,12 +715,16 @@ fn render(report: &BenchReport, tests: &[Test], args: &BenchArgs) -> String {
                     ]]
                 });
                 s.push_str(&table(
-                    &["SIZE", "PATH", "LOAD PPS", "P50", "P99", "P99.9", "MAX", "LOST"],
+                    &[
+                        "SIZE", "PATH", "LOAD PPS", "P50", "P99", "P99.9", "MAX", "LOST",
+                    ],
                     &rows,
                 ));
             }
             Test::Loss => {
-                s.push_str("frame loss at rates (shares of the path's maximum rate) (RFC 2544 26.3)\n");
+                s.push_str(
+                    "frame loss at rates (shares of the path's maximum rate) (RFC 2544 26.3)\n",
+                );
                 let rows = rows_of(&|p, r| {
                     r.loss
                         .iter()
@@ -716,7 +742,15 @@ fn render(report: &BenchReport, tests: &[Test], args: &BenchArgs) -> String {
                         .collect()
                 });
                 s.push_str(&table(
-                    &["SIZE", "PATH", "RATE", "AIMED PPS", "OFFERED PPS", "LOST", "LOSS %"],
+                    &[
+                        "SIZE",
+                        "PATH",
+                        "RATE",
+                        "AIMED PPS",
+                        "OFFERED PPS",
+                        "LOST",
+                        "LOSS %",
+                    ],
                     &rows,
                 ));
             }
@@ -747,8 +781,8 @@ fn render(report: &BenchReport, tests: &[Test], args: &BenchArgs) -> String {
         }
     }
     s.push_str(
-        "\nUnix sockets push back rather than drop: a rate the path cannot take shows as a \
-         lower offered rate, and fails the throughput search like a loss.\n",
+        "\nSockets and vhost-user rings push back rather than drop: a rate the path cannot take \
+         shows as a lower offered rate, and fails the throughput search like a loss.\n",
     );
     s
 }
@@ -763,7 +797,9 @@ mod tests {
         assert_eq!(parse_rate("100k"), Ok(RateSpec::Pps(100_000.0)));
         assert_eq!(parse_rate("1.5M"), Ok(RateSpec::Pps(1_500_000.0)));
         assert_eq!(parse_rate("20000pps"), Ok(RateSpec::Pps(20_000.0)));
-        for bad in ["", "%", "-5%", "0%", "5000%", "abc", "0", "-1k", "nan", "inf", "2G", "1e300"] {
+        for bad in [
+            "", "%", "-5%", "0%", "5000%", "abc", "0", "-1k", "nan", "inf", "2G", "1e300",
+        ] {
             assert!(parse_rate(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(RateSpec::Percent(50.0).resolve(2e6), 1e6);
