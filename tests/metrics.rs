@@ -249,6 +249,9 @@ fn counters_only_grow_while_traffic_flows() {
                     std::thread::sleep(Duration::from_micros(50));
                 }
             }
+            // Kept alive until the counts are read: a dgram port that
+            // finds its client gone purges what the client left queued.
+            a
         })
     };
     let reader = {
@@ -266,7 +269,7 @@ fn counters_only_grow_while_traffic_flows() {
     let e2 = api.scrape();
     let dt = t1.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
-    sender.join().unwrap();
+    let _a = sender.join().unwrap();
     reader.join().unwrap();
 
     let key = |s: &ulan::metrics::Sample| format!("{}{:?}", s.name, s.labels);
