@@ -15,17 +15,17 @@
 //! announces its MAC first.
 
 mod common;
-use common::{allowed_cpus, cpu_model, cpu_ns, gettid, pin};
+use common::{allowed_cpus, cpu_model, cpu_ns, gettid, pin, text};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ulan::bench::frames::{Generator, Meter};
-use ulan::bench::link::{Framing as LinkFraming, SendMode, SocketRx, SocketTx};
+use ulan::bench::link::{Framing as LinkFraming, SendMode, SocketRx, SocketTx, VdeSwitch};
 use ulan::lab::{Lab, LabConfig};
 use ulan::ports::sys::{self, UnixAddr};
 use ulan::ports::PortKind;
@@ -316,23 +316,9 @@ fn setup(which: Setup) -> io::Result<(Wire, Keep)> {
             Ok((wire, vec![Box::new(gen), Box::new(snk), Box::new(dir)]))
         }
         Setup::VdeSwitch => {
-            let sw_dir = dir.path().join("sw");
-            let child = Command::new("vde_switch")
-                .arg("-s")
-                .arg(&sw_dir)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-            let vde_pid = child.id() as libc::pid_t;
-            let child = KillOnDrop(child);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !sw_dir.join("ctl").exists() {
-                if Instant::now() > deadline {
-                    return Err(io::Error::other("vde_switch did not start"));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            let child = VdeSwitch::start().map_err(io::Error::other)?;
+            let vde_pid = child.pid() as libc::pid_t;
+            let sw_dir = child.path();
             let clients = dir.path().join("c");
             std::fs::create_dir(&clients)?;
             let mut gen = Endpoint::connect(PortKind::Vde, &sw_dir, &clients)?;
@@ -353,15 +339,6 @@ fn setup(which: Setup) -> io::Result<(Wire, Keep)> {
                 vec![Box::new(gen), Box::new(snk), Box::new(child), Box::new(dir)],
             ))
         }
-    }
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -523,16 +500,8 @@ fn main() {
         .unwrap_or(if quick { 0.5 } else { 2.0 });
     let window = Duration::from_secs_f64(secs);
     let warmup = Duration::from_millis(if quick { 100 } else { 300 });
-    let date = Command::new("date")
-        .arg("+%Y-%m-%d")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let kernel = Command::new("uname")
-        .arg("-r")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = text("date", &["+%Y-%m-%d"]);
+    let kernel = text("uname", &["-r"]);
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);

@@ -15,7 +15,7 @@
 
 #[allow(dead_code)]
 mod common;
-use common::cpu_model;
+use common::{cpu_model, text};
 use std::path::Path;
 use std::time::Duration;
 
@@ -193,13 +193,6 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     let window = Duration::from_secs_f64(if quick { 0.3 } else { 1.0 });
     let rounds = if quick { 2 } else { 3 };
-    let text = |cmd: &str, a: &[&str]| {
-        std::process::Command::new(cmd)
-            .args(a)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
     println!(
         "ulan instrument cost, {}, Linux {}, {} CPUs, {}",
         text("date", &["+%Y-%m-%d"]),

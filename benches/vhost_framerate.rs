@@ -15,7 +15,7 @@
 //! on the second CPU.
 
 mod common;
-use common::{allowed_cpus, cpu_model, cpu_ns, gettid, pin};
+use common::{allowed_cpus, cpu_model, cpu_ns, gettid, pin, text};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -348,14 +348,6 @@ fn measure_ulan(
         Ok(m) => Outcome::Ok(m),
         Err(e) => Outcome::Failed(e),
     }
-}
-
-fn text(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
 }
 
 fn main() {

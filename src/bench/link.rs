@@ -193,12 +193,13 @@ impl SocketTx {
                 while k < n {
                     self.records.clear();
                     let m = per_write.min(n - k);
+                    let t = &self.slots[0];
                     for i in 0..m {
-                        let f = &mut self.slots[0];
-                        gen.stamp(f, i, now);
                         self.records
-                            .extend_from_slice(&(f.len() as u32).to_be_bytes());
-                        self.records.extend_from_slice(f);
+                            .extend_from_slice(&(t.len() as u32).to_be_bytes());
+                        let at = self.records.len();
+                        self.records.extend_from_slice(t);
+                        gen.stamp(&mut self.records[at..], i, now);
                     }
                     match self.send_one(&self.records) {
                         Ok(w) => {
@@ -311,30 +312,25 @@ impl SocketRx {
     }
 }
 
-/// Waits for any of `fds` (events each), at most `timeout`, with
-/// nanosecond resolution.
+/// Waits for any of `fds` (at most two; events each), at most `timeout`,
+/// with nanosecond resolution.
 pub fn wait_fds(fds: &[(&OwnedFd, libc::c_short)], timeout: Duration) {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|(fd, ev)| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: *ev,
-            revents: 0,
-        })
-        .collect();
+    let mut p = [libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    }; 2];
+    let n = fds.len().min(p.len());
+    for (slot, (fd, ev)) in p.iter_mut().zip(fds) {
+        slot.fd = fd.as_raw_fd();
+        slot.events = *ev;
+    }
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
     // SAFETY: valid pollfds and timespec for the call.
-    unsafe {
-        libc::ppoll(
-            p.as_mut_ptr(),
-            p.len() as libc::nfds_t,
-            &ts,
-            std::ptr::null(),
-        )
-    };
+    unsafe { libc::ppoll(p.as_mut_ptr(), n as libc::nfds_t, &ts, std::ptr::null()) };
 }
 
 /// Two socket clients of a switch: one sends, the other receives.
@@ -419,6 +415,66 @@ impl Link for SocketLink {
             wait_fds(&[(self.rx.fd(), libc::POLLIN)], timeout);
         }
         Ok(())
+    }
+}
+
+/// A `vde_switch` of its own, in a temp dir, killed on drop: the peer
+/// `ulan bench --compare` and `cargo bench` measure against.
+pub struct VdeSwitch {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl VdeSwitch {
+    pub fn start() -> Result<VdeSwitch, BenchError> {
+        let dir = tempfile::tempdir()?;
+        let child = std::process::Command::new("vde_switch")
+            .arg("-s")
+            .arg(dir.path().join("sw"))
+            // It reads commands from stdin and quits at its end.
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    BenchError::Peer("vde_switch is not installed (apt-get install vde2)".into())
+                } else {
+                    BenchError::Peer(format!("cannot start vde_switch: {e}"))
+                }
+            })?;
+        let mut sw = VdeSwitch { child, dir };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !sw.path().join("ctl").exists() {
+            if let Ok(Some(st)) = sw.child.try_wait() {
+                return Err(BenchError::Peer(format!(
+                    "vde_switch exited at start ({st})"
+                )));
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(BenchError::Peer(
+                    "vde_switch made no control socket in 5 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(sw)
+    }
+
+    /// Its directory (what VDE clients connect to).
+    pub fn path(&self) -> std::path::PathBuf {
+        self.dir.path().join("sw")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for VdeSwitch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -42,6 +42,8 @@ pub enum BenchError {
     BadRecord(usize),
     #[error("no frame got through the path in {0:?}: is it forwarding?")]
     NoPath(Duration),
+    #[error("{0}")]
+    Peer(String),
     #[error("interrupted")]
     Interrupted,
 }

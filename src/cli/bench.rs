@@ -5,10 +5,9 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::Serialize;
@@ -16,7 +15,7 @@ use serde::Serialize;
 use super::{print_json, table, Output};
 use crate::api::client::Client;
 use crate::bench::frames::{port_len, DEFAULT_SIZES};
-use crate::bench::link::{Link, SocketLink, VhostLink};
+use crate::bench::link::{Link, SocketLink, VdeSwitch, VhostLink};
 use crate::bench::rfc2544::{self, LatencySummary, Runner, TrialSpec};
 use crate::bench::BenchError;
 use crate::ports::PortKind;
@@ -247,15 +246,6 @@ impl TempPorts {
     }
 }
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A path to test: a name for the table and its link.
 struct BenchPath {
     name: String,
@@ -300,38 +290,9 @@ async fn ulan_path(
 }
 
 fn vde_switch_path() -> anyhow::Result<BenchPath> {
-    let dir = tempfile::tempdir().context("cannot make a temp dir")?;
-    let sw = dir.path().join("sw");
-    let child = Command::new("vde_switch")
-        .arg("-s")
-        .arg(&sw)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                anyhow::anyhow!(
-                    "--compare vde_switch: vde_switch is not installed (apt-get install vde2)"
-                )
-            } else {
-                anyhow::anyhow!("cannot start vde_switch: {e}")
-            }
-        })?;
-    let mut child = KillOnDrop(child);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !sw.join("ctl").exists() {
-        if let Ok(Some(st)) = child.0.try_wait() {
-            bail!("vde_switch exited at start ({st})");
-        }
-        if Instant::now() > deadline {
-            bail!("vde_switch made no control socket in 5 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let mut link = SocketLink::connect(PortKind::Vde, &sw, &sw)?;
-    link.keep(child);
-    link.keep(dir);
+    let sw = VdeSwitch::start().context("--compare vde_switch")?;
+    let mut link = SocketLink::connect(PortKind::Vde, &sw.path(), &sw.path())?;
+    link.keep(sw);
     Ok(BenchPath {
         name: "vde_switch".into(),
         link: Box::new(link),
