@@ -75,6 +75,19 @@ pub fn interface(out: &mut Vec<u8>, name: &str, snaplen: u32) {
     });
 }
 
+/// Bytes an enhanced packet block adds around its (padded) data: the
+/// header, the direction option, the end of options and the trailer.
+pub const EPB_OVERHEAD: usize = 28 + 8 + 4 + 4;
+
+/// The length of the enhanced packet block holding `caplen` bytes.
+pub fn packet_len(caplen: usize) -> usize {
+    EPB_OVERHEAD + pad4(caplen)
+}
+
+/// Offset of an enhanced packet block's interface id (the capture writer
+/// renumbers blocks in place).
+pub const EPB_IFACE_AT: usize = 8;
+
 /// One frame on interface `iface` (its index in the file), `ts_ns` since
 /// the Unix epoch, `data` already cut to the snap length.
 pub fn packet(
@@ -85,21 +98,45 @@ pub fn packet(
     dir: Direction,
     data: &[u8],
 ) {
-    block(out, EPB, |b| {
-        b.extend_from_slice(&iface.to_le_bytes());
-        b.extend_from_slice(&((ts_ns >> 32) as u32).to_le_bytes());
-        b.extend_from_slice(&(ts_ns as u32).to_le_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        b.extend_from_slice(&orig_len.to_le_bytes());
-        b.extend_from_slice(data);
-        b.resize(b.len() + pad4(data.len()) - data.len(), 0);
-        let flags: u32 = match dir {
-            Direction::Inbound => 1,
-            Direction::Outbound => 2,
-        };
-        option(b, EPB_FLAGS, &flags.to_le_bytes());
-        option(b, OPT_END, &[]);
-    });
+    let at = out.len();
+    out.resize(at + packet_len(data.len()), 0);
+    packet_into(&mut out[at..], iface, ts_ns, orig_len, dir, data);
+}
+
+/// [`packet`] into `out`, which is exactly [`packet_len`]`(data.len())`
+/// bytes: the data plane writes blocks straight into a capture's ring.
+pub fn packet_into(
+    out: &mut [u8],
+    iface: u32,
+    ts_ns: u64,
+    orig_len: u32,
+    dir: Direction,
+    data: &[u8],
+) {
+    let len = packet_len(data.len());
+    debug_assert_eq!(out.len(), len);
+    let flags: u32 = match dir {
+        Direction::Inbound => 1,
+        Direction::Outbound => 2,
+    };
+    let (head, rest) = out.split_at_mut(28);
+    let put = |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    put(head, 0, EPB);
+    put(head, 4, len as u32);
+    put(head, EPB_IFACE_AT, iface);
+    put(head, 12, (ts_ns >> 32) as u32);
+    put(head, 16, ts_ns as u32);
+    put(head, 20, data.len() as u32);
+    put(head, 24, orig_len);
+    let padded = pad4(data.len());
+    rest[..data.len()].copy_from_slice(data);
+    rest[data.len()..padded].fill(0);
+    let tail = &mut rest[padded..];
+    tail[0..2].copy_from_slice(&EPB_FLAGS.to_le_bytes());
+    tail[2..4].copy_from_slice(&4u16.to_le_bytes());
+    put(tail, 4, flags);
+    put(tail, 8, u32::from(OPT_END)); // code 0, length 0
+    put(tail, 12, len as u32);
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -208,6 +245,33 @@ pub fn blocks(mut buf: &[u8]) -> Result<Vec<Block<'_>>, PcapngError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The in-place encoder writes what the generic block writer would.
+    #[test]
+    fn packet_in_place_matches_the_block_writer() {
+        for n in [0usize, 1, 2, 3, 4, 5, 60, 61, 1514, 9000] {
+            let data: Vec<u8> = (0..n).map(|i| i as u8 ^ 0x5a).collect();
+            for (dir, flags) in [(Direction::Inbound, 1u32), (Direction::Outbound, 2)] {
+                let mut want = Vec::new();
+                block(&mut want, EPB, |b| {
+                    b.extend_from_slice(&3u32.to_le_bytes());
+                    b.extend_from_slice(&0x1234u32.to_le_bytes());
+                    b.extend_from_slice(&0x5678_9abcu32.to_le_bytes());
+                    b.extend_from_slice(&(n as u32).to_le_bytes());
+                    b.extend_from_slice(&(n as u32 + 7).to_le_bytes());
+                    b.extend_from_slice(&data);
+                    b.resize(b.len() + pad4(n) - n, 0);
+                    option(b, EPB_FLAGS, &flags.to_le_bytes());
+                    option(b, OPT_END, &[]);
+                });
+                let mut got = vec![0xffu8; 3]; // appends after what is there
+                packet(&mut got, 3, 0x1234_5678_9abc, n as u32 + 7, dir, &data);
+                assert_eq!(&got[..3], &[0xff; 3]);
+                assert_eq!(&got[3..], &want[..], "{n} bytes {dir:?}");
+                assert_eq!(want.len(), packet_len(n));
+            }
+        }
+    }
 
     fn sample() -> Vec<u8> {
         let mut b = Vec::new();

@@ -1,11 +1,13 @@
-//! Packet capture: the data plane copies frames into a bounded queue of
-//! recycled buffers (a tap) and never waits for it; a writer thread per
-//! capture turns them into pcapng and writes a file or feeds a stream.
-//! Frames the queue cannot take are counted, not waited for.
+//! Packet capture: the data plane writes each frame as a finished pcapng
+//! block straight into a capture's byte ring (one copy, no lock, no
+//! allocation) and never waits for it; a writer thread per capture writes
+//! the ring's bytes to a file or a stream as they are. Frames the ring
+//! has no room for are counted, not waited for.
+
+mod ring;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,26 +15,20 @@ use bytes::Bytes;
 
 use crate::switch::PortId;
 use crate::wire::pcapng::{self, Direction};
+use ring::{Consumer, Next, Producer};
 
-/// Records one capture's queue holds (buffers are allocated as needed up
-/// to this many, then reused).
-pub const QUEUE_RECORDS: usize = 8192;
+/// Bytes of pcapng one capture's ring holds between the data plane and
+/// the writer: about 80,000 small frames or 5,000 full-size ones.
+pub const RING_BYTES: usize = 8 << 20;
 /// Default and largest snap length.
 pub const MAX_SNAPLEN: u32 = 65535;
 /// How long a stream reader may stop reading before the capture ends.
 pub const STALLED_READER: Duration = Duration::from_secs(5);
-/// How often an idle writer looks at its queue.
+/// How often an idle writer looks at its ring.
 const IDLE_POLL: Duration = Duration::from_millis(20);
 const BUSY_POLL: Duration = Duration::from_millis(2);
-
-/// One frame on its way to the writer.
-pub struct Record {
-    ts_ns: u64,
-    port: PortId,
-    dir: Direction,
-    orig_len: u32,
-    buf: Vec<u8>,
-}
+/// The writer's largest single write.
+const WRITE_CHUNK: usize = 1 << 20;
 
 /// What a capture's writer and the API share.
 #[derive(Debug, Default)]
@@ -41,7 +37,7 @@ pub struct CaptureStats {
     pub frames: AtomicU64,
     /// Bytes of pcapng written.
     pub bytes: AtomicU64,
-    /// Frames the queue could not take.
+    /// Frames the ring could not take (stored by the data plane alone).
     pub dropped: AtomicU64,
     /// Set once the writer is done.
     pub ended: AtomicBool,
@@ -55,15 +51,14 @@ impl CaptureStats {
     }
 }
 
-/// The data plane's end: copies frames in, never blocks.
+/// The data plane's end: writes frames in, never blocks.
 pub struct CaptureTap {
     id: u64,
     snaplen: u32,
-    full: SyncSender<Record>,
-    free: Receiver<Vec<u8>>,
-    /// A buffer the full queue refused, for the next frame.
-    spare: Option<Vec<u8>>,
-    allocated: usize,
+    ring: Producer,
+    /// Frames dropped so far; only this end writes `stats.dropped`, so a
+    /// plain store publishes it (no locked add per frame).
+    dropped: u64,
     stats: Arc<CaptureStats>,
 }
 
@@ -72,38 +67,21 @@ impl CaptureTap {
         self.id
     }
 
-    /// Queues a copy of `frame`; false if the queue was full (counted in
-    /// the capture's `dropped`).
+    /// Writes `frame` (cut to the snap length) as a pcapng block whose
+    /// interface field holds the port id (the writer renumbers it); false
+    /// if the ring was full (counted in the capture's `dropped`).
     pub fn record(&mut self, ts_ns: u64, port: PortId, dir: Direction, frame: &[u8]) -> bool {
-        let buf = match self.spare.take() {
-            Some(b) => Some(b),
-            None => match self.free.try_recv() {
-                Ok(b) => Some(b),
-                Err(_) if self.allocated < QUEUE_RECORDS => {
-                    self.allocated += 1;
-                    Some(Vec::with_capacity(frame.len().min(self.snaplen as usize)))
-                }
-                Err(_) => None,
-            },
-        };
-        let Some(mut buf) = buf else {
-            self.stats.dropped.fetch_add(1, Relaxed);
-            return false;
-        };
-        buf.clear();
-        buf.extend_from_slice(&frame[..frame.len().min(self.snaplen as usize)]);
-        let rec = Record {
-            ts_ns,
-            port,
-            dir,
-            orig_len: frame.len() as u32,
-            buf,
-        };
-        match self.full.try_send(rec) {
-            Ok(()) => true,
-            Err(TrySendError::Full(rec)) | Err(TrySendError::Disconnected(rec)) => {
-                self.spare = Some(rec.buf);
-                self.stats.dropped.fetch_add(1, Relaxed);
+        let data = &frame[..frame.len().min(self.snaplen as usize)];
+        match self.ring.reserve(pcapng::packet_len(data.len())) {
+            Some(block) => {
+                pcapng::packet_into(block, port, ts_ns, frame.len() as u32, dir, data);
+                // One release store; on x86 a plain move.
+                self.ring.commit();
+                true
+            }
+            None => {
+                self.dropped += 1;
+                self.stats.dropped.store(self.dropped, Relaxed);
                 false
             }
         }
@@ -122,31 +100,34 @@ pub type PortNamer = Arc<dyn Fn(PortId) -> Option<String> + Send + Sync>;
 
 /// The writer's end, until a writer thread takes it.
 pub struct CaptureReader {
-    full: Receiver<Record>,
-    free: SyncSender<Vec<u8>>,
+    ring: Consumer,
     snaplen: u32,
     stats: Arc<CaptureStats>,
 }
 
 /// A new capture's two ends and its stats.
 pub fn capture(id: u64, snaplen: u32) -> (CaptureTap, CaptureReader, Arc<CaptureStats>) {
+    capture_sized(id, snaplen, RING_BYTES)
+}
+
+fn capture_sized(
+    id: u64,
+    snaplen: u32,
+    ring_bytes: usize,
+) -> (CaptureTap, CaptureReader, Arc<CaptureStats>) {
     let snaplen = snaplen.clamp(64, MAX_SNAPLEN);
-    let (full_tx, full_rx) = mpsc::sync_channel(QUEUE_RECORDS);
-    let (free_tx, free_rx) = mpsc::sync_channel(QUEUE_RECORDS);
+    let (producer, consumer) = ring::ring(ring_bytes);
     let stats = Arc::new(CaptureStats::default());
     (
         CaptureTap {
             id,
             snaplen,
-            full: full_tx,
-            free: free_rx,
-            spare: None,
-            allocated: 0,
+            ring: producer,
+            dropped: 0,
             stats: stats.clone(),
         },
         CaptureReader {
-            full: full_rx,
-            free: free_tx,
+            ring: consumer,
             snaplen,
             stats: stats.clone(),
         },
@@ -226,51 +207,21 @@ impl CaptureReader {
             .map(|_| ())
     }
 
-    fn run(self, mut sink: CaptureSink, names: PortNamer) -> Result<(), SinkError> {
-        let mut out = Vec::with_capacity(1 << 16);
-        pcapng::section_header(&mut out);
+    fn run(mut self, mut sink: CaptureSink, names: PortNamer) -> Result<(), SinkError> {
+        let mut head = Vec::with_capacity(256);
+        pcapng::section_header(&mut head);
+        sink.write(&head)?;
+        self.stats.bytes.fetch_add(head.len() as u64, Relaxed);
         let mut interfaces: Vec<PortId> = Vec::new();
         let mut idle = false;
         loop {
-            let mut disconnected = false;
-            let mut frames = 0u64;
-            // Whatever is queued now, in chunks of about 1 MiB.
-            while out.len() < 1 << 20 {
-                match self.full.try_recv() {
-                    Ok(rec) => {
-                        let iface = match interfaces.iter().position(|&p| p == rec.port) {
-                            Some(i) => i,
-                            None => {
-                                let name =
-                                    names(rec.port).unwrap_or_else(|| format!("port{}", rec.port));
-                                pcapng::interface(&mut out, &name, self.snaplen);
-                                interfaces.push(rec.port);
-                                interfaces.len() - 1
-                            }
-                        };
-                        pcapng::packet(
-                            &mut out,
-                            iface as u32,
-                            rec.ts_ns,
-                            rec.orig_len,
-                            rec.dir,
-                            &rec.buf,
-                        );
-                        frames += 1;
-                        let _ = self.free.try_send(rec.buf);
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        disconnected = true;
-                        break;
-                    }
-                }
-            }
-            if !out.is_empty() {
-                sink.write(&out)?;
-                self.stats.bytes.fetch_add(out.len() as u64, Relaxed);
+            // Closed first: what it published before closing is then seen.
+            let closed = self.ring.closed();
+            let published = self.ring.published();
+            let (frames, bytes) = self.drain(published, &mut sink, &names, &mut interfaces)?;
+            if frames > 0 {
+                self.stats.bytes.fetch_add(bytes, Relaxed);
                 self.stats.frames.fetch_add(frames, Relaxed);
-                out.clear();
                 idle = false;
             } else {
                 if !idle {
@@ -278,7 +229,7 @@ impl CaptureReader {
                 }
                 idle = true;
             }
-            if disconnected {
+            if closed && self.ring.pending() == 0 {
                 return sink.flush();
             }
             if frames == 0 {
@@ -286,6 +237,70 @@ impl CaptureReader {
             }
         }
     }
+
+    /// Writes every block published up to `published`, in runs of
+    /// adjacent blocks straight from the ring, each block's interface id
+    /// (a port id from the data plane) rewritten to its index in the file,
+    /// with an interface block before a port's first frame.
+    fn drain(
+        &mut self,
+        published: usize,
+        sink: &mut CaptureSink,
+        names: &PortNamer,
+        interfaces: &mut Vec<PortId>,
+    ) -> Result<(u64, u64), SinkError> {
+        let (mut frames, mut bytes) = (0u64, 0u64);
+        // The run of adjacent blocks not written yet: start and length.
+        let mut run: Option<(*const u8, usize)> = None;
+        let mut idb = Vec::new();
+        while let Next::Record(block) = self.ring.next(published) {
+            let at = pcapng::EPB_IFACE_AT;
+            let port = u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
+            let iface = match interfaces.iter().position(|&p| p == port) {
+                Some(i) => i,
+                None => {
+                    let name = names(port).unwrap_or_else(|| format!("port{port}"));
+                    pcapng::interface(&mut idb, &name, self.snaplen);
+                    interfaces.push(port);
+                    interfaces.len() - 1
+                }
+            };
+            block[at..at + 4].copy_from_slice(&(iface as u32).to_le_bytes());
+            let (ptr, len) = (block.as_ptr(), block.len());
+            let adjacent = matches!(run, Some((start, n))
+                if start.wrapping_add(n) == ptr && n + len <= WRITE_CHUNK);
+            if !idb.is_empty() || !adjacent {
+                if let Some((start, n)) = run.take() {
+                    bytes += write_run(sink, start, n)?;
+                }
+            }
+            if !idb.is_empty() {
+                sink.write(&idb)?;
+                bytes += idb.len() as u64;
+                idb.clear();
+            }
+            run = match run {
+                Some((start, n)) => Some((start, n + len)),
+                None => Some((ptr, len)),
+            };
+            frames += 1;
+        }
+        if let Some((start, n)) = run {
+            bytes += write_run(sink, start, n)?;
+        }
+        self.ring.release();
+        Ok((frames, bytes))
+    }
+}
+
+/// Writes the `n` ring bytes from `start`.
+fn write_run(sink: &mut CaptureSink, start: *const u8, n: usize) -> Result<u64, SinkError> {
+    // SAFETY: `start..start + n` is a run of whole blocks the consumer took
+    // from the ring and has not released yet (it releases after every run
+    // is written), so the producer does not touch it meanwhile.
+    let bytes = unsafe { std::slice::from_raw_parts(start, n) };
+    sink.write(bytes)?;
+    Ok(n as u64)
 }
 
 #[cfg(test)]
@@ -293,19 +308,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_full_queue_drops_and_counts_and_never_blocks() {
-        let (mut tap, reader, stats) = capture(1, 65535);
+    fn a_full_ring_drops_and_counts_and_never_blocks() {
+        let (mut tap, reader, stats) = capture_sized(1, 65535, 16 << 10);
         let f = [0u8; 60];
-        for _ in 0..QUEUE_RECORDS {
-            assert!(tap.record(1, 0, Direction::Inbound, &f));
+        let mut kept = 0;
+        while tap.record(1, 0, Direction::Inbound, &f) {
+            kept += 1;
         }
+        assert_eq!(kept, (16 << 10) / pcapng::packet_len(60));
         let t = Instant::now();
         for _ in 0..1000 {
             assert!(!tap.record(1, 0, Direction::Inbound, &f));
         }
         assert!(t.elapsed() < Duration::from_millis(500));
-        assert_eq!(stats.dropped.load(Relaxed), 1000);
-        assert_eq!(tap.allocated, QUEUE_RECORDS);
+        assert_eq!(stats.dropped.load(Relaxed), 1001);
+        // A frame too big for the ring at all is dropped too, not written.
+        let (mut small, _r, small_stats) = capture_sized(2, 65535, 4096);
+        assert!(!small.record(1, 0, Direction::Inbound, &[0u8; 4000]));
+        assert_eq!(small_stats.dropped.load(Relaxed), 1);
         drop(reader);
         // The writer gone: still no panic and no wait.
         assert!(!tap.record(1, 0, Direction::Inbound, &f));
