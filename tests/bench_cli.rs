@@ -2,53 +2,26 @@
 //! kind, `--compare vde_switch`, bad arguments, Ctrl-C; the temporary lan
 //! and ports are gone afterwards every time.
 
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::cli::CliUser;
 use serde_json::Value;
 
-struct User {
-    home: tempfile::TempDir,
+struct User(CliUser);
+
+impl std::ops::Deref for User {
+    type Target = CliUser;
+    fn deref(&self) -> &CliUser {
+        &self.0
+    }
 }
 
 impl User {
     fn new() -> User {
-        let home = tempfile::Builder::new().prefix("ulan-b").tempdir().unwrap();
-        std::fs::create_dir(home.path().join("run")).unwrap();
-        User { home }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_ulan"));
-        c.args(args)
-            .env("XDG_RUNTIME_DIR", self.home.path().join("run"))
-            .env("XDG_DATA_HOME", self.home.path().join("data"))
-            .env("ULAN_LAB", "bench")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null());
-        c
-    }
-
-    fn ulan(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.ulan(args);
-        assert!(
-            out.status.success(),
-            "ulan {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        let out = self.ok(&a);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+        User(CliUser::new("bench"))
     }
 
     fn start(&self) {
@@ -63,12 +36,6 @@ impl User {
             !ports.to_string().contains("bench-") && !lans.to_string().contains("bench-"),
             "left behind: {ports} {lans}"
         );
-    }
-}
-
-impl Drop for User {
-    fn drop(&mut self) {
-        let _ = self.ulan(&["stop"]);
     }
 }
 

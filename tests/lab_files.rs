@@ -6,61 +6,26 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::Mutex;
 
+use common::cli::CliUser;
 use common::guests::{skip_without_guests, test_store};
 
 /// Ten TCG guests are enough load for two cores: one lab at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-struct User {
-    home: tempfile::TempDir,
-    lab: String,
+struct User(CliUser);
+
+impl std::ops::Deref for User {
+    type Target = CliUser;
+    fn deref(&self) -> &CliUser {
+        &self.0
+    }
 }
 
 impl User {
     fn new(lab: &str) -> User {
-        let home = tempfile::Builder::new().prefix("ulan-u").tempdir().unwrap();
-        std::fs::create_dir(home.path().join("run")).unwrap();
-        User {
-            home,
-            lab: lab.into(),
-        }
-    }
-
-    fn run_dir(&self) -> PathBuf {
-        self.home.path().join("run")
-    }
-
-    fn ulan(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_ulan"))
-            .args(args)
-            .env("XDG_RUNTIME_DIR", self.run_dir())
-            .env("XDG_DATA_HOME", self.home.path().join("data"))
-            .env("ULAN_IMAGES", test_store())
-            .env("ULAN_LAB", &self.lab)
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap()
-    }
-
-    /// Runs and insists on success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.ulan(args);
-        assert!(
-            out.status.success(),
-            "ulan {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&a)).unwrap()
+        User(CliUser::new(lab).with_env("ULAN_IMAGES", test_store()))
     }
 
     fn pid_of(&self, node: &str) -> u64 {
@@ -132,7 +97,7 @@ fn two_node_example_up_save_apply_down() {
 
     // save gives a file that up/apply reproduces: applying it changes nothing.
     let saved = u.ok(&["save"]);
-    let file = u.home.path().join("saved.yaml");
+    let file = u.home().join("saved.yaml");
     std::fs::write(&file, &saved).unwrap();
     let (p1, p2) = (u.pid_of("h1"), u.pid_of("h2"));
     let out = u.ok(&["apply", file.to_str().unwrap()]);
@@ -223,10 +188,8 @@ fn router_example_forwards_between_its_lans() {
         "{route}"
     );
     // The serial console, scripted: what is typed runs in the guest's shell.
-    let mut console = Command::new(env!("CARGO_BIN_EXE_ulan"))
-        .args(["console", "r1"])
-        .env("XDG_RUNTIME_DIR", u.run_dir())
-        .env("ULAN_LAB", &u.lab)
+    let mut console = u
+        .cmd(&["console", "r1"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

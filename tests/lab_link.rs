@@ -6,44 +6,25 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::cli::CliUser;
 use common::{QUIET, WAIT};
 use ulan::ports::PortKind;
 use ulan::testkit::{frame, mac, tag_of, Endpoint};
 
-struct User {
-    home: tempfile::TempDir,
+struct User(CliUser);
+
+impl std::ops::Deref for User {
+    type Target = CliUser;
+    fn deref(&self) -> &CliUser {
+        &self.0
+    }
 }
 
 impl User {
     fn new() -> User {
-        let home = tempfile::Builder::new().prefix("ulan-l").tempdir().unwrap();
-        std::fs::create_dir(home.path().join("run")).unwrap();
-        User { home }
-    }
-
-    fn ulan(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_ulan"))
-            .args(args)
-            .env("XDG_RUNTIME_DIR", self.home.path().join("run"))
-            .env("XDG_DATA_HOME", self.home.path().join("data"))
-            .env("ULAN_LAB", "links")
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.ulan(args);
-        assert!(
-            out.status.success(),
-            "ulan {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        User(CliUser::new("links"))
     }
 
     fn port(&self, name: &str) -> serde_json::Value {
@@ -60,19 +41,13 @@ impl User {
 
     fn connect(&self, port: &str) -> Endpoint {
         let path = PathBuf::from(self.port(port)["path"].as_str().unwrap());
-        let ep = Endpoint::connect(PortKind::Stream, &path, self.home.path()).unwrap();
+        let ep = Endpoint::connect(PortKind::Stream, &path, self.home()).unwrap();
         let deadline = Instant::now() + WAIT;
         while self.port(port)["up"] != true {
             assert!(Instant::now() < deadline, "port {port} never came up");
             std::thread::sleep(Duration::from_millis(20));
         }
         ep
-    }
-
-    fn write(&self, name: &str, text: &str) -> String {
-        let path = self.home.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
     }
 }
 

@@ -2,6 +2,7 @@
 //! `Lab` calls the API uses, and synthetic clients from `ulan::testkit`.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod guests;
 
 use std::path::PathBuf;
