@@ -171,7 +171,9 @@ impl Consumer {
             // A record the producer wrote is always whole and in bounds;
             // refuse to go past what was published whatever the bytes say.
             // (Both bounds are multiples of 4 and at least 4.)
-            let len = (len & !3).min((published - self.tail).min(cap - off)).max(4);
+            let len = (len & !3)
+                .min((published - self.tail).min(cap - off))
+                .max(4);
             self.tail += len;
             // SAFETY: as above; [off, off + len) is within the buffer.
             return Next::Record(unsafe { std::slice::from_raw_parts_mut(base.add(off), len) });
