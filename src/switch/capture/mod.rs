@@ -29,13 +29,19 @@ const IDLE_POLL: Duration = Duration::from_millis(20);
 const BUSY_POLL: Duration = Duration::from_millis(2);
 /// The writer's largest single write.
 const WRITE_CHUNK: usize = 1 << 20;
-/// The writer thread's nice value. Where every core is busy (the data
+/// How much lower the writer thread's priority is than the daemon's
+/// (nice value added, up to 19). Where every core is busy (the data
 /// plane, the guests or generators feeding it), a writer at nice 10 gets
 /// about a tenth of a core's time next to one busy thread: enough to write
 /// some 300 MB/s of pcapng, little enough that a capture at line rate
 /// takes its frames from the ring's surplus (counted drops) rather than
 /// from forwarding. Lowering one's own priority needs no privilege.
 const WRITER_NICE: libc::c_int = 10;
+
+/// The nice value a writer started by a thread at `nice` runs at.
+fn writer_nice(nice: libc::c_int) -> libc::c_int {
+    (nice + WRITER_NICE).min(19)
+}
 
 /// What a capture's writer and the API share.
 #[derive(Debug, Default)]
@@ -202,8 +208,9 @@ impl CaptureReader {
                 // SAFETY: plain syscalls on this thread's own id; a failure
                 // only leaves the writer at normal priority.
                 unsafe {
-                    let tid = libc::gettid();
-                    libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, WRITER_NICE);
+                    let tid = libc::gettid() as libc::id_t;
+                    let nice = libc::getpriority(libc::PRIO_PROCESS, tid);
+                    libc::setpriority(libc::PRIO_PROCESS, tid, writer_nice(nice));
                 }
                 let stats = self.stats.clone();
                 let reason = match self.run(sink, names) {
@@ -373,13 +380,16 @@ mod tests {
                     rest.split(' ').nth(16)?.parse::<i32>().ok()
                 })
         };
+        // SAFETY: a plain getter.
+        let ours = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+        let want = Some(writer_nice(ours));
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut nice = nice_of_writer();
-        while nice != Some(WRITER_NICE) && Instant::now() < deadline {
+        while nice != want && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
             nice = nice_of_writer();
         }
-        assert_eq!(nice, Some(WRITER_NICE));
+        assert_eq!(nice, want);
         let mut sent = 0;
         for i in 0..3000u32 {
             let mut f = vec![0u8; 60 + (i as usize % 200)];
