@@ -8,75 +8,47 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use common::cli::CliUser;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 struct User {
-    home: tempfile::TempDir,
+    cli: CliUser,
     lab: String,
-    images: PathBuf,
     daemon: Option<Child>,
     starts: usize,
 }
 
+impl std::ops::Deref for User {
+    type Target = CliUser;
+    fn deref(&self) -> &CliUser {
+        &self.cli
+    }
+}
+
 impl User {
     fn new(lab: &str, images: PathBuf) -> User {
-        let home = tempfile::Builder::new().prefix("ulan-r").tempdir().unwrap();
-        std::fs::create_dir(home.path().join("run")).unwrap();
         User {
-            home,
+            cli: CliUser::new(lab).with_env("ULAN_IMAGES", images),
             lab: lab.into(),
-            images,
             daemon: None,
             starts: 0,
         }
     }
 
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_ulan"));
-        c.env("XDG_RUNTIME_DIR", self.home.path().join("run"))
-            .env("XDG_DATA_HOME", self.home.path().join("data"))
-            .env("ULAN_IMAGES", &self.images)
-            .env("ULAN_LAB", &self.lab)
-            .env_remove("RUST_LOG");
-        c
-    }
-
-    fn ulan(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.ulan(args);
-        assert!(
-            out.status.success(),
-            "ulan {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&a)).unwrap()
-    }
-
     fn state_file(&self) -> PathBuf {
-        self.home
-            .path()
+        self.home()
             .join("data/ulan/labs")
             .join(&self.lab)
             .join("lab-state.json")
     }
 
     fn log(&self, n: usize) -> PathBuf {
-        self.home.path().join(format!("daemon-{n}.log"))
+        self.home().join(format!("daemon-{n}.log"))
     }
 
     /// Starts a foreground daemon (its log in `daemon-N.log`) and waits for
@@ -86,8 +58,7 @@ impl User {
         self.starts += 1;
         let log = std::fs::File::create(self.log(self.starts)).unwrap();
         let child = self
-            .cmd()
-            .arg("daemon")
+            .cmd(&["daemon"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -176,10 +147,10 @@ impl User {
     /// A stand-in emulator: a UML node whose binary is a shell script
     /// that sleeps, so nodes come and go in a second without QEMU.
     fn stand_in(&self) -> (String, String) {
-        let script = self.home.path().join("emulator");
+        let script = self.home().join("emulator");
         std::fs::write(&script, "#!/bin/sh\nexec sleep 600\n").unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let initrd = self.home.path().join("initrd");
+        let initrd = self.home().join("initrd");
         std::fs::write(&initrd, b"not really an initrd").unwrap();
         (script.display().to_string(), initrd.display().to_string())
     }
@@ -216,7 +187,7 @@ fn kill_9_then_restart_brings_back_the_same_lab() {
     let mut u = User::new("keep", empty_images());
     u.start();
     let (binary, initrd) = u.stand_in();
-    let file = u.home.path().join("lab.yaml");
+    let file = u.home().join("lab.yaml");
     std::fs::write(
         &file,
         format!(
@@ -311,7 +282,7 @@ fn kill_9_then_restart_keeps_link_state_and_impairments() {
     let mut u = User::new("links", empty_images());
     u.start();
     let (binary, initrd) = u.stand_in();
-    let file = u.home.path().join("lab.yaml");
+    let file = u.home().join("lab.yaml");
     std::fs::write(
         &file,
         format!(
@@ -438,7 +409,7 @@ fn kill_9_with_two_guests_pinging_then_restart() {
     }
     let mut u = User::new("guests", common::guests::test_store());
     u.start();
-    let file = u.home.path().join("pair.yaml");
+    let file = u.home().join("pair.yaml");
     std::fs::write(
         &file,
         "lans: [l]\n\
@@ -487,7 +458,7 @@ fn what_cannot_be_restored_is_logged_and_kept() {
     let mut u = User::new("partial", empty_images());
     u.start();
     let (binary, initrd) = u.stand_in();
-    let file = u.home.path().join("lab.yaml");
+    let file = u.home().join("lab.yaml");
     std::fs::write(
         &file,
         format!(
