@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::cli::{uid_of_pid, unprivileged_or_skip, Account, CliUser};
 use common::guests::{skip_without_guests, test_store};
-use serde_json::Value;
 use ulan::ports::PortKind;
 use ulan::testkit::{frame, mac, Endpoint};
 
