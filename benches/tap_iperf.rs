@@ -114,6 +114,8 @@ fn ulan_path(secs: u64) -> Result<(f64, f64), String> {
     let b = lab
         .add_port("b", PortKind::Tap, Some("l"))
         .map_err(|e| e.to_string())?;
+    let tid = dataplane_tid().ok_or("no ulan-dataplane thread")?;
+    let stat = format!("/proc/self/task/{tid}/stat");
     let server = sh_in_ns(
         &[],
         &format!(
@@ -136,8 +138,6 @@ fn ulan_path(secs: u64) -> Result<(f64, f64), String> {
             b.path
         ),
     );
-    let tid = dataplane_tid().ok_or("no ulan-dataplane thread")?;
-    let stat = format!("/proc/self/task/{tid}/stat");
     let cpu0 = common::cpu_ns(&stat).unwrap_or(0);
     let t0 = Instant::now();
     let rate = finish(client, "ulan path");
