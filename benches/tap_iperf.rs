@@ -114,7 +114,16 @@ fn ulan_path(secs: u64) -> Result<(f64, f64), String> {
     let b = lab
         .add_port("b", PortKind::Tap, Some("l"))
         .map_err(|e| e.to_string())?;
-    let tid = dataplane_tid().ok_or("no ulan-dataplane thread")?;
+    // The thread may still be starting.
+    let mut tid = None;
+    for _ in 0..100 {
+        tid = dataplane_tid();
+        if tid.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let tid = tid.ok_or("no ulan-dataplane thread")?;
     let stat = format!("/proc/self/task/{tid}/stat");
     let server = sh_in_ns(
         &[],

@@ -290,9 +290,74 @@ impl TapPort {
             offload::write_header(off, &mut f);
             hdr[..VIRTIO_HDR_FIELDS_LEN].copy_from_slice(&f);
         }
+        // Nothing waiting: straight into the tap, no copy into the queue
+        // (a tap takes one frame per write anyway, so batching the writes
+        // would save no syscall).
+        if t.queue.is_empty() {
+            match write_frame(&t.fd, &hdr[..vnet], frame) {
+                Ok(()) => {
+                    cx.counters.tx_frames += 1;
+                    cx.counters.tx_bytes += frame.len() as u64;
+                    return;
+                }
+                Err(e) => match classify(&e) {
+                    WriteError::Later => {}
+                    WriteError::Lost => {
+                        cx.counters.tx_drop_error += 1;
+                        cx.counters.tx_dropped += 1;
+                        return;
+                    }
+                    WriteError::Fatal => {
+                        let reason = format!("tap write failed: {e} (tap deleted?)");
+                        self.drop_tap(cx, &reason);
+                        return;
+                    }
+                },
+            }
+        }
         if !t.queue.push_parts(&hdr[..vnet], frame) {
             count_tx_drop_full(cx.counters);
         }
+    }
+}
+
+/// What a failed write to a tap means.
+enum WriteError {
+    /// Full (or interrupted): keep the frame for later.
+    Later,
+    /// The interface is down in its namespace, or the kernel refused this
+    /// frame's header: this frame is lost, the port goes on.
+    Lost,
+    /// The tap is gone.
+    Fatal,
+}
+
+fn classify(e: &io::Error) -> WriteError {
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EINTR) => WriteError::Later,
+        Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EMSGSIZE) => WriteError::Lost,
+        _ => WriteError::Fatal,
+    }
+}
+
+/// One frame with its vnet header (possibly empty) in one writev.
+fn write_frame(fd: &OwnedFd, hdr: &[u8], frame: &[u8]) -> io::Result<()> {
+    let iov = [
+        libc::iovec {
+            iov_base: hdr.as_ptr() as *mut libc::c_void,
+            iov_len: hdr.len(),
+        },
+        libc::iovec {
+            iov_base: frame.as_ptr() as *mut libc::c_void,
+            iov_len: frame.len(),
+        },
+    ];
+    // SAFETY: both iovecs point at live buffers; the kernel only reads them.
+    let r = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), 2) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -323,19 +388,16 @@ fn flush_tap(t: &mut Tap, counters: &mut crate::switch::stats::PortCounters) -> 
         let r = unsafe { libc::write(t.fd.as_raw_fd(), entry.as_ptr().cast(), entry.len()) };
         if r < 0 {
             let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN) => return Ok(false),
-                Some(libc::EINTR) => continue,
-                // The interface is down in its namespace, or the kernel
-                // refused this frame's header: this frame is lost, the
-                // port goes on.
-                Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EMSGSIZE) => {
+            match classify(&e) {
+                WriteError::Later if e.raw_os_error() == Some(libc::EINTR) => continue,
+                WriteError::Later => return Ok(false),
+                WriteError::Lost => {
                     counters.tx_drop_error += 1;
                     counters.tx_dropped += 1;
                     t.queue.pop_front();
                     continue;
                 }
-                _ => return Err(e),
+                WriteError::Fatal => return Err(e),
             }
         }
         counters.tx_frames += 1;
