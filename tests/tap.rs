@@ -271,6 +271,8 @@ fn is_ipv4_tcp(f: &[u8]) -> bool {
 /// A TCP super-frame (30 KB) leaves the kernel through a tap with its
 /// request in the vnet header: a vhost-user guest that acked TSO gets it
 /// whole with the same request, one that did not gets valid segments.
+/// And back: the TSO guest's super-frame enters the tap's kernel side as
+/// one GSO packet.
 #[test]
 fn a_gso_frame_from_a_tap_reaches_vhost_user_whole_or_segmented_as_negotiated() {
     const NAME: &str = "a_gso_frame_from_a_tap_reaches_vhost_user_whole_or_segmented_as_negotiated";
@@ -354,7 +356,118 @@ fn a_gso_frame_from_a_tap_reaches_vhost_user_whole_or_segmented_as_negotiated() 
     assert_eq!(segs.len(), want);
     let t = fx.stats("t");
     assert_eq!(t.rx_drop_bad_offload, 0, "{t:?}");
+
+    // The other way: the TSO guest's super-frame goes into the tap whole,
+    // with its request in the vnet header, and the kernel takes it as one
+    // GSO packet (a packet socket on t0 sees it with the same request).
+    let watch = packet_socket("t0");
+    let nh = ulan::testkit::vhost_frontend::NetHeader {
+        flags,
+        gso_type,
+        hdr_len,
+        gso_size,
+        csum_start,
+        csum_offset,
+        num_buffers: 0,
+    };
+    assert!(fvt.max_tx_frame() >= sup.len());
+    assert_eq!(fvt.send_with_header(&[(nh, &sup)]), 1);
+    let (h, f) = recv_incoming(&watch, Duration::from_secs(5))
+        .expect("the super-frame never reached the tap's kernel side");
+    assert_eq!(f.len(), sup.len(), "one packet, not segments");
+    assert_eq!(&f[14..], &sup[14..], "the packet unchanged");
+    assert_eq!(h[1], gso_type, "the kernel kept the segmentation request");
+    assert_eq!(u16::from_le_bytes([h[4], h[5]]), gso_size);
+    let t = fx.wait_stats("t", |c| c.tx_frames >= 1);
+    assert_eq!(t.tx_dropped, 0, "{t:?}");
+    assert!(t.tx_bytes >= sup.len() as u64, "{t:?}");
     fx.lab.shutdown();
+}
+
+/// A packet socket on `ifname` that receives with vnet headers.
+fn packet_socket(ifname: &str) -> OwnedFd {
+    // SAFETY: plain socket call; owned at once.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from((libc::ETH_P_ALL as u16).to_be()),
+        )
+    };
+    assert!(raw >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+    // SAFETY: raw is ours.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let on: libc::c_int = 1;
+    // SAFETY: an int option.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_VNET_HDR,
+            (&on as *const libc::c_int).cast(),
+            4,
+        )
+    };
+    assert_eq!(r, 0);
+    let name = std::ffi::CString::new(ifname).unwrap();
+    // SAFETY: sockaddr_ll is plain old data; the name is NUL-terminated.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+    sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: sll is valid for its size.
+    let r = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+    sock
+}
+
+/// The next incoming IPv4 TCP packet on a [`packet_socket`]: its vnet
+/// header and the frame (outgoing ones, and other traffic, are skipped).
+fn recv_incoming(sock: &OwnedFd, within: Duration) -> Option<([u8; 10], Vec<u8>)> {
+    let deadline = Instant::now() + within;
+    let mut buf = vec![0u8; 70_000];
+    while Instant::now() < deadline {
+        let mut pfd = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+            continue;
+        }
+        // SAFETY: sockaddr_ll is plain old data.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        // SAFETY: buf and from are valid for their sizes.
+        let n = unsafe {
+            libc::recvfrom(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+                (&mut from as *mut libc::sockaddr_ll).cast(),
+                &mut len,
+            )
+        };
+        if n < 10 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            continue;
+        }
+        let n = n as usize;
+        let f = &buf[10..n];
+        if is_ipv4_tcp(f) {
+            let mut h = [0u8; 10];
+            h.copy_from_slice(&buf[..10]);
+            return Some((h, f.to_vec()));
+        }
+    }
+    None
 }
 
 /// A tun (layer 3) device, a tap without IFF_NO_PI, or one without a
