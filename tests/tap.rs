@@ -456,7 +456,7 @@ fn recv_incoming(sock: &OwnedFd, within: Duration) -> Option<([u8; 10], Vec<u8>)
                 &mut len,
             )
         };
-        if n < 10 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+        if n < 10 || from.sll_pkttype == libc::PACKET_OUTGOING {
             continue;
         }
         let n = n as usize;
