@@ -503,6 +503,7 @@ fn hostile_handovers_are_refused_while_the_switch_keeps_forwarding() {
     fx.lan("l");
     fx.lab.add_port("t", PortKind::Tap, Some("l")).unwrap();
     let path = tap_path(&fx, "t");
+    let mut events = fx.lab.events().subscribe();
     let mut e1 = fx.plug("e1", PortKind::Stream, Some("l"));
     let mut e2 = fx.plug("e2", PortKind::Stream, Some("l"));
     let good = create_tap("t0", MAC_T, None).unwrap();
@@ -602,6 +603,19 @@ fn hostile_handovers_are_refused_while_the_switch_keeps_forwarding() {
     let c = fx.wait_stats("t", |c| c.rejected_clients >= want);
     assert_eq!(c.rejected_clients, want, "{c:?}");
     assert_eq!((c.connects, c.disconnects), (1, 0), "the tap stayed: {c:?}");
+    // Each refusal is an event with its reason.
+    let mut reasons = Vec::new();
+    while let Ok(rec) = events.try_recv() {
+        if let ulan::events::Event::PortRefused { port, reason } = rec.event {
+            assert_eq!(port, "t");
+            reasons.push(reason);
+        }
+    }
+    assert_eq!(reasons.len() as u64, want, "{reasons:#?}");
+    assert!(reasons
+        .iter()
+        .any(|r| r.contains("is a tun (layer 3) device")));
+    assert!(reasons.iter().any(|r| r.contains("disconnected before")));
     assert!(fx.lab.port("t").unwrap().up);
     // The tap still carries frames: e1's broadcast is written into it.
     e1.send(&ulan::testkit::frame(
@@ -817,6 +831,42 @@ fn two_namespaces_ping_and_run_iperf3_through_tap_ports() {
     );
     let ls = d.ok(&["port", "ls"]);
     assert!(ls.contains("tap"), "{ls}");
+}
+
+/// `ulan tap-attach` outside a namespace of its own, as an ordinary user:
+/// one clear line and a non-zero exit, nothing made.
+#[test]
+fn tap_attach_without_privilege_or_with_bad_arguments_fails_clearly() {
+    let Some(user) = user_or_skip(&[]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none");
+    let run = |args: &[&str]| {
+        let o = user
+            .command(BIN)
+            .arg("tap-attach")
+            .arg("--socket")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        err
+    };
+    let err = run(&["--ifname", "eth0"]);
+    // As root this machine may let the tap be made: then the missing
+    // socket is the error.
+    assert!(
+        err.contains("CAP_NET_ADMIN") || err.contains("cannot connect to the tap port"),
+        "{err}"
+    );
+    assert!(run(&["--mac", "zz:00:00:00:00:01"]).contains("six hex bytes"));
+    assert!(run(&["--mac", "01:00:00:00:00:01"]).contains("multicast"));
+    assert!(run(&["--ifname", "a/b"]).contains("interface name"));
+    assert!(run(&["--mtu", "20"]).contains("MTU 20"));
 }
 
 #[test]
