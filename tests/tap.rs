@@ -562,8 +562,9 @@ fn hostile_handovers_are_refused_while_the_switch_keeps_forwarding() {
     );
     let l3 = raw_tun("tun9", tun::IFF_TUN | tun::IFF_NO_PI);
     expect(hand_over(&path, l3.as_fd()), "is a tun (layer 3) device");
-    // (A tap without IFF_NO_PI is refused where TUNGETIFF tells: Linux
-    // 6.1 here reports IFF_NO_PI for every tap, so it is not tried.)
+    // (A tap without IFF_NO_PI is refused where TUNGETIFF tells: the
+    // Linux measured here, 6.18, reports IFF_NO_PI for every tap, so it
+    // is not tried.)
     let plain = raw_tun("tpl9", tun::IFF_TAP | tun::IFF_NO_PI);
     expect(
         hand_over_with(&path, &hdr, Some(plain.as_fd())),
