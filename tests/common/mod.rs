@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod guests;
+pub mod unprivileged;
 
 use std::path::PathBuf;
 use std::sync::Arc;
