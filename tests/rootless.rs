@@ -60,7 +60,7 @@ impl Drop for Lab {
 
 fn assert_owned_by(pid: u32, who: &Account, what: &str) {
     let uid = uid_of_pid(pid).unwrap_or_else(|| panic!("{what} (pid {pid}) is gone"));
-    assert_eq!(uid, who.uid, "{what} runs as uid {uid}, not {}", who.name);
+    assert_eq!(uid, who.uid, "{what} runs as uid {uid}, not {}", who.uid);
     assert_ne!(uid, 0, "{what} runs as root");
 }
 

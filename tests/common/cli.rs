@@ -10,69 +10,14 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-/// The account tests run ulan as when they are started by root.
-pub const TEST_USER: &str = "ulan-test";
-
-/// A uid/gid to run commands as.
-#[derive(Debug, Clone)]
-pub struct Account {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-}
-
-impl Account {
-    pub fn is_root(&self) -> bool {
-        self.uid == 0
-    }
-}
-
-fn id_of(name: &str, flag: &str) -> Option<u32> {
-    let out = Command::new("id").args([flag, name]).output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-}
+/// A uid/gid to run commands as: the unprivileged test user.
+pub use super::unprivileged::TestUser as Account;
 
 /// An account without privileges: this process's own when it is not root;
 /// as root, the `ulan-test` system account, made on first use. Err says why
 /// there is none.
 pub fn unprivileged_account() -> Result<Account, String> {
-    // SAFETY: plain getters.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    if uid != 0 {
-        return Ok(Account {
-            name: std::env::var("USER").unwrap_or_else(|_| uid.to_string()),
-            uid,
-            gid,
-        });
-    }
-    if id_of(TEST_USER, "-u").is_none() {
-        // Several test binaries may race here: a failed useradd is fine if
-        // the account exists afterwards.
-        let made = Command::new("useradd")
-            .args(["--system", "--create-home", "--shell", "/usr/sbin/nologin"])
-            .arg(TEST_USER)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .map_err(|e| format!("cannot run useradd: {e}"))?;
-        if id_of(TEST_USER, "-u").is_none() {
-            return Err(format!(
-                "useradd {TEST_USER} failed: {}",
-                String::from_utf8_lossy(&made.stderr).trim()
-            ));
-        }
-    }
-    match (id_of(TEST_USER, "-u"), id_of(TEST_USER, "-g")) {
-        (Some(uid), Some(gid)) if uid != 0 => Ok(Account {
-            name: TEST_USER.into(),
-            uid,
-            gid,
-        }),
-        _ => Err(format!("{TEST_USER} has no usable uid/gid")),
-    }
+    super::unprivileged::test_user()
 }
 
 /// The account, or a loud skip (a failure under CI, which runs as root and
