@@ -52,6 +52,7 @@ pub enum Op {
     ExecNode,
     CommitNode,
     GetLabSpec,
+    GetLabGraph,
     Events,
     OpenApi,
     Metrics,
@@ -124,6 +125,7 @@ pub const ROUTES: &[Route] = &[
     route("POST", "/v1/nodes/{node}/exec", Op::ExecNode),
     route("POST", "/v1/nodes/{node}/commit", Op::CommitNode),
     route("GET", "/v1/lab/spec", Op::GetLabSpec),
+    route("GET", "/v1/lab/graph", Op::GetLabGraph),
     route("GET", "/v1/events", Op::Events),
     route("GET", "/v1/openapi.json", Op::OpenApi),
     route("GET", "/metrics", Op::Metrics),
@@ -693,6 +695,10 @@ pub async fn execute(lab: &Arc<Lab>, m: &Matched<'_>, input: Input) -> Result<Re
             json(StatusCode::CREATED, &img.view())
         }
         (Op::GetLabSpec, _) => json(ok, &lab_spec_body(&lab.spec())?),
+        (Op::GetLabGraph, _) => json(
+            ok,
+            &super::web::graph::build(&lab.info().name, &lab.lans(), &lab.ports(), &lab.nodes()),
+        ),
         (Op::Events, _) => Ok(Reply::Events),
         (Op::OpenApi, _) => Ok(Reply::OpenApi),
         (Op::Metrics, _) => Ok(Reply::Text {

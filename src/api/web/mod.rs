@@ -1,0 +1,4 @@
+//! The lab in a browser: the graph export, the single-page app's embedded
+//! files, and the guards of the TCP listener `ulan web` opens.
+
+pub mod graph;
