@@ -56,6 +56,8 @@ pub enum Op {
     Events,
     OpenApi,
     Metrics,
+    UiIndex,
+    UiAsset,
 }
 
 impl Op {
@@ -129,6 +131,9 @@ pub const ROUTES: &[Route] = &[
     route("GET", "/v1/events", Op::Events),
     route("GET", "/v1/openapi.json", Op::OpenApi),
     route("GET", "/metrics", Op::Metrics),
+    // The web page (see `api::web`).
+    route("GET", "/", Op::UiIndex),
+    route("GET", "/ui/{asset}", Op::UiAsset),
 ];
 
 /// A request matched to a route, with its path parameters in order.
@@ -511,6 +516,8 @@ pub enum Reply {
     Capture(tokio::sync::mpsc::Receiver<bytes::Bytes>),
     /// The OpenAPI document.
     OpenApi,
+    /// One of the web page's embedded files.
+    Asset(&'static super::web::assets::Asset),
     /// A body that is not JSON, with its content type (`/metrics`).
     Text {
         content_type: &'static str,
@@ -705,6 +712,15 @@ pub async fn execute(lab: &Arc<Lab>, m: &Matched<'_>, input: Input) -> Result<Re
             content_type: crate::metrics::CONTENT_TYPE,
             body: crate::metrics::render(&lab.metrics().await).into_bytes(),
         }),
+        (Op::UiIndex, _) => Ok(Reply::Asset(&super::web::assets::INDEX)),
+        (Op::UiAsset, _) => match super::web::assets::find(m.name()) {
+            Some(a) => Ok(Reply::Asset(a)),
+            None => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no web asset {:?}", m.name()),
+            )),
+        },
         (op, input) => Err(ApiError::internal(format!(
             "{op:?} got the wrong input {input:?}"
         ))),
@@ -729,7 +745,6 @@ mod tests {
     #[test]
     fn bad_paths_are_no_route() {
         for p in [
-            "/",
             "",
             "/v1",
             "/v1/",
