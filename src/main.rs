@@ -58,6 +58,9 @@ enum Cmd {
         #[arg(long, default_value = "json")]
         format: ulan::api::web::graph::Format,
     },
+    /// The lab in a browser: prints a URL (with a secret token) that
+    /// serves the page and the API on a loopback TCP port, until Ctrl-C.
+    Web(cli::web::WebArgs),
     /// Live per-port frame and bit rates, drops, data-plane load and MAC
     /// table sizes (from GET /metrics); q or Ctrl-C quits.
     Top {
@@ -280,6 +283,7 @@ fn main() -> ExitCode {
             };
             cli::web::graph(&cli::client(&lab), format).await
         }),
+        Cmd::Web(a) => cli::block_on(async { cli::web::web(&cli::client(&lab), &a).await }),
         Cmd::Top { interval, once } => cli::block_on(async {
             let client = cli::client(&lab);
             cli::top::top(&client, interval, once, out == Output::Json).await

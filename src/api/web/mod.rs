@@ -2,5 +2,7 @@
 //! files, and the guards of the TCP listener `ulan web` opens.
 
 pub mod assets;
+pub mod console;
 pub mod graph;
 pub mod guard;
+pub mod listener;
