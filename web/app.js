@@ -146,15 +146,30 @@ function applyGraph(g) {
     state.first = false;
     cy.layout({ name: 'cose', animate: false, padding: 40, nodeRepulsion: () => 9000 }).run();
   } else {
-    // New things go next to what they connect to; what the user arranged stays.
+    // New things go to a free spot next to what they connect to; what the
+    // user arranged stays.
     const ext = cy.extent();
+    const placed = cy.nodes().filter((m) => !added.includes(m)).map((m) => m.position());
     for (const n of added) {
       const nb = n.neighborhood('node').filter((m) => !added.includes(m));
       const base = nb.nonempty() ? nb.first().position() : { x: (ext.x1 + ext.x2) / 2, y: (ext.y1 + ext.y2) / 2 };
-      n.position({ x: base.x + 80 + Math.random() * 60, y: base.y + (Math.random() - 0.5) * 120 });
+      n.position(freeSpot(base, placed));
+      placed.push(n.position());
     }
   }
   renderDetails();
+}
+
+// The first point on a spiral around `base` at least 120 px from every
+// point in `taken`.
+function freeSpot(base, taken) {
+  for (let i = 1; i < 400; i++) {
+    const a = i * 0.7;
+    const r = 60 + 12 * i;
+    const p = { x: base.x + r * Math.cos(a), y: base.y + r * Math.sin(a) };
+    if (taken.every((q) => Math.hypot(q.x - p.x, q.y - p.y) >= 120)) return p;
+  }
+  return { x: base.x + 150, y: base.y };
 }
 
 async function refresh() {
