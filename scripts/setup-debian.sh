@@ -17,7 +17,6 @@ packages=(
     tshark                       # reads captures back in the tests
     graphviz                     # dot parses ulan graph --format dot in the tests
     chromium chromium-driver     # the web page tests: headless Chromium over WebDriver
-    nodejs npm                   # scripts/vendor-web.sh only (npm pack of the pinned page libraries)
 )
 
 find_missing() {

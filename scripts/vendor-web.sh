@@ -2,7 +2,8 @@
 # Fetches the web page's JavaScript dependencies once, from the npm
 # registry, at exact versions, and copies their release files and licences
 # into web/vendor/. The result is committed: the build needs no network.
-# Run again only to change a version (then review the diff).
+# Run again only to change a version (then review the diff). Needs npm
+# (Debian: apt-get install npm); the build and the tests do not.
 set -eu
 CYTOSCAPE=3.35.0
 XTERM=6.0.0

@@ -488,3 +488,100 @@ fn browser_sees_builds_and_follows_the_lab() {
     b.screenshot(&shot);
     eprintln!("screenshot: {}", shot.display());
 }
+
+impl Browser {
+    /// Types `text` into whatever has the focus, as key presses; `\n` is
+    /// Enter.
+    fn keys(&self, text: &str) {
+        let mut acts = Vec::new();
+        for c in text.chars() {
+            let v = if c == '\n' {
+                "\u{E007}".to_string()
+            } else {
+                c.to_string()
+            };
+            acts.push(json!({"type": "keyDown", "value": v}));
+            acts.push(json!({"type": "keyUp", "value": v}));
+        }
+        self.call(
+            "POST",
+            "/actions",
+            Some(json!({"actions": [{"type": "key", "id": "kb", "actions": acts}]})),
+        );
+        self.call("DELETE", "/actions", None);
+    }
+
+    fn click_at(&self, p: (f64, f64)) {
+        let actions = json!({"actions": [{
+            "type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
+            "actions": [
+                {"type": "pointerMove", "duration": 0, "origin": "viewport",
+                 "x": p.0.round() as i64, "y": p.1.round() as i64},
+                {"type": "pointerDown", "button": 0},
+                {"type": "pointerUp", "button": 0},
+            ],
+        }]});
+        self.call("POST", "/actions", Some(actions));
+        self.call("DELETE", "/actions", None);
+    }
+
+    fn click_xpath(&self, xpath: &str) {
+        let v = self.call(
+            "POST",
+            "/element",
+            Some(json!({"using": "xpath", "value": xpath})),
+        );
+        let e = v[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {xpath}: {v}"))
+            .to_string();
+        self.call("POST", &format!("/element/{e}/click"), Some(json!({})));
+    }
+}
+
+/// The terminal's text, as xterm.js holds it.
+const TERM_TEXT: &str = "const t = window.ulan.term; if (!t) return ''; const b = t.buffer.active; \
+    let s = ''; for (let i = 0; i < b.length; i++) { const l = b.getLine(i); if (l) s += l.translateToString(true) + '\\n'; } return s;";
+
+#[test]
+fn browser_console_runs_a_command_in_a_guest() {
+    let test = "browser_console_runs_a_command_in_a_guest";
+    if skip_without_browser(test) || common::guests::skip_without_guests(test) {
+        return;
+    }
+    let g = common::guests::GuestLab::new("wc");
+    g.lab.add_lan("net").unwrap();
+    g.add(common::guests::GuestLab::spec("g1", &["net"]));
+    g.wait_running(&["g1"]);
+    let xdg = g.dir.path().join("xdg");
+    let (url, _stop) = serve(&g.rt, &g.lab, &xdg, "wc");
+    let b = Browser::start();
+    b.go(&url);
+    b.wait_js(
+        "the guest is drawn running",
+        "return window.ulan && window.ulan.cy.getElementById('node:g1').data('state') === 'running'",
+        WAIT,
+    );
+    // Click the node, then its Console button.
+    b.click("#btn-fit");
+    std::thread::sleep(Duration::from_millis(300));
+    b.click_at(b.at("node:g1"));
+    b.click_xpath("//aside[@id='details']//button[text()='Console']");
+    b.wait_js(
+        "the console's WebSocket opens",
+        "return window.ulan.state.ws && window.ulan.state.ws.readyState === 1",
+        WAIT,
+    );
+    // Enter first: a prompt, whatever the shell printed before.
+    b.keys("\necho $((6*7))web-$(uname -s)\n");
+    let text = b.wait_js(
+        "the guest's answer in the terminal",
+        &format!("const s = (() => {{ {TERM_TEXT} }})(); return s.includes('42web-Linux') && s"),
+        Duration::from_secs(60),
+    );
+    // The command line echoed back and its output: typed keys went to the
+    // guest, and what it printed came back.
+    let text = text.as_str().unwrap();
+    assert!(text.contains("echo $((6*7))web-$(uname -s)"), "{text}");
+    b.screenshot(&target_dir().join("web-console-screenshot.png"));
+}
