@@ -149,7 +149,7 @@ async fn token_host_and_origin_are_required() {
         "/v1/events",
         "/ws/console/n1",
     ] {
-        let r = w.raw("GET", path, &[host.clone()], "").await;
+        let r = w.raw("GET", path, std::slice::from_ref(&host), "").await;
         assert_eq!(
             (r.status, r.code().as_str()),
             (401, "token_required"),
@@ -177,7 +177,7 @@ async fn token_host_and_origin_are_required() {
         .raw(
             "GET",
             &format!("/v1/lans?token={wrong}"),
-            &[host.clone()],
+            std::slice::from_ref(&host),
             "",
         )
         .await;
@@ -185,7 +185,12 @@ async fn token_host_and_origin_are_required() {
 
     // The printed URL: 303 to / with the cookie, which then works alone.
     let r = w
-        .raw("GET", &format!("/?token={}", w.token), &[host.clone()], "")
+        .raw(
+            "GET",
+            &format!("/?token={}", w.token),
+            std::slice::from_ref(&host),
+            "",
+        )
         .await;
     assert_eq!(r.status, 303, "{}", r.head);
     assert_eq!(r.header("location").as_deref(), Some("/"));
@@ -219,7 +224,9 @@ async fn token_host_and_origin_are_required() {
             .await;
         assert_eq!((r.status, r.code().as_str()), (400, "bad_host"), "{bad}");
     }
-    let r = w.raw("GET", "/v1/lans", &[cookie.clone()], "").await;
+    let r = w
+        .raw("GET", "/v1/lans", std::slice::from_ref(&cookie), "")
+        .await;
     assert_eq!(r.code(), "bad_host", "no Host at all");
     let local = format!("host: localhost:{}", w.addr.port());
     assert_eq!(
