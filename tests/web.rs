@@ -637,7 +637,11 @@ async fn hostile_frames_end_only_their_viewer() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_viewer_that_never_reads_is_dropped_alone() {
+    // 2 MiB of queue: a reader that reads keeps up on a loaded machine;
+    // one that never reads overflows it (or blocks a send past the
+    // timeout, whichever comes first).
     let w = start(|c| {
+        c.viewer_queue = 512;
         c.viewer_send_timeout = Duration::from_secs(2);
     })
     .await;
