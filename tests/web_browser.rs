@@ -475,6 +475,46 @@ fn browser_sees_builds_and_follows_the_lab() {
     );
     assert!(err.as_str().unwrap().contains("already exists"), "{err}");
 
+    // Add a node through its dialog: the request is made, and the API's
+    // refusal (no such image) is shown in its words.
+    b.click("#btn-add-node");
+    b.type_into("#node-name", "n2");
+    b.type_into("#node-image", "no-such-image");
+    b.type_into("#node-nics", "red, web1");
+    b.click("#node-create");
+    let err = b.wait_js(
+        "the node dialog's error is shown",
+        "const e = document.getElementById('error'); return !e.classList.contains('hidden') && e.textContent.includes('no-such-image') && e.textContent",
+        WAIT,
+    );
+    assert!(lab.node("n2").is_err(), "a refused node was made: {err}");
+
+    // Save the running lab as a lab file, and read it back as `ulan up` does.
+    b.js("window.__saved = null; const orig = URL.createObjectURL; \
+          URL.createObjectURL = (blob) => { blob.text().then((t) => { window.__saved = t; }); return orig(blob); };");
+    b.click("#btn-save");
+    let saved = b.wait_js("the lab file is made", "return window.__saved", WAIT);
+    let file = dir.path().join("saved.json");
+    std::fs::write(&file, saved.as_str().unwrap()).unwrap();
+    let spec = ulan::labfile::load(&file).unwrap_or_else(|e| panic!("{e}: {saved}"));
+    for want in ["red", "blue", "web1", "from-cli"] {
+        assert!(
+            spec.lans.iter().any(|l| l == want),
+            "{want} not in {:?}",
+            spec.lans
+        );
+    }
+    let n1 = spec
+        .nodes
+        .iter()
+        .find(|n| n.name == "n1")
+        .expect("n1 saved");
+    assert_eq!(
+        n1.nics[1].lan.as_deref(),
+        Some("web1"),
+        "the dragged NIC's lan"
+    );
+
     // Live counters of a port in its panel.
     b.js("const cy = window.ulan.cy; cy.getElementById('port:p1').emit('tap');");
     b.wait_js(

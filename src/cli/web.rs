@@ -31,7 +31,11 @@ pub struct WebArgs {
 pub async fn web(client: &Client, args: &WebArgs) -> anyhow::Result<()> {
     use crate::api::web::listener::{WebConfig, WebServer};
     use std::io::Write;
-    // A clear error now rather than 502s in the browser later.
+    // Refuse the address before anything else; then a clear error now
+    // rather than 502s in the browser later.
+    if !args.allow_remote && !args.listen.ip().is_loopback() {
+        return Err(crate::api::web::listener::WebError::NotLoopback { addr: args.listen }.into());
+    }
     client.lab().await?;
     let mut config = WebConfig::new(
         args.listen,
