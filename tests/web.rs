@@ -666,3 +666,43 @@ async fn a_viewer_that_never_reads_is_dropped_alone() {
         "the stalled viewer is still attached"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_on_the_tcp_port_is_refused_and_harmless() {
+    let w = start(|_| {}).await;
+    let huge = format!(
+        "GET / HTTP/1.1\r\nhost: {}\r\nx: {}\r\n\r\n",
+        w.host(),
+        "a".repeat(200_000)
+    );
+    let cases: Vec<Vec<u8>> = vec![
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(), // a TLS hello
+        b"GARBAGE\r\n\r\n".to_vec(),
+        b"GET /../../etc/passwd HTTP/1.1\r\n\r\n".to_vec(),
+        huge.into_bytes(),
+        vec![0u8; 4096],
+    ];
+    for bytes in cases {
+        let mut s = TcpStream::connect(w.addr).await.unwrap();
+        let _ = s.write_all(&bytes).await;
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await;
+        let text = String::from_utf8_lossy(&buf);
+        // Whatever the answer, it is never the lab.
+        assert!(
+            !text.contains("\"lans\"") && !text.contains("<html"),
+            "{text}"
+        );
+    }
+    // Path tricks with a good token reach no file and no other route.
+    for path in [
+        "/ui/..%2f..%2fetc%2fpasswd",
+        "/ui/../../Cargo.toml",
+        "//v1/lans",
+        "/ws/console/../x",
+    ] {
+        let r = w.get(path).await;
+        assert_eq!(r.status / 100, 4, "{path}: {}", r.body);
+    }
+    assert_eq!(w.get("/v1/lab").await.status, 200);
+}

@@ -355,6 +355,43 @@ mod tests {
     }
 
     #[test]
+    fn random_headers_never_panic_or_pass() {
+        // xorshift: reproducible pseudo-random bytes.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let t = token();
+        let alphabet = b"[]:;=,. \t\"%/?&abcdefxyzULAN_token0123456789-\xff\x00";
+        for _ in 0..20_000 {
+            let mut field = |max: u64| {
+                let n = (next() % max) as usize;
+                (0..n)
+                    .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                    .collect::<Vec<u8>>()
+            };
+            let mut h = HeaderMap::new();
+            for name in [
+                "host",
+                "origin",
+                "cookie",
+                "authorization",
+                "sec-fetch-site",
+            ] {
+                if let Ok(v) = HeaderValue::from_bytes(&field(60)) {
+                    h.insert(name, v);
+                }
+            }
+            let q = String::from_utf8_lossy(&field(80)).to_string();
+            // Random bytes never hold the 64-digit token.
+            assert!(check(&h, Some(&q), &hosts(), &t).is_err());
+        }
+    }
+
+    #[test]
     fn cookie_is_strict_and_http_only() {
         let c = set_cookie(&token());
         assert!(
