@@ -515,6 +515,28 @@ fn browser_sees_builds_and_follows_the_lab() {
         "the dragged NIC's lan"
     );
 
+    // A lan's MAC table in its panel.
+    b.js("window.ulan.cy.getElementById('lan:red').emit('tap');");
+    b.wait_js(
+        "the MAC table is shown",
+        "const f = document.getElementById('fdb'); return f && f.textContent.startsWith('MAC table') && f.querySelector('table') !== null",
+        WAIT,
+    );
+
+    // Remove a plain port from its panel.
+    b.js("window.ulan.cy.getElementById('port:p3').emit('tap');");
+    b.click_xpath("//aside[@id='details']//button[text()='Remove']");
+    let deadline = Instant::now() + WAIT;
+    while lab.port("p3").is_ok() {
+        assert!(Instant::now() < deadline, "Remove did not remove p3");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    b.wait_js(
+        "p3 is gone from the graph",
+        "return window.ulan.cy.getElementById('port:p3').empty()",
+        WAIT,
+    );
+
     // Live counters of a port in its panel.
     b.js("const cy = window.ulan.cy; cy.getElementById('port:p1').emit('tap');");
     b.wait_js(

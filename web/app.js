@@ -14,6 +14,7 @@ const state = {
   errTimer: null,
   term: null,
   ws: null,
+  panelKey: null,
 };
 
 // One API call. Errors carry the API's message and code.
@@ -205,8 +206,8 @@ function connectEvents() {
 
 // ---- selection and the details panel ----
 
-cy.on('tap', 'node, edge', (ev) => { state.selected = ev.target.id(); renderDetails(); });
-cy.on('tap', (ev) => { if (ev.target === cy) { state.selected = null; renderDetails(); } });
+cy.on('tap', 'node, edge', (ev) => { state.selected = ev.target.id(); renderDetails(true); });
+cy.on('tap', (ev) => { if (ev.target === cy) { state.selected = null; renderDetails(true); } });
 
 // Drop a node or a plain port on a lan: connect it (a node's first NIC on
 // no lan; a plain port moves).
@@ -272,7 +273,18 @@ function portOf(name) {
   return state.graph.edges.find((e) => e.port === name);
 }
 
-function renderDetails() {
+// What the panel shows depends on: the selection, the graph, the running
+// captures. Redrawn only when one of them changed, so a refresh does not
+// wipe what someone is typing in the panel.
+function panelKey() {
+  const caps = state.captures.filter((c) => c.state === 'running').map((c) => c.id);
+  return JSON.stringify([state.selected, state.graph, caps]);
+}
+
+function renderDetails(force) {
+  const key = panelKey();
+  if (!force && key === state.panelKey) return;
+  state.panelKey = key;
   clearInterval(state.statsTimer);
   const d = $('details');
   const id = state.selected;

@@ -320,13 +320,22 @@ async fn relay(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<WebBody>, A
         .headers
         .insert(header::HOST, HeaderValue::from_static("ulan"));
     // Only the path and query go on (the request line of a proxy
-    // request may hold a whole URL).
-    let pq = parts
+    // request may hold a whole URL), without the token.
+    let path = parts.uri.path();
+    let kept: Vec<&str> = parts
         .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter(|kv| !kv.starts_with("token="))
+                .collect()
+        })
+        .unwrap_or_default();
+    let pq = if kept.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    };
     parts.uri = pq
         .parse()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("{e}")))?;
