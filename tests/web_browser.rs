@@ -67,7 +67,7 @@ struct Browser {
     driver: Child,
     port: u16,
     session: String,
-    _profile: tempfile::TempDir,
+    profile: tempfile::TempDir,
 }
 
 /// One WebDriver call: a JSON request, the `value` of the answer.
@@ -132,27 +132,27 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting chromedriver");
+        // Made first, so that chromedriver is killed whatever fails next.
+        let mut b = Browser {
+            driver,
+            port,
+            session: String::new(),
+            profile: tempfile::tempdir().unwrap(),
+        };
         let deadline = Instant::now() + WAIT;
         while wd(port, "GET", "/status", None).map_or(true, |v| v["ready"] != true) {
             assert!(Instant::now() < deadline, "chromedriver never got ready");
             std::thread::sleep(Duration::from_millis(100));
         }
-        let profile = tempfile::tempdir().unwrap();
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": "/usr/bin/chromium",
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                          "--disable-dev-shm-usage", "--window-size=1280,800",
-                         format!("--user-data-dir={}", profile.path().display())],
+                         format!("--user-data-dir={}", b.profile.path().display())],
             },
         }}});
-        let mut b = Browser {
-            driver,
-            port,
-            session: String::new(),
-            _profile: profile,
-        };
         let v = wd(port, "POST", "/session", Some(&caps)).expect("a browser session");
         b.session = v["sessionId"].as_str().unwrap().to_string();
         b
