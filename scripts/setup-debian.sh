@@ -15,6 +15,8 @@ packages=(
     socat curl                   # the README's examples
     dpdk dpdk-dev                # dpdk-testpmd (in dpdk-dev on Debian 12): the vhost-user reference backend
     tshark                       # reads captures back in the tests
+    graphviz                     # dot parses ulan graph --format dot in the tests
+    chromium chromium-driver     # the web page tests: headless Chromium over WebDriver
 )
 
 find_missing() {

@@ -52,6 +52,15 @@ enum Cmd {
     Fdb { lan: String },
     /// Follow topology changes, port up/down and node states as they happen.
     Events,
+    /// The lab as a graph (lans, nodes, ports, links) for docs and tools.
+    Graph {
+        /// json, dot (Graphviz) or mermaid; --json means json.
+        #[arg(long, default_value = "json")]
+        format: ulan::api::web::graph::Format,
+    },
+    /// The lab in a browser: prints a URL (with a secret token) that
+    /// serves the page and the API on a loopback TCP port, until Ctrl-C.
+    Web(cli::web::WebArgs),
     /// Live per-port frame and bit rates, drops, data-plane load and MAC
     /// table sizes (from GET /metrics); q or Ctrl-C quits.
     Top {
@@ -289,6 +298,15 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => {
             cli::block_on(async { cli::bench::bench(&cli::client(&lab), &a, out).await })
         }
+        Cmd::Graph { format } => cli::block_on(async {
+            let format = if out == Output::Json {
+                ulan::api::web::graph::Format::Json
+            } else {
+                format
+            };
+            cli::web::graph(&cli::client(&lab), format).await
+        }),
+        Cmd::Web(a) => cli::block_on(async { cli::web::web(&cli::client(&lab), &a).await }),
         Cmd::Top { interval, once } => cli::block_on(async {
             let client = cli::client(&lab);
             cli::top::top(&client, interval, once, out == Output::Json).await

@@ -457,10 +457,17 @@ async fn routes_match_the_openapi_document() {
             .replace("{lan}", "ghost")
             .replace("{port}", "ghost")
             .replace("{node}", "ghost")
-            .replace("{capture}", "ghost");
+            .replace("{capture}", "ghost")
+            .replace("{asset}", "ghost");
         if r.path == "/v1/events" {
             let mut events = api.client.events().await.unwrap();
             assert_eq!(next_event(&mut events).await.event, "hello");
+            continue;
+        }
+        if r.path == "/" {
+            let r = api.http("GET", "/", None, b"").await;
+            assert_eq!(r.status, 200);
+            assert!(r.header("content-type").unwrap().starts_with("text/html"));
             continue;
         }
         if r.path == "/metrics" {
@@ -901,7 +908,9 @@ async fn hostile_requests_change_nothing() {
         ("GET", "/v1/ports/nope/stats", 404, "not_found"),
         ("GET", "/v1/lans/nope/fdb", 404, "not_found"),
         ("GET", "/v1/nothing", 404, "no_route"),
-        ("GET", "/", 404, "no_route"),
+        ("GET", "/ui/../app.js", 404, "no_route"),
+        ("GET", "/ui/nothing.js", 404, "not_found"),
+        ("POST", "/", 405, "method_not_allowed"),
         ("GET", "/v1/lans/", 404, "no_route"),
         ("GET", "/v1/lans/l1/", 404, "no_route"),
         ("GET", "/v1/lans/L1", 404, "no_route"),

@@ -584,6 +584,11 @@ impl Client {
         self.get("/v1/lab/spec").await
     }
 
+    /// The running lab as a graph (what `ulan graph` renders).
+    pub async fn graph(&self) -> Result<crate::api::web::graph::Graph, ClientError> {
+        self.get("/v1/lab/graph").await
+    }
+
     /// The OpenAPI document the daemon serves.
     pub async fn openapi(&self) -> Result<Value, ClientError> {
         self.call(Method::GET, "/v1/openapi.json", None).await

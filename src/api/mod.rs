@@ -15,6 +15,7 @@ pub mod client;
 pub mod error;
 pub mod routes;
 pub mod server;
+pub mod web;
 
 pub use client::{ByteStream, Client, ClientError, EventStream, SseEvent};
 pub use error::ApiError;

@@ -52,9 +52,12 @@ pub enum Op {
     ExecNode,
     CommitNode,
     GetLabSpec,
+    GetLabGraph,
     Events,
     OpenApi,
     Metrics,
+    UiIndex,
+    UiAsset,
 }
 
 impl Op {
@@ -124,9 +127,13 @@ pub const ROUTES: &[Route] = &[
     route("POST", "/v1/nodes/{node}/exec", Op::ExecNode),
     route("POST", "/v1/nodes/{node}/commit", Op::CommitNode),
     route("GET", "/v1/lab/spec", Op::GetLabSpec),
+    route("GET", "/v1/lab/graph", Op::GetLabGraph),
     route("GET", "/v1/events", Op::Events),
     route("GET", "/v1/openapi.json", Op::OpenApi),
     route("GET", "/metrics", Op::Metrics),
+    // The web page (see `api::web`).
+    route("GET", "/", Op::UiIndex),
+    route("GET", "/ui/{asset}", Op::UiAsset),
 ];
 
 /// A request matched to a route, with its path parameters in order.
@@ -509,6 +516,8 @@ pub enum Reply {
     Capture(tokio::sync::mpsc::Receiver<bytes::Bytes>),
     /// The OpenAPI document.
     OpenApi,
+    /// One of the web page's embedded files.
+    Asset(&'static super::web::assets::Asset),
     /// A body that is not JSON, with its content type (`/metrics`).
     Text {
         content_type: &'static str,
@@ -693,12 +702,25 @@ pub async fn execute(lab: &Arc<Lab>, m: &Matched<'_>, input: Input) -> Result<Re
             json(StatusCode::CREATED, &img.view())
         }
         (Op::GetLabSpec, _) => json(ok, &lab_spec_body(&lab.spec())?),
+        (Op::GetLabGraph, _) => json(
+            ok,
+            &super::web::graph::build(&lab.info().name, &lab.lans(), &lab.ports(), &lab.nodes()),
+        ),
         (Op::Events, _) => Ok(Reply::Events),
         (Op::OpenApi, _) => Ok(Reply::OpenApi),
         (Op::Metrics, _) => Ok(Reply::Text {
             content_type: crate::metrics::CONTENT_TYPE,
             body: crate::metrics::render(&lab.metrics().await).into_bytes(),
         }),
+        (Op::UiIndex, _) => Ok(Reply::Asset(&super::web::assets::INDEX)),
+        (Op::UiAsset, _) => match super::web::assets::find(m.name()) {
+            Some(a) => Ok(Reply::Asset(a)),
+            None => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no web asset {:?}", m.name()),
+            )),
+        },
         (op, input) => Err(ApiError::internal(format!(
             "{op:?} got the wrong input {input:?}"
         ))),
@@ -723,7 +745,6 @@ mod tests {
     #[test]
     fn bad_paths_are_no_route() {
         for p in [
-            "/",
             "",
             "/v1",
             "/v1/",

@@ -476,6 +476,15 @@ async fn respond(
             set(&mut resp, header::CONTENT_TYPE, "application/json");
             resp
         }
+        Reply::Asset(asset) => {
+            let mut resp = Response::new(Full::new(Bytes::from_static(asset.body)).boxed_unsync());
+            set(&mut resp, header::CONTENT_TYPE, asset.content_type);
+            for (name, value) in super::web::assets::SECURITY_HEADERS {
+                resp.headers_mut()
+                    .insert(*name, HeaderValue::from_static(value));
+            }
+            resp
+        }
         Reply::Text { content_type, body } => {
             let mut resp = Response::new(full(body));
             set(&mut resp, header::CONTENT_TYPE, content_type);

@@ -16,6 +16,7 @@ pub mod instruments;
 pub mod labctl;
 pub mod nodes;
 pub mod top;
+pub mod web;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {

@@ -1,0 +1,649 @@
+//! The page in a real browser: headless Chromium driven by chromedriver
+//! over the WebDriver protocol (a small JSON client below), against a
+//! real lab served by `ulan web`'s listener. It sees the lab, adds a lan
+//! through the dialog, connects a node's NIC by dragging the node onto
+//! the lan, follows a change made by the CLI, and (with QEMU) runs a
+//! command in a real guest's console in the page. The topology screenshot
+//! lands in target/web-screenshot.png.
+//!
+//! Without chromium and chromedriver the tests skip loudly; under CI=true
+//! they fail.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use ulan::api;
+use ulan::api::web::listener::{WebConfig, WebServer};
+use ulan::lab::{Lab, LabConfig};
+use ulan::ports::PortKind;
+
+const WAIT: Duration = Duration::from_secs(30);
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// Why the browser cannot run here, if it cannot.
+fn browser_missing() -> Option<String> {
+    for (bin, pkg) in [
+        ("chromium", "chromium"),
+        ("chromedriver", "chromium-driver"),
+    ] {
+        let ok = Command::new(bin)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Some(format!("{bin} is not installed (apt-get install {pkg})"));
+        }
+    }
+    None
+}
+
+fn skip_without_browser(test: &str) -> bool {
+    match browser_missing() {
+        None => false,
+        Some(why) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{test}: the browser cannot run under CI: {why}"
+            );
+            ulan::testkit::skipped(format_args!("{test}: {why}"));
+            true
+        }
+    }
+}
+
+/// chromedriver and one browser session; both end when dropped.
+struct Browser {
+    driver: Child,
+    port: u16,
+    session: String,
+    profile: tempfile::TempDir,
+}
+
+/// One WebDriver call: a JSON request, the `value` of the answer.
+fn wd(port: u16, method: &str, path: &str, body: Option<&Value>) -> Result<Value, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    // chromedriver keeps the connection open whatever the request says:
+    // read the header, then Content-Length bytes (it never chunks).
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let header_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("chromedriver closed without an answer".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .ok_or_else(|| format!("no Content-Length in {head}"))?;
+    while buf.len() < header_end + len {
+        let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("chromedriver closed mid-answer".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[header_end..header_end + len]).to_string();
+    let v: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {head} {body}"))?;
+    if head.starts_with("HTTP/1.1 200") {
+        Ok(v["value"].clone())
+    } else {
+        Err(format!("{method} {path}: {}", v["value"]))
+    }
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting chromedriver");
+        // Made first, so that chromedriver is killed whatever fails next.
+        let mut b = Browser {
+            driver,
+            port,
+            session: String::new(),
+            profile: tempfile::tempdir().unwrap(),
+        };
+        let deadline = Instant::now() + WAIT;
+        while wd(port, "GET", "/status", None).map_or(true, |v| v["ready"] != true) {
+            assert!(Instant::now() < deadline, "chromedriver never got ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1280,800",
+                         format!("--user-data-dir={}", b.profile.path().display())],
+            },
+        }}});
+        let v = wd(port, "POST", "/session", Some(&caps)).expect("a browser session");
+        b.session = v["sessionId"].as_str().unwrap().to_string();
+        b
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let p = format!("/session/{}{path}", self.session);
+        wd(self.port, method, &p, body.as_ref()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn go(&self, url: &str) {
+        self.call("POST", "/url", Some(json!({ "url": url })));
+    }
+
+    fn js(&self, script: &str) -> Value {
+        self.call(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
+    }
+
+    /// Polls `script` until it returns something truthy; returns that.
+    fn wait_js(&self, what: &str, script: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.js(script);
+            let truthy =
+                !matches!(&v, Value::Null | Value::Bool(false)) && v != json!(0) && v != json!("");
+            if truthy {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {within:?} (last {v})"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn find(&self, css: &str) -> String {
+        let v = self.call(
+            "POST",
+            "/element",
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        v[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {v}"))
+            .to_string()
+    }
+
+    fn click(&self, css: &str) {
+        let e = self.find(css);
+        self.call("POST", &format!("/element/{e}/click"), Some(json!({})));
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let e = self.find(css);
+        self.call(
+            "POST",
+            &format!("/element/{e}/value"),
+            Some(json!({ "text": text })),
+        );
+    }
+
+    /// Presses the mouse at `from`, moves to `to` in steps, releases.
+    fn drag(&self, from: (f64, f64), to: (f64, f64)) {
+        let mid = ((from.0 + to.0) / 2.0, (from.1 + to.1) / 2.0);
+        let at = |p: (f64, f64), ms: u64| {
+            json!({"type": "pointerMove", "duration": ms, "origin": "viewport",
+                   "x": p.0.round() as i64, "y": p.1.round() as i64})
+        };
+        let actions = json!({"actions": [{
+            "type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
+            "actions": [
+                at(from, 0),
+                {"type": "pointerDown", "button": 0},
+                {"type": "pause", "duration": 150},
+                at(mid, 250),
+                at(to, 250),
+                {"type": "pause", "duration": 150},
+                {"type": "pointerUp", "button": 0},
+            ],
+        }]});
+        self.call("POST", "/actions", Some(actions));
+        self.call("DELETE", "/actions", None);
+    }
+
+    /// Viewport coordinates of a graph element's centre.
+    fn at(&self, id: &str) -> (f64, f64) {
+        let v = self.js(&format!(
+            "const cy = window.ulan.cy; const r = cy.container().getBoundingClientRect();\
+             const p = cy.getElementById('{id}').renderedPosition(); return [r.left + p.x, r.top + p.y];"
+        ));
+        (v[0].as_f64().unwrap(), v[1].as_f64().unwrap())
+    }
+
+    fn screenshot(&self, path: &Path) {
+        let b64 = self.call("GET", "/screenshot", None);
+        let png = base64_decode(b64.as_str().unwrap());
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        std::fs::write(path, png).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = wd(
+                self.port,
+                "DELETE",
+                &format!("/session/{}", self.session),
+                None,
+            );
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for v in s.bytes().filter_map(val) {
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+fn target_dir() -> PathBuf {
+    // CARGO_TARGET_TMPDIR is <target>/tmp.
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The API on `<xdg>/ulan/<lab>/api.sock` (where the CLI looks, with
+/// XDG_RUNTIME_DIR=<xdg>) and `ulan web`'s listener in front of it.
+fn serve(
+    rt: &tokio::runtime::Runtime,
+    lab: &Arc<Lab>,
+    xdg: &Path,
+    name: &str,
+) -> (String, tokio::sync::watch::Sender<bool>) {
+    let run = xdg.join("ulan").join(name);
+    std::fs::create_dir_all(&run).unwrap();
+    let sock = run.join("api.sock");
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let url = rt.block_on(async {
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        tokio::spawn(api::serve(listener, lab.clone(), rx.clone()));
+        let server = WebServer::bind(WebConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            sock.clone(),
+            name,
+        ))
+        .await
+        .unwrap();
+        let url = server.url();
+        tokio::spawn(server.serve(rx));
+        url
+    });
+    (url, stop)
+}
+
+fn ids_script() -> &'static str {
+    "return window.ulan && window.ulan.cy.elements().map(e => e.id()).sort().join(' ')"
+}
+
+#[test]
+fn browser_sees_builds_and_follows_the_lab() {
+    if skip_without_browser("browser_sees_builds_and_follows_the_lab") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = LabConfig::new("w", &dir.path().join("run"));
+    config.nodes.images_dir = dir.path().join("images");
+    config.nodes.data_dir = dir.path().join("data");
+    let lab = rt.block_on(async { Lab::start(config) }).unwrap();
+    lab.add_lan("red").unwrap();
+    lab.add_lan("blue").unwrap();
+    lab.add_port("p1", PortKind::Dgram, Some("red")).unwrap();
+    lab.add_port("p2", PortKind::Stream, Some("blue")).unwrap();
+    lab.add_port("p3", PortKind::Dgram, None).unwrap();
+    // A node whose "kernel" is a script: it runs, with one NIC on red and
+    // one on no lan.
+    let script = dir.path().join("emulator");
+    std::fs::write(&script, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let initrd = dir.path().join("initrd");
+    std::fs::write(&initrd, b"not really an initrd").unwrap();
+    let spec = serde_json::from_value(json!({
+        "name": "n1", "kind": "uml",
+        "binary": script.display().to_string(),
+        "initrd": initrd.display().to_string(),
+        "nics": [{"lan": "red"}, {"lan": null}],
+    }))
+    .unwrap();
+    rt.block_on(lab.add_node(spec)).unwrap();
+    let free_nic = lab.node("n1").unwrap().nics[1].port.clone();
+
+    let xdg = dir.path().join("xdg");
+    let (url, _stop) = serve(&rt, &lab, &xdg, "w");
+    let b = Browser::start();
+    b.go(&url);
+
+    // The lab as it is: every lan, node, plain port and link.
+    let want = "edge:n1-eth0 edge:p1 edge:p2 lan:blue lan:red node:n1 port:p1 port:p2 port:p3";
+    let want = want.replace("n1-eth0", &lab.node("n1").unwrap().nics[0].port);
+    let mut want: Vec<&str> = want.split(' ').collect();
+    want.sort();
+    let want = want.join(" ");
+    b.wait_js(
+        "the page shows the lab",
+        &format!("{} === '{want}'", ids_script()),
+        WAIT,
+    );
+    // The token left the address bar for a cookie.
+    let here = b.call("GET", "/url", None);
+    assert!(!here.as_str().unwrap().contains("token="), "{here}");
+    b.wait_js(
+        "the event stream is live",
+        "return document.getElementById('status').textContent === 'live'",
+        WAIT,
+    );
+    let state = b.js("return window.ulan.cy.getElementById('node:n1').data('state')");
+    assert_eq!(state, "running");
+
+    // Add a lan through the dialog.
+    b.click("#btn-add-lan");
+    b.type_into("#lan-name", "web1");
+    b.click("#lan-create");
+    let deadline = Instant::now() + WAIT;
+    while !lab.lans().iter().any(|l| l.name == "web1") {
+        assert!(Instant::now() < deadline, "the dialog did not add the lan");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    b.wait_js(
+        "the new lan is drawn",
+        "return !window.ulan.cy.getElementById('lan:web1').empty()",
+        WAIT,
+    );
+
+    // Connect n1's free NIC by dragging n1 onto web1.
+    b.click("#btn-fit");
+    std::thread::sleep(Duration::from_millis(300));
+    let from = b.at("node:n1");
+    let to = b.at("lan:web1");
+    b.drag(from, to);
+    let deadline = Instant::now() + WAIT;
+    while lab.port(&free_nic).unwrap().lan.as_deref() != Some("web1") {
+        let err = b.js("return document.getElementById('error').textContent");
+        assert!(
+            Instant::now() < deadline,
+            "dragging n1 onto web1 did not connect {free_nic} (from {from:?} to {to:?}; page says {err})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    b.wait_js(
+        "the new link is drawn",
+        &format!(
+            "return window.ulan.cy.getElementById('edge:{free_nic}').data('target') === 'lan:web1'"
+        ),
+        WAIT,
+    );
+
+    // A change made by the CLI shows within a second, without a reload.
+    let out = Command::new(env!("CARGO_BIN_EXE_ulan"))
+        .args(["--lab", "w", "lan", "add", "from-cli"])
+        .env("XDG_RUNTIME_DIR", &xdg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t0 = Instant::now();
+    b.wait_js(
+        "the CLI's lan is drawn",
+        "return !window.ulan.cy.getElementById('lan:from-cli').empty()",
+        Duration::from_secs(5),
+    );
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the CLI's change took {took:?}"
+    );
+
+    // An API error is shown as the API words it.
+    b.click("#btn-add-lan");
+    b.type_into("#lan-name", "red");
+    b.click("#lan-create");
+    let err = b.wait_js(
+        "the API's error is shown",
+        "const e = document.getElementById('error'); return !e.classList.contains('hidden') && e.textContent",
+        WAIT,
+    );
+    assert!(err.as_str().unwrap().contains("already exists"), "{err}");
+
+    // Add a node through its dialog: the request is made, and the API's
+    // refusal (no such image) is shown in its words.
+    b.click("#btn-add-node");
+    b.type_into("#node-name", "n2");
+    b.type_into("#node-image", "no-such-image");
+    b.type_into("#node-nics", "red, web1");
+    b.click("#node-create");
+    let err = b.wait_js(
+        "the node dialog's error is shown",
+        "const e = document.getElementById('error'); return !e.classList.contains('hidden') && e.textContent.includes('no-such-image') && e.textContent",
+        WAIT,
+    );
+    assert!(lab.node("n2").is_err(), "a refused node was made: {err}");
+
+    // Save the running lab as a lab file, and read it back as `ulan up` does.
+    b.js("window.__saved = null; const orig = URL.createObjectURL; \
+          URL.createObjectURL = (blob) => { blob.text().then((t) => { window.__saved = t; }); return orig(blob); };");
+    b.click("#btn-save");
+    let saved = b.wait_js("the lab file is made", "return window.__saved", WAIT);
+    let file = dir.path().join("saved.json");
+    std::fs::write(&file, saved.as_str().unwrap()).unwrap();
+    let spec = ulan::labfile::load(&file).unwrap_or_else(|e| panic!("{e}: {saved}"));
+    for want in ["red", "blue", "web1", "from-cli"] {
+        assert!(
+            spec.lans.iter().any(|l| l == want),
+            "{want} not in {:?}",
+            spec.lans
+        );
+    }
+    let n1 = spec
+        .nodes
+        .iter()
+        .find(|n| n.name == "n1")
+        .expect("n1 saved");
+    assert_eq!(
+        n1.nics[1].lan.as_deref(),
+        Some("web1"),
+        "the dragged NIC's lan"
+    );
+
+    // A lan's MAC table in its panel.
+    b.js("window.ulan.cy.getElementById('lan:red').emit('tap');");
+    b.wait_js(
+        "the MAC table is shown",
+        "const f = document.getElementById('fdb'); return f && f.textContent.startsWith('MAC table') && f.querySelector('table') !== null",
+        WAIT,
+    );
+
+    // Remove a plain port from its panel.
+    b.js("window.ulan.cy.getElementById('port:p3').emit('tap');");
+    b.click_xpath("//aside[@id='details']//button[text()='Remove']");
+    let deadline = Instant::now() + WAIT;
+    while lab.port("p3").is_ok() {
+        assert!(Instant::now() < deadline, "Remove did not remove p3");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    b.wait_js(
+        "p3 is gone from the graph",
+        "return window.ulan.cy.getElementById('port:p3').empty()",
+        WAIT,
+    );
+
+    // Live counters of a port in its panel.
+    b.js("const cy = window.ulan.cy; cy.getElementById('port:p1').emit('tap');");
+    b.wait_js(
+        "port counters are shown",
+        "const s = document.getElementById('port-stats'); return s && s.textContent.includes('frames')",
+        WAIT,
+    );
+    b.js("window.ulan.cy.elements().unselect(); window.ulan.state.selected = null; document.getElementById('btn-fit').click();");
+    std::thread::sleep(Duration::from_millis(300));
+    let shot = target_dir().join("web-screenshot.png");
+    b.screenshot(&shot);
+    eprintln!("screenshot: {}", shot.display());
+}
+
+impl Browser {
+    /// Types `text` into whatever has the focus, as key presses; `\n` is
+    /// Enter.
+    fn keys(&self, text: &str) {
+        let mut acts = Vec::new();
+        for c in text.chars() {
+            let v = if c == '\n' {
+                "\u{E007}".to_string()
+            } else {
+                c.to_string()
+            };
+            acts.push(json!({"type": "keyDown", "value": v}));
+            acts.push(json!({"type": "keyUp", "value": v}));
+        }
+        self.call(
+            "POST",
+            "/actions",
+            Some(json!({"actions": [{"type": "key", "id": "kb", "actions": acts}]})),
+        );
+        self.call("DELETE", "/actions", None);
+    }
+
+    fn click_at(&self, p: (f64, f64)) {
+        let actions = json!({"actions": [{
+            "type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
+            "actions": [
+                {"type": "pointerMove", "duration": 0, "origin": "viewport",
+                 "x": p.0.round() as i64, "y": p.1.round() as i64},
+                {"type": "pointerDown", "button": 0},
+                {"type": "pointerUp", "button": 0},
+            ],
+        }]});
+        self.call("POST", "/actions", Some(actions));
+        self.call("DELETE", "/actions", None);
+    }
+
+    fn click_xpath(&self, xpath: &str) {
+        let v = self.call(
+            "POST",
+            "/element",
+            Some(json!({"using": "xpath", "value": xpath})),
+        );
+        let e = v[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {xpath}: {v}"))
+            .to_string();
+        self.call("POST", &format!("/element/{e}/click"), Some(json!({})));
+    }
+}
+
+/// The terminal's text, as xterm.js holds it.
+const TERM_TEXT: &str = "const t = window.ulan.term; if (!t) return ''; const b = t.buffer.active; \
+    let s = ''; for (let i = 0; i < b.length; i++) { const l = b.getLine(i); if (l) s += l.translateToString(true) + '\\n'; } return s;";
+
+#[test]
+fn browser_console_runs_a_command_in_a_guest() {
+    let test = "browser_console_runs_a_command_in_a_guest";
+    if skip_without_browser(test) || common::guests::skip_without_guests(test) {
+        return;
+    }
+    let g = common::guests::GuestLab::new("wc");
+    g.lab.add_lan("net").unwrap();
+    g.add(common::guests::GuestLab::spec("g1", &["net"]));
+    g.wait_running(&["g1"]);
+    let xdg = g.dir.path().join("xdg");
+    let (url, _stop) = serve(&g.rt, &g.lab, &xdg, "wc");
+    let b = Browser::start();
+    b.go(&url);
+    b.wait_js(
+        "the guest is drawn running",
+        "return window.ulan && window.ulan.cy.getElementById('node:g1').data('state') === 'running'",
+        WAIT,
+    );
+    // Click the node, then its Console button.
+    b.click("#btn-fit");
+    std::thread::sleep(Duration::from_millis(300));
+    b.click_at(b.at("node:g1"));
+    b.click_xpath("//aside[@id='details']//button[text()='Console']");
+    b.wait_js(
+        "the console's WebSocket opens",
+        "return window.ulan.state.ws && window.ulan.state.ws.readyState === 1",
+        WAIT,
+    );
+    // Enter first: a prompt, whatever the shell printed before.
+    b.keys("\necho $((6*7))web-$(uname -s)\n");
+    let text = b.wait_js(
+        "the guest's answer in the terminal",
+        &format!("const s = (() => {{ {TERM_TEXT} }})(); return s.includes('42web-Linux') && s"),
+        Duration::from_secs(60),
+    );
+    // The command line echoed back and its output: typed keys went to the
+    // guest, and what it printed came back.
+    let text = text.as_str().unwrap();
+    assert!(text.contains("echo $((6*7))web-$(uname -s)"), "{text}");
+    b.screenshot(&target_dir().join("web-console-screenshot.png"));
+}
