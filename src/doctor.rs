@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::vmlaunch::accel::{self, KvmStatus, KVM_PVM_MODULE};
+use crate::vmlaunch::qemu::accel::{self, KvmStatus, KVM_PVM_MODULE};
 use crate::vmlaunch::uml::{self, find_in_path, UmlStatus};
 
 /// QEMU's `-netdev stream` and `-netdev dgram` arrived in 7.2.
