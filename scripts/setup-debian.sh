@@ -15,6 +15,9 @@ packages=(
     socat curl                   # the README's examples
     dpdk dpdk-dev                # dpdk-testpmd (in dpdk-dev on Debian 12): the vhost-user reference backend
     tshark                       # reads captures back in the tests
+    crun                         # container nodes: the OCI runtime (rootless)
+    uidmap                       # newuidmap/newgidmap: container nodes map /etc/subuid ranges
+    btrfs-progs                  # mkfs.btrfs: the container Btrfs snapshot tests
 )
 
 find_missing() {

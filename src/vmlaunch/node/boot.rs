@@ -21,6 +21,8 @@ pub(super) struct BootPlan {
     pub(super) agent: bool,
     /// The built-in image's init configures the guest from the cmdline.
     pub(super) builtin: bool,
+    /// A container node: its root filesystem and command.
+    pub(super) container: Option<crate::vmlaunch::container::ContainerPlan>,
 }
 
 pub(super) fn existing_file(what: &'static str, path: &Path) -> Result<PathBuf, NodeError> {
@@ -120,7 +122,23 @@ pub(super) fn resolve_boot(spec: &NodeSpec, store: &ImageStore) -> Result<BootPl
         image_append: None,
         agent: false,
         builtin: false,
+        container: None,
     };
+    if spec.kind == NodeKind::Container {
+        use crate::vmlaunch::container;
+        container::find_crun()?;
+        if container::find_tool("nsenter").is_none() {
+            return Err(container::ContainerError::NoTool {
+                tool: "nsenter",
+                package: "util-linux",
+            }
+            .into());
+        }
+        plan.container = Some(container::resolve(spec, store)?);
+        // Exec works in every container (crun exec), no agent needed.
+        plan.agent = true;
+        return Ok(plan);
+    }
     match (&spec.image, spec.kind) {
         (None, NodeKind::Qemu) if spec.uses_builtin_image() => {
             let img = store.get(image::BUILTIN)?;
@@ -250,6 +268,8 @@ pub(super) fn overlay_path(spec: &NodeSpec, dir: &Path, cfg: &NodeConfig) -> Pat
     let file = match spec.kind {
         NodeKind::Qemu => "disk.qcow2",
         NodeKind::Uml => "disk.cow",
+        // The overlay's upper and work dirs live in this one.
+        NodeKind::Container => "layer",
     };
     if spec.persistent {
         cfg.data_dir.join(&spec.name).join(file)

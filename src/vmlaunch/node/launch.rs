@@ -123,12 +123,31 @@ impl Lab {
                 let argv = argv.into_iter().skip(1).collect();
                 (binary, argv, None)
             }
+            NodeKind::Container => {
+                let plan = plan.container.as_ref().ok_or_else(|| NodeError::Files {
+                    node: name.into(),
+                    message: "container node without a container plan".into(),
+                })?;
+                let holder = self.prepare_container(&spec, plan, &dir, &cfg)?;
+                let exe = std::env::current_exe().map_err(|e| NodeError::Files {
+                    node: name.into(),
+                    message: format!("cannot find the ulan binary for the holder: {e}"),
+                })?;
+                accel_warning = crate::vmlaunch::container::limits::warning();
+                (exe, vec!["container-holder".into(), holder.into()], None)
+            }
         };
-        let log =
-            crate::daemon::open_run_file_append(&paths.log).map_err(|e| NodeError::Files {
-                node: name.into(),
-                message: format!("{}: {e}", paths.log.display()),
-            })?;
+        // A container's own output and crun's are its console log, and
+        // explain how it ended.
+        let log_path = if spec.kind == NodeKind::Container {
+            &paths.console_log
+        } else {
+            &paths.log
+        };
+        let log = crate::daemon::open_run_file_append(log_path).map_err(|e| NodeError::Files {
+            node: name.into(),
+            message: format!("{}: {e}", log_path.display()),
+        })?;
         // Where this run's part of the log starts: a crash is explained by
         // what this run wrote, not by an earlier run's last words.
         let log_from = log.metadata().map(|m| m.len()).unwrap_or(0);
@@ -203,10 +222,12 @@ impl Lab {
             qmp: (spec.kind == NodeKind::Qemu).then(|| paths.qmp.clone()),
             nics,
             links_applied: Default::default(),
-            agent: plan.agent.then(|| paths.agent.clone()),
+            agent: (plan.agent && spec.kind != NodeKind::Container).then(|| paths.agent.clone()),
             boot_timeout: cfg.boot_timeout,
             console: paths.console.clone(),
             console_log: paths.console_log.clone(),
+            pid_file: (spec.kind == NodeKind::Container)
+                .then(|| crate::vmlaunch::container::ContainerPaths::new(&dir, &dir).pid_file),
         };
         tokio::spawn(supervise(
             name.to_string(),
@@ -215,7 +236,7 @@ impl Lab {
             child,
             run,
             ready,
-            (paths.log.clone(), log_from),
+            (log_path.clone(), log_from),
         ));
         Ok(())
     }

@@ -116,7 +116,7 @@ impl Lab {
         for i in 0..spec.nics.len() {
             let _ = self.remove_port(&spec.port_name(i)).await;
         }
-        let _ = std::fs::remove_dir_all(dir);
+        container::remove_tree(dir);
         tracing::debug!(node = name, "node files removed");
     }
 
@@ -202,7 +202,20 @@ impl Lab {
                     }
                 }
                 (None, Some(pid)) => {
-                    kill(pid, libc::SIGTERM);
+                    let is_container = {
+                        let table = self.node_table().lock();
+                        table
+                            .get(name)
+                            .is_some_and(|e| e.spec.kind == NodeKind::Container)
+                    };
+                    if is_container {
+                        // To the container's init, not to crun.
+                        if let Err(e) = self.signal_container_now(name).await {
+                            tracing::warn!(node = name, "SIGTERM to the container failed: {e}");
+                        }
+                    } else {
+                        kill(pid, libc::SIGTERM);
+                    }
                     wait(&mut exited, grace).await;
                 }
                 (None, None) => {}

@@ -27,6 +27,7 @@ use crate::vmlaunch::uml;
 use crate::wire::MacAddr;
 
 mod boot;
+mod container;
 mod launch;
 mod lifecycle;
 mod ops;
@@ -119,6 +120,8 @@ pub enum NodeError {
     Files { node: String, message: String },
     #[error("node {node:?}: {message}")]
     Link { node: String, message: String },
+    #[error("{0}")]
+    Container(#[from] crate::vmlaunch::container::ContainerError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

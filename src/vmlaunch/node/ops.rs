@@ -54,6 +54,14 @@ impl Lab {
         argv: &[String],
         timeout: Duration,
     ) -> Result<ExecOutput, LabError> {
+        let is_container = {
+            let table = self.node_table().lock();
+            let e = table.get(name).ok_or_else(|| node_not_found(name))?;
+            e.spec.kind == NodeKind::Container
+        };
+        if is_container {
+            return self.exec_container(name, argv, timeout).await;
+        }
         let (runtime, sock, has_agent) = {
             let table = self.node_table().lock();
             let e = table.get(name).ok_or_else(|| node_not_found(name))?;

@@ -58,6 +58,8 @@ pub(super) struct Readiness {
     pub(super) boot_timeout: Duration,
     pub(super) console: PathBuf,
     pub(super) console_log: PathBuf,
+    /// A container is up once crun wrote its init's pid here.
+    pub(super) pid_file: Option<PathBuf>,
 }
 
 /// A UML guest's console on a Unix socket: what a client types goes to
@@ -161,6 +163,19 @@ pub(super) async fn wait_up(r: &Readiness) -> Result<(), String> {
         }
         r.links_applied
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    if let Some(p) = &r.pid_file {
+        let deadline = tokio::time::Instant::now() + r.boot_timeout;
+        loop {
+            let pid = std::fs::read_to_string(p).unwrap_or_default();
+            if pid.trim().parse::<u32>().is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err("crun did not start the container".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     if let Some(a) = &r.agent {
         agent::wait_ready(a, tokio::time::Instant::now() + r.boot_timeout)
