@@ -42,6 +42,12 @@ pub enum Event {
         port: String,
         reason: String,
     },
+    /// A client's attach was refused (a bad tap handover): the port's
+    /// current client, if any, is untouched.
+    PortRefused {
+        port: String,
+        reason: String,
+    },
     NodeAdded {
         node: String,
     },
@@ -67,6 +73,7 @@ impl Event {
             Event::PortMoved { .. } => "port_moved",
             Event::PortUp { .. } => "port_up",
             Event::PortDown { .. } => "port_down",
+            Event::PortRefused { .. } => "port_refused",
             Event::NodeAdded { .. } => "node_added",
             Event::NodeRemoved { .. } => "node_removed",
             Event::NodeState { .. } => "node_state",

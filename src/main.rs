@@ -111,6 +111,23 @@ enum Cmd {
     /// RFC 2544-style frame-rate tests (throughput, latency, loss, bursts)
     /// through the daemon, on temporary ports it makes and removes.
     Bench(cli::bench::BenchArgs),
+    /// Make a tap in the current network namespace and hand it to a tap
+    /// port (what container nodes run inside their namespace). Exits once
+    /// the daemon took it; the tap lives on in the daemon.
+    #[command(hide = true)]
+    TapAttach {
+        /// The tap port's socket (its `path` in `ulan port ls --json`).
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        /// Name of the interface to make.
+        #[arg(long, default_value = "eth0")]
+        ifname: String,
+        /// Its MAC (default: derived from the socket path, stable).
+        #[arg(long)]
+        mac: Option<String>,
+        #[arg(long)]
+        mtu: Option<u32>,
+    },
     /// Capture a port or a lan into pcapng (Wireshark, tshark, tcpdump).
     Capture {
         /// A port, or a lan.
@@ -280,6 +297,12 @@ fn main() -> ExitCode {
             };
             cli::instruments::capture(&cli::client(&lab), args).await
         }),
+        Cmd::TapAttach {
+            socket,
+            ifname,
+            mac,
+            mtu,
+        } => cli::tap_attach(&socket, &ifname, mac.as_deref(), mtu),
         Cmd::Bench(a) => {
             cli::block_on(async { cli::bench::bench(&cli::client(&lab), &a, out).await })
         }

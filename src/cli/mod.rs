@@ -45,6 +45,24 @@ pub enum Request {
     Events,
 }
 
+/// `ulan tap-attach`: a tap here, handed to the port at `socket`.
+pub fn tap_attach(
+    socket: &std::path::Path,
+    ifname: &str,
+    mac: Option<&str>,
+    mtu: Option<u32>,
+) -> anyhow::Result<()> {
+    use crate::ports::tap::client;
+    use std::os::fd::AsFd;
+    let mac = match mac {
+        Some(m) => client::parse_mac(m).map_err(anyhow::Error::msg)?,
+        None => client::mac_from_name(&format!("{}/{ifname}", socket.display())),
+    };
+    let fd = client::create_tap(ifname, mac, mtu)?;
+    client::hand_over(socket, fd.as_fd())?;
+    Ok(())
+}
+
 /// Renders rows as left-aligned columns under a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();

@@ -13,6 +13,7 @@ pub mod own;
 pub mod queue;
 pub mod stream;
 pub mod sys;
+pub mod tap;
 pub mod vde;
 pub mod vhost_user;
 
@@ -36,15 +37,18 @@ pub enum PortKind {
     Bess,
     #[serde(rename = "vhost-user")]
     VhostUser,
+    /// A Linux tap device's fd, handed over on the port's socket.
+    Tap,
 }
 
 impl PortKind {
-    pub const ALL: [PortKind; 5] = [
+    pub const ALL: [PortKind; 6] = [
         PortKind::Stream,
         PortKind::Dgram,
         PortKind::Vde,
         PortKind::Bess,
         PortKind::VhostUser,
+        PortKind::Tap,
     ];
 
     /// The kinds whose clients speak over plain sockets (no shared memory).
@@ -62,6 +66,7 @@ impl PortKind {
             PortKind::Vde => "vde",
             PortKind::Bess => "bess",
             PortKind::VhostUser => "vhost-user",
+            PortKind::Tap => "tap",
         }
     }
 }
@@ -73,7 +78,7 @@ impl std::str::FromStr for PortKind {
             .into_iter()
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown port kind {s:?} (stream, dgram, vde, bess, vhost-user)")
+                format!("unknown port kind {s:?} (stream, dgram, vde, bess, vhost-user, tap)")
             })
     }
 }
@@ -282,6 +287,7 @@ pub fn open(
         PortKind::Vde => Box::new(vde::VdePort::open(path, link).map_err(wrap)?),
         PortKind::Bess => Box::new(bess::BessPort::open(path, link).map_err(wrap)?),
         PortKind::VhostUser => Box::new(vhost_user::VhostUserPort::open(path, link).map_err(wrap)?),
+        PortKind::Tap => Box::new(tap::TapPort::open(path, link).map_err(wrap)?),
     })
 }
 

@@ -91,6 +91,11 @@ impl Endpoint {
                     "a vhost-user port needs a vhost-user frontend, not a socket endpoint",
                 ))
             }
+            PortKind::Tap => {
+                return Err(io::Error::other(
+                    "a tap port takes a tap device's fd (ports::tap::client::hand_over), not a socket endpoint",
+                ))
+            }
             PortKind::Stream | PortKind::Bess => {
                 let ty = if kind == PortKind::Stream {
                     libc::SOCK_STREAM

@@ -296,6 +296,30 @@ impl Offload {
     }
 }
 
+/// Length of the fields [`Offload`] uses at the front of every virtio-net
+/// header (virtio_net_hdr; v1 adds num_buffers after them).
+pub const VIRTIO_HDR_FIELDS_LEN: usize = 10;
+
+/// Reads the request from the first [`VIRTIO_HDR_FIELDS_LEN`] bytes of a
+/// little-endian virtio-net header (a vhost-user ring's, or a tap's with
+/// IFF_VNET_HDR on a little-endian host).
+pub fn offload_from_header(h: &[u8; VIRTIO_HDR_FIELDS_LEN]) -> Result<Offload, OffloadError> {
+    let u16_at = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
+    Offload::from_virtio(h[0], h[1], u16_at(2), u16_at(4), u16_at(6), u16_at(8))
+}
+
+/// Writes the request into the first [`VIRTIO_HDR_FIELDS_LEN`] bytes of
+/// a virtio-net header; the rest of `h` (num_buffers) is left alone.
+pub fn write_header(off: &Offload, h: &mut [u8; VIRTIO_HDR_FIELDS_LEN]) {
+    let (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) = off.to_virtio();
+    h[0] = flags;
+    h[1] = gso_type;
+    h[2..4].copy_from_slice(&hdr_len.to_le_bytes());
+    h[4..6].copy_from_slice(&gso_size.to_le_bytes());
+    h[6..8].copy_from_slice(&csum_start.to_le_bytes());
+    h[8..10].copy_from_slice(&csum_offset.to_le_bytes());
+}
+
 /// Fills the checksum a NEEDS_CSUM frame asks for, in place: the ones'
 /// complement sum over `[csum_start, end)` (which includes the pseudo-header
 /// sum the guest left in the field), complemented, at

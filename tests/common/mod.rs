@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod guests;
+pub mod unprivileged;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -39,25 +39,22 @@ use crate::ports::{
     count_tx_drop_full, count_tx_drop_no_peer, PortCx, PortIo, PortKind, PortLink, RxBatch, RxState,
 };
 use crate::wire::check_frame_len;
-use crate::wire::offload::{Accepts, Offload, OffloadError};
+use crate::wire::offload::{self, Accepts, Offload, OffloadError};
 
 /// The offload request in a virtio-net header from the guest.
 fn offload_of(h: &[u8; features::NET_HDR_LEN]) -> Result<Offload, OffloadError> {
-    let u16_at = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
-    Offload::from_virtio(h[0], h[1], u16_at(2), u16_at(4), u16_at(6), u16_at(8))
+    let mut fields = [0u8; offload::VIRTIO_HDR_FIELDS_LEN];
+    fields.copy_from_slice(&h[..offload::VIRTIO_HDR_FIELDS_LEN]);
+    offload::offload_from_header(&fields)
 }
 
 /// The virtio-net header that hands `off` on to a guest (num_buffers is
 /// filled in by the ring).
 fn header_of(off: &Offload) -> [u8; features::NET_HDR_LEN] {
-    let (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) = off.to_virtio();
+    let mut fields = [0u8; offload::VIRTIO_HDR_FIELDS_LEN];
+    offload::write_header(off, &mut fields);
     let mut h = [0u8; features::NET_HDR_LEN];
-    h[0] = flags;
-    h[1] = gso_type;
-    h[2..4].copy_from_slice(&hdr_len.to_le_bytes());
-    h[4..6].copy_from_slice(&gso_size.to_le_bytes());
-    h[6..8].copy_from_slice(&csum_start.to_le_bytes());
-    h[8..10].copy_from_slice(&csum_offset.to_le_bytes());
+    h[..offload::VIRTIO_HDR_FIELDS_LEN].copy_from_slice(&fields);
     h
 }
 
