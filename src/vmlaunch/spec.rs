@@ -97,15 +97,13 @@ impl NodeKind {
             ],
             NodeKind::Uml => &[Transport::Daemon, Transport::Vde, Transport::Bess],
             // A tap device in the container's net namespace, its fd handed
-            // to the daemon: the tap port kind, not in this build yet (the
-            // container spec refuses NICs until then).
-            NodeKind::Container => &[],
+            // to the daemon.
+            NodeKind::Container => &[Transport::Tap],
         }
     }
 
     pub fn default_transport(self) -> Transport {
-        // Stream only for a kind with no transport (containers, whose spec
-        // has no NICs yet): never used for a NIC.
+        // Every kind has one; the fallback is never used.
         self.transports()
             .first()
             .copied()
@@ -137,6 +135,9 @@ pub enum Transport {
     /// shared memory (no system call per frame).
     #[serde(rename = "vhost-user")]
     VhostUser,
+    /// A container's tap device, opened in its network namespace and
+    /// handed to the daemon's tap port as a file descriptor.
+    Tap,
 }
 
 impl Transport {
@@ -148,6 +149,7 @@ impl Transport {
             Transport::Daemon => "daemon",
             Transport::Bess => "bess",
             Transport::VhostUser => "vhost-user",
+            Transport::Tap => "tap",
         }
     }
 
@@ -159,6 +161,7 @@ impl Transport {
             Transport::Vde | Transport::Daemon => PortKind::Vde,
             Transport::Bess => PortKind::Bess,
             Transport::VhostUser => PortKind::VhostUser,
+            Transport::Tap => PortKind::Tap,
         }
     }
 }

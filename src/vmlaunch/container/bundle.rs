@@ -8,8 +8,30 @@
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    get_rootless_mounts, Linux, LinuxNamespace, LinuxNamespaceType, Process, Root, Spec, User,
+    get_rootless_mounts, Capability, Linux, LinuxCapabilities, LinuxNamespace, LinuxNamespaceType,
+    Process, Root, Spec, User,
 };
+
+/// Docker's default set, plus NET_ADMIN: lab nodes are routers that set
+/// their own addresses and routes, and ping needs NET_RAW. All of them
+/// only count inside the node's own (user) namespaces.
+const CAPABILITIES: &[Capability] = &[
+    Capability::AuditWrite,
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fowner,
+    Capability::Fsetid,
+    Capability::Kill,
+    Capability::Mknod,
+    Capability::NetAdmin,
+    Capability::NetBindService,
+    Capability::NetRaw,
+    Capability::Setfcap,
+    Capability::Setgid,
+    Capability::Setpcap,
+    Capability::Setuid,
+    Capability::SysChroot,
+];
 
 use super::ContainerError;
 
@@ -43,6 +65,14 @@ pub fn make_spec(input: &BundleInput) -> Spec {
     process.set_args(Some(input.args.clone()));
     process.set_env(Some(input.env.clone()));
     process.set_cwd(PathBuf::from(&input.cwd));
+    let caps: std::collections::HashSet<Capability> = CAPABILITIES.iter().copied().collect();
+    let mut c = LinuxCapabilities::default();
+    c.set_bounding(Some(caps.clone()));
+    c.set_effective(Some(caps.clone()));
+    c.set_permitted(Some(caps));
+    c.set_inheritable(None);
+    c.set_ambient(None);
+    process.set_capabilities(Some(c));
     let mut root = Root::default();
     root.set_path(input.rootfs.clone());
     root.set_readonly(Some(false));
@@ -119,5 +149,8 @@ mod tests {
         // The holder's user namespace is shared, not a new one.
         assert!(!nss.iter().any(|(t, _)| t == "user"), "{nss:?}");
         assert!(v["linux"].get("resources").is_none());
+        let bounding = v["process"]["capabilities"]["bounding"].to_string();
+        assert!(bounding.contains("CAP_NET_ADMIN") && bounding.contains("CAP_NET_RAW"));
+        assert!(!bounding.contains("CAP_SYS_ADMIN"), "{bounding}");
     }
 }

@@ -41,9 +41,28 @@ pub struct HolderConfig {
     /// The user's subordinate ids (start, count) from /etc/subuid and
     /// /etc/subgid, mapped from 1 inside.
     #[serde(default)]
+    pub nics: Vec<HolderNic>,
+    /// Static routes: (destination or `default`, gateway).
+    #[serde(default)]
+    pub routes: Vec<(String, String)>,
+    #[serde(default)]
+    pub forward: bool,
+    #[serde(default)]
     pub subuid: Option<(u32, u32)>,
     #[serde(default)]
     pub subgid: Option<(u32, u32)>,
+}
+
+/// One NIC: a tap `ifname` made in the holder's network namespace and
+/// handed to the tap port at `socket`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HolderNic {
+    pub ifname: String,
+    pub mac: String,
+    pub socket: PathBuf,
+    #[serde(default)]
+    pub ip: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,12 +104,18 @@ pub fn run(config_file: &Path) -> Result<std::convert::Infallible, HolderError> 
     let text = std::fs::read(config_file).map_err(sys(config_file.display().to_string()))?;
     let cfg: HolderConfig = serde_json::from_slice(&text)
         .map_err(|e| HolderError::Other(format!("{}: {e}", config_file.display())))?;
-    enter_namespaces(cfg.subuid.zip(cfg.subgid), libc::CLONE_NEWPID)?;
+    enter_namespaces(cfg.subuid.zip(cfg.subgid), 0)?;
     mount_root(&cfg)?;
     loopback_up()?;
+    // Kept open until the holder ends (the daemon holds its own copies).
+    let _taps = set_up_nics(&cfg)?;
     // crun runs as init of a new pid namespace: when it dies (it dies with
     // the holder), the kernel kills everything in it, the container too.
     // Without that, a container outlives a crun that was SIGKILLed.
+    // Only now: the first child after this is the new namespace's init
+    // (an `ip` run above would have been, and taken it down with it).
+    // SAFETY: unshare has no memory effects.
+    check(unsafe { libc::unshare(libc::CLONE_NEWPID) }, "unshare(pid)")?;
     // SAFETY: the holder is single-threaded; the child only execs.
     let child = unsafe { libc::fork() };
     if child < 0 {
@@ -326,6 +351,53 @@ fn loopback_up() -> Result<(), HolderError> {
         r
     };
     check(r, "bring up lo")
+}
+
+/// The NICs, their addresses and the routes, before the container's
+/// command starts: taps through the tap port's client, addresses with the
+/// host's `ip` (visible here: the holder shares the host's files).
+fn set_up_nics(cfg: &HolderConfig) -> Result<Vec<std::os::fd::OwnedFd>, HolderError> {
+    use crate::ports::tap::client;
+    use std::os::fd::AsFd;
+    let mut taps = Vec::new();
+    for nic in &cfg.nics {
+        let mac = client::parse_mac(&nic.mac).map_err(HolderError::Other)?;
+        let fd = client::create_tap(&nic.ifname, mac, None)
+            .map_err(|e| HolderError::Other(format!("{}: {e}", nic.ifname)))?;
+        client::hand_over(&nic.socket, fd.as_fd())
+            .map_err(|e| HolderError::Other(format!("{}: {e}", nic.ifname)))?;
+        for ip in &nic.ip {
+            run_ip(&["addr", "add", ip, "dev", &nic.ifname])?;
+        }
+        run_ip(&["link", "set", &nic.ifname, "up"])?;
+        taps.push(fd);
+    }
+    for (to, via) in &cfg.routes {
+        run_ip(&["route", "add", to, "via", via])?;
+    }
+    if cfg.forward {
+        write_file("/proc/sys/net/ipv4/ip_forward", "1")?;
+    }
+    Ok(taps)
+}
+
+fn run_ip(args: &[&str]) -> Result<(), HolderError> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            HolderError::Other(format!("cannot run ip (apt-get install iproute2): {e}"))
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(HolderError::Other(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
 }
 
 fn exec_crun(cfg: &HolderConfig) -> Result<std::convert::Infallible, HolderError> {

@@ -26,8 +26,6 @@ pub enum ContainerSpecError {
     Hostname(String),
     #[error("pids_max must be between 1 and {MAX_PIDS}, not {0}")]
     Pids(u32),
-    #[error("nics: container NICs need the tap port kind, which this build does not have yet")]
-    NoTapYet,
 }
 
 fn short(s: &str) -> String {
@@ -65,9 +63,6 @@ pub fn validate(spec: &NodeSpec) -> Result<(), ContainerSpecError> {
         if used {
             return Err(ContainerSpecError::NotForContainer { field });
         }
-    }
-    if !spec.nics.is_empty() {
-        return Err(ContainerSpecError::NoTapYet);
     }
     if spec.cmd.len() > MAX_ARGS {
         return Err(ContainerSpecError::Cmd("at most 256 arguments"));

@@ -55,6 +55,7 @@ impl Lab {
     pub(super) fn prepare_container(
         &self,
         spec: &NodeSpec,
+        macs: &[crate::wire::MacAddr],
         plan: &ContainerPlan,
         dir: &Path,
         cfg: &NodeConfig,
@@ -100,6 +101,20 @@ impl Lab {
             upper: paths.upper.clone(),
             work: paths.work.clone(),
             merged: paths.merged.clone(),
+            nics: (0..spec.nics.len())
+                .map(|i| container::holder::HolderNic {
+                    ifname: format!("eth{i}"),
+                    mac: macs[i].to_string(),
+                    socket: self.ports_dir().join(spec.port_name(i)),
+                    ip: spec.nics[i].ip.iter().map(|c| c.to_string()).collect(),
+                })
+                .collect(),
+            routes: spec
+                .routes
+                .iter()
+                .map(|r| (r.to.clone(), r.via.to_string()))
+                .collect(),
+            forward: spec.forward,
             subuid,
             subgid,
         };

@@ -128,7 +128,7 @@ impl Lab {
                     node: name.into(),
                     message: "container node without a container plan".into(),
                 })?;
-                let holder = self.prepare_container(&spec, plan, &dir, &cfg)?;
+                let holder = self.prepare_container(&spec, &macs, plan, &dir, &cfg)?;
                 let exe = std::env::current_exe().map_err(|e| NodeError::Files {
                     node: name.into(),
                     message: format!("cannot find the ulan binary for the holder: {e}"),

@@ -82,7 +82,7 @@ fn netdev(index: usize, nic: &QemuNic) -> Result<String, QemuError> {
         }
         Transport::Vde => format!("vde,id={id},sock={port}"),
         Transport::VhostUser => format!("vhost-user,id={id},chardev=vu{index}"),
-        transport @ (Transport::Daemon | Transport::Bess) => {
+        transport @ (Transport::Daemon | Transport::Bess | Transport::Tap) => {
             return Err(QemuError::Transport { index, transport })
         }
     })

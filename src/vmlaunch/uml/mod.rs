@@ -259,7 +259,10 @@ fn nic_arg(nic: &UmlNic, paths: &UmlPaths) -> Result<OsString, UmlError> {
                 "vec{n}:transport=bess,dst={dst},src={src},mac={mac}"
             ))
         }
-        transport @ (Transport::Stream | Transport::Dgram | Transport::VhostUser) => {
+        transport @ (Transport::Stream
+        | Transport::Dgram
+        | Transport::VhostUser
+        | Transport::Tap) => {
             return Err(UmlError::Transport {
                 index: n,
                 transport,
