@@ -57,16 +57,3 @@ pub fn warning() -> Option<String> {
         )
     })
 }
-
-/// What `ulan doctor` says about container limits.
-pub fn doctor_hint() -> String {
-    match no_delegation_reason() {
-        None => "container limits: a delegated cgroup v2 is available".into(),
-        Some(why) => format!(
-            "container limits: not applied ({why}). To get them: boot with cgroup v2 only \
-             (systemd.unified_cgroup_hierarchy=1), run the daemon in a systemd user session \
-             (`systemd-run --user --scope -p Delegate=yes ulan daemon`, or a user unit with \
-             Delegate=yes), whose cgroup the user owns"
-        ),
-    }
-}
