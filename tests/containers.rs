@@ -491,3 +491,33 @@ fn limits_are_reported_when_not_applied_and_enforced_where_delegated() {
         None => panic!("a delegated cgroup v2 exists but ulan does not apply limits yet"),
     }
 }
+
+#[test]
+fn a_lab_file_of_containers_routes_between_two_lans() {
+    let Some(user) = user_or_skip() else { return };
+    let d = Daemon::start(user);
+    // examples/containers.yaml without its QEMU guest (guests boot in
+    // seconds under TCG; the container part is what is tested here).
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/containers.yaml"),
+    )
+    .unwrap();
+    let cut = text.find("  - name: g1").unwrap();
+    let file = d.xdg.path().join("lab.yaml");
+    std::fs::write(&file, &text[..cut]).unwrap();
+    d.user.chown_tree(&file);
+    d.ok(&["up", &file.to_string_lossy()]);
+    let (code, out, err) = d.exec("c1", &["ping", "-c", "2", "-W", "3", "10.0.2.10"]);
+    assert_eq!(code, 0, "c1 -> c2 through r1: {out}{err}");
+    assert!(out.contains("ttl=63"), "one router hop: {out}");
+    let (_, fwd, _) = d.exec("r1", &["cat", "/proc/sys/net/ipv4/ip_forward"]);
+    assert_eq!(fwd.trim(), "1");
+    let (_, fwd, _) = d.exec("c1", &["cat", "/proc/sys/net/ipv4/ip_forward"]);
+    assert_eq!(fwd.trim(), "0");
+    let saved = d.ok(&["save"]);
+    assert!(
+        saved.contains("kind: container") && saved.contains("infinity"),
+        "{saved}"
+    );
+    d.ok(&["down"]);
+}

@@ -191,9 +191,12 @@ pub fn parse_subid(text: &str, user: &str, id: u32) -> Option<(u32, u32)> {
     })
 }
 
+/// A subordinate id range: (first id, count).
+pub type IdRange = (u32, u32);
+
 /// This user's subordinate uid and gid ranges, when both exist and the
 /// newuidmap/newgidmap helpers are installed.
-pub fn subordinate_ids() -> (Option<(u32, u32)>, Option<(u32, u32)>) {
+pub fn subordinate_ids() -> (Option<IdRange>, Option<IdRange>) {
     if find_tool("newuidmap").is_none() || find_tool("newgidmap").is_none() {
         return (None, None);
     }

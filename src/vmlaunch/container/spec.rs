@@ -154,7 +154,8 @@ mod tests {
 
     #[test]
     fn bad_container_fields_name_the_field() {
-        let cases: Vec<(Box<dyn Fn(&mut NodeSpec)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut NodeSpec)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|s| s.cmd = vec!["".into()]), "cmd"),
             (Box::new(|s| s.cmd = vec!["a\0b".into()]), "cmd"),
             (Box::new(|s| s.cmd = vec!["x".into(); 300]), "cmd"),
