@@ -922,7 +922,9 @@ mod tests {
                 "shm",
                 "dgram-qlen",
                 "run-dir",
-                "image"
+                "image",
+                "crun",
+                "cgroups"
             ]
         );
         assert_eq!(worst(&checks), Status::Fail); // no QEMU at all

@@ -862,7 +862,7 @@ mod tests {
         assert_eq!(code(Op::MovePort, "[null]"), "bad_json");
         assert_eq!(code(Op::MovePort, "null"), "bad_json");
         assert_eq!(
-            code(Op::AddPort, r#"{"name":"p","kind":"tap"}"#),
+            code(Op::AddPort, r#"{"name":"p","kind":"macvtap"}"#),
             "invalid_kind"
         );
         assert_eq!(

@@ -470,7 +470,7 @@ mod tests {
         for bad in [
             "l,ip=1.2.3.4",
             "l,mac=zz",
-            "l,transport=tap",
+            "l,transport=carrier-pigeon",
             "l,speed=10",
             "l,noequals",
         ] {
