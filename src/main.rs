@@ -211,7 +211,7 @@ enum PortCmd {
     /// Make a port; prints the path a client connects to.
     Add {
         name: String,
-        /// stream | dgram | vde | bess
+        /// stream | dgram | vde | bess | vhost-user | tap (a tap device handed over by `ulan tap-attach`)
         #[arg(long, short)]
         kind: String,
         #[arg(long)]

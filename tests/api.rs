@@ -767,7 +767,7 @@ async fn hostile_requests_change_nothing() {
         (
             "POST",
             "/v1/ports",
-            r#"{"name":"x","kind":"tap"}"#,
+            r#"{"name":"x","kind":"macvtap"}"#,
             422,
             "invalid_kind",
         ),
@@ -1110,9 +1110,10 @@ async fn events_stream_in_order() {
     for (name, _) in expected {
         assert!(mapping.contains_key(name), "{name}");
     }
-    // Seven topology and port events, three node events (tests/guests.rs
-    // sees those from real guests).
-    assert_eq!(mapping.len(), 10);
+    // Eight topology and port events (port_refused: tests/tap.rs makes
+    // them), three node events (tests/guests.rs sees those from real
+    // guests).
+    assert_eq!(mapping.len(), 11);
     for node_event in ["node_added", "node_removed", "node_state"] {
         assert!(mapping.contains_key(node_event), "{node_event}");
     }

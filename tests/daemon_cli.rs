@@ -188,7 +188,7 @@ fn cli_round_trip() {
     // Errors: one line, non-zero exit, nothing changed.
     for bad in [
         vec!["port", "add", "../evil", "-k", "vde"],
-        vec!["port", "add", "c", "-k", "tap"],
+        vec!["port", "add", "c", "-k", "macvtap"],
         vec!["port", "move", "a", "nolan"],
         vec!["lan", "add", "red"],
         vec!["fdb", "nolan"],

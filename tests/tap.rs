@@ -271,6 +271,8 @@ fn is_ipv4_tcp(f: &[u8]) -> bool {
 /// A TCP super-frame (30 KB) leaves the kernel through a tap with its
 /// request in the vnet header: a vhost-user guest that acked TSO gets it
 /// whole with the same request, one that did not gets valid segments.
+/// And back: the TSO guest's super-frame enters the tap's kernel side as
+/// one GSO packet.
 #[test]
 fn a_gso_frame_from_a_tap_reaches_vhost_user_whole_or_segmented_as_negotiated() {
     const NAME: &str = "a_gso_frame_from_a_tap_reaches_vhost_user_whole_or_segmented_as_negotiated";
@@ -354,7 +356,118 @@ fn a_gso_frame_from_a_tap_reaches_vhost_user_whole_or_segmented_as_negotiated() 
     assert_eq!(segs.len(), want);
     let t = fx.stats("t");
     assert_eq!(t.rx_drop_bad_offload, 0, "{t:?}");
+
+    // The other way: the TSO guest's super-frame goes into the tap whole,
+    // with its request in the vnet header, and the kernel takes it as one
+    // GSO packet (a packet socket on t0 sees it with the same request).
+    let watch = packet_socket("t0");
+    let nh = ulan::testkit::vhost_frontend::NetHeader {
+        flags,
+        gso_type,
+        hdr_len,
+        gso_size,
+        csum_start,
+        csum_offset,
+        num_buffers: 0,
+    };
+    assert!(fvt.max_tx_frame() >= sup.len());
+    assert_eq!(fvt.send_with_header(&[(nh, &sup)]), 1);
+    let (h, f) = recv_incoming(&watch, Duration::from_secs(5))
+        .expect("the super-frame never reached the tap's kernel side");
+    assert_eq!(f.len(), sup.len(), "one packet, not segments");
+    assert_eq!(&f[14..], &sup[14..], "the packet unchanged");
+    assert_eq!(h[1], gso_type, "the kernel kept the segmentation request");
+    assert_eq!(u16::from_le_bytes([h[4], h[5]]), gso_size);
+    let t = fx.wait_stats("t", |c| c.tx_frames >= 1);
+    assert_eq!(t.tx_dropped, 0, "{t:?}");
+    assert!(t.tx_bytes >= sup.len() as u64, "{t:?}");
     fx.lab.shutdown();
+}
+
+/// A packet socket on `ifname` that receives with vnet headers.
+fn packet_socket(ifname: &str) -> OwnedFd {
+    // SAFETY: plain socket call; owned at once.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from((libc::ETH_P_ALL as u16).to_be()),
+        )
+    };
+    assert!(raw >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+    // SAFETY: raw is ours.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let on: libc::c_int = 1;
+    // SAFETY: an int option.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_VNET_HDR,
+            (&on as *const libc::c_int).cast(),
+            4,
+        )
+    };
+    assert_eq!(r, 0);
+    let name = std::ffi::CString::new(ifname).unwrap();
+    // SAFETY: sockaddr_ll is plain old data; the name is NUL-terminated.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+    sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: sll is valid for its size.
+    let r = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+    sock
+}
+
+/// The next incoming IPv4 TCP packet on a [`packet_socket`]: its vnet
+/// header and the frame (outgoing ones, and other traffic, are skipped).
+fn recv_incoming(sock: &OwnedFd, within: Duration) -> Option<([u8; 10], Vec<u8>)> {
+    let deadline = Instant::now() + within;
+    let mut buf = vec![0u8; 70_000];
+    while Instant::now() < deadline {
+        let mut pfd = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+            continue;
+        }
+        // SAFETY: sockaddr_ll is plain old data.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        // SAFETY: buf and from are valid for their sizes.
+        let n = unsafe {
+            libc::recvfrom(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+                (&mut from as *mut libc::sockaddr_ll).cast(),
+                &mut len,
+            )
+        };
+        if n < 10 || from.sll_pkttype == libc::PACKET_OUTGOING {
+            continue;
+        }
+        let n = n as usize;
+        let f = &buf[10..n];
+        if is_ipv4_tcp(f) {
+            let mut h = [0u8; 10];
+            h.copy_from_slice(&buf[..10]);
+            return Some((h, f.to_vec()));
+        }
+    }
+    None
 }
 
 /// A tun (layer 3) device, a tap without IFF_NO_PI, or one without a
@@ -390,6 +503,7 @@ fn hostile_handovers_are_refused_while_the_switch_keeps_forwarding() {
     fx.lan("l");
     fx.lab.add_port("t", PortKind::Tap, Some("l")).unwrap();
     let path = tap_path(&fx, "t");
+    let mut events = fx.lab.events().subscribe();
     let mut e1 = fx.plug("e1", PortKind::Stream, Some("l"));
     let mut e2 = fx.plug("e2", PortKind::Stream, Some("l"));
     let good = create_tap("t0", MAC_T, None).unwrap();
@@ -448,8 +562,9 @@ fn hostile_handovers_are_refused_while_the_switch_keeps_forwarding() {
     );
     let l3 = raw_tun("tun9", tun::IFF_TUN | tun::IFF_NO_PI);
     expect(hand_over(&path, l3.as_fd()), "is a tun (layer 3) device");
-    // (A tap without IFF_NO_PI is refused where TUNGETIFF tells: Linux
-    // 6.1 here reports IFF_NO_PI for every tap, so it is not tried.)
+    // (A tap without IFF_NO_PI is refused where TUNGETIFF tells: the
+    // Linux measured here, 6.18, reports IFF_NO_PI for every tap, so it
+    // is not tried.)
     let plain = raw_tun("tpl9", tun::IFF_TAP | tun::IFF_NO_PI);
     expect(
         hand_over_with(&path, &hdr, Some(plain.as_fd())),
@@ -489,6 +604,19 @@ fn hostile_handovers_are_refused_while_the_switch_keeps_forwarding() {
     let c = fx.wait_stats("t", |c| c.rejected_clients >= want);
     assert_eq!(c.rejected_clients, want, "{c:?}");
     assert_eq!((c.connects, c.disconnects), (1, 0), "the tap stayed: {c:?}");
+    // Each refusal is an event with its reason.
+    let mut reasons = Vec::new();
+    while let Ok(rec) = events.try_recv() {
+        if let ulan::events::Event::PortRefused { port, reason } = rec.event {
+            assert_eq!(port, "t");
+            reasons.push(reason);
+        }
+    }
+    assert_eq!(reasons.len() as u64, want, "{reasons:#?}");
+    assert!(reasons
+        .iter()
+        .any(|r| r.contains("is a tun (layer 3) device")));
+    assert!(reasons.iter().any(|r| r.contains("disconnected before")));
     assert!(fx.lab.port("t").unwrap().up);
     // The tap still carries frames: e1's broadcast is written into it.
     e1.send(&ulan::testkit::frame(
@@ -704,6 +832,42 @@ fn two_namespaces_ping_and_run_iperf3_through_tap_ports() {
     );
     let ls = d.ok(&["port", "ls"]);
     assert!(ls.contains("tap"), "{ls}");
+}
+
+/// `ulan tap-attach` outside a namespace of its own, as an ordinary user:
+/// one clear line and a non-zero exit, nothing made.
+#[test]
+fn tap_attach_without_privilege_or_with_bad_arguments_fails_clearly() {
+    let Some(user) = user_or_skip(&[]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none");
+    let run = |args: &[&str]| {
+        let o = user
+            .command(BIN)
+            .arg("tap-attach")
+            .arg("--socket")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        err
+    };
+    let err = run(&["--ifname", "eth0"]);
+    // As root this machine may let the tap be made: then the missing
+    // socket is the error.
+    assert!(
+        err.contains("CAP_NET_ADMIN") || err.contains("cannot connect to the tap port"),
+        "{err}"
+    );
+    assert!(run(&["--mac", "zz:00:00:00:00:01"]).contains("six hex bytes"));
+    assert!(run(&["--mac", "01:00:00:00:00:01"]).contains("multicast"));
+    assert!(run(&["--ifname", "a/b"]).contains("interface name"));
+    assert!(run(&["--mtu", "20"]).contains("MTU 20"));
 }
 
 #[test]

@@ -477,6 +477,12 @@ pub async fn bench(client: &Client, args: &BenchArgs, out: Output) -> anyhow::Re
     if kind == PortKind::Bess {
         bail!("bess ports are not benchmarked: take dgram, stream, vde or vhost-user");
     }
+    if kind == PortKind::Tap {
+        bail!(
+            "tap ports take a tap device from a network namespace, not a synthetic client: \
+             take dgram, stream, vde or vhost-user (cargo bench --bench tap_iperf measures taps)"
+        );
+    }
     let tests = parse_tests(&args.tests)?;
     if args.sizes.is_empty() {
         bail!("no frame size: give --sizes 64,1518 (or some sizes)");
