@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use ulan::lab::{Lab, LabConfig};
-use ulan::vmlaunch::accel::{self, KvmStatus};
 use ulan::vmlaunch::agent;
 use ulan::vmlaunch::image::{self, Image, ImageStore};
+use ulan::vmlaunch::qemu::accel::{self, KvmStatus};
 use ulan::vmlaunch::qemu::{self, QemuBoot, QemuNic, QemuPaths};
 use ulan::vmlaunch::spec::{Accel, NodeSpec, Transport};
 use ulan::wire::MacAddr;

@@ -17,6 +17,8 @@ packages=(
     tshark                       # reads captures back in the tests
     graphviz                     # dot parses ulan graph --format dot in the tests
     chromium chromium-driver     # the web page tests: headless Chromium over WebDriver
+    crun                         # container nodes: the OCI runtime (rootless)
+    uidmap                       # newuidmap/newgidmap: container nodes map /etc/subuid ranges
 )
 
 find_missing() {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::vmlaunch::accel::{self, KvmStatus, KVM_PVM_MODULE};
+use crate::vmlaunch::qemu::accel::{self, KvmStatus, KVM_PVM_MODULE};
 use crate::vmlaunch::uml::{self, find_in_path, UmlStatus};
 
 /// QEMU's `-netdev stream` and `-netdev dgram` arrived in 7.2.
@@ -151,7 +151,40 @@ pub fn run_checks(opts: &DoctorOptions) -> Vec<Check> {
         check_dgram_qlen(&opts.dgram_qlen_file),
         check_run_dir(&opts.run_dir),
         check_image(opts.image_store.as_deref()),
+        check_crun(),
+        check_container_limits(),
     ]
+}
+
+/// Container nodes need crun (and nsenter, from util-linux).
+pub fn check_crun() -> Check {
+    const NAME: &str = "crun";
+    match crate::vmlaunch::container::find_crun() {
+        Ok(p) => Check::ok(NAME, format!("{} (container nodes)", p.display())),
+        Err(_) => Check::bad(
+            NAME,
+            Status::Warn,
+            "crun not found (optional: container nodes need it)",
+            "apt-get install crun",
+        ),
+    }
+}
+
+/// Whether container limits (memory.max, cpu.max, pids.max) can apply.
+pub fn check_container_limits() -> Check {
+    const NAME: &str = "cgroups";
+    match crate::vmlaunch::container::limits::no_delegation_reason() {
+        None => Check::ok(NAME, "a delegated cgroup v2: container limits apply"),
+        Some(why) => Check::bad(
+            NAME,
+            Status::Warn,
+            format!("container memory/cpu/pids limits are not applied: {why}"),
+            "cgroup v2 only (boot with systemd.unified_cgroup_hierarchy=1), then run the \
+             daemon in a systemd user session, whose cgroup is delegated to you: \
+             `systemd-run --user --scope -p Delegate=yes ulan daemon` (or a user unit with \
+             Delegate=yes)",
+        ),
+    }
 }
 
 /// The worst status: `fail` makes `ulan doctor` exit non-zero.
@@ -889,7 +922,9 @@ mod tests {
                 "shm",
                 "dgram-qlen",
                 "run-dir",
-                "image"
+                "image",
+                "crun",
+                "cgroups"
             ]
         );
         assert_eq!(worst(&checks), Status::Fail); // no QEMU at all

@@ -109,6 +109,14 @@ enum Cmd {
         #[arg(value_parser = ["up", "down"])]
         state: String,
     },
+    /// A container node's holder (started by the daemon): namespaces,
+    /// overlay root, then crun run. With --rm, removes a node's files.
+    #[command(hide = true)]
+    ContainerHolder {
+        #[arg(long)]
+        rm: Option<std::path::PathBuf>,
+        config: Option<std::path::PathBuf>,
+    },
     /// RFC 2544-style frame-rate tests (throughput, latency, loss, bursts)
     /// through the daemon, on temporary ports it makes and removes.
     Bench(cli::bench::BenchArgs),
@@ -263,6 +271,15 @@ fn main() -> ExitCode {
         Cmd::Save => cli::block_on(cli::labctl::save(&lab, out)),
         Cmd::Ls => cli::block_on(cli::labctl::ls(&lab, out)),
         Cmd::Doctor => cli::doctor(out),
+        Cmd::ContainerHolder { rm, config } => {
+            use ulan::vmlaunch::container::holder;
+            let r = match (rm, config) {
+                (Some(dir), _) => holder::remove(&dir),
+                (None, Some(c)) => holder::run(&c).map(|never| match never {}),
+                (None, None) => Err(holder::HolderError::Other("no config file".into())),
+            };
+            r.map_err(|e| anyhow::anyhow!("container holder: {e}"))
+        }
         Cmd::Netem(a) => {
             let dir_given = std::env::args().any(|x| x == "--dir" || x.starts_with("--dir="));
             cli::block_on(async {
@@ -319,8 +336,17 @@ fn main() -> ExitCode {
         Cmd::Image(ImageCmd::Ls) => cli::image_ls(out),
         Cmd::Console { node } => {
             let client = cli::client(&lab);
-            cli::block_on(async { Ok(client.node(&node).await?) })
-                .and_then(|n| cli::console::attach(&node, std::path::Path::new(&n.console)))
+            cli::block_on(async { Ok(client.node(&node).await?) }).and_then(|n| {
+                if n.kind == ulan::vmlaunch::spec::NodeKind::Container {
+                    // Not yet: crun's --console-socket relayed like a guest's.
+                    anyhow::bail!(
+                        "node {node:?} is a container: its console is not served yet; \
+                         use `ulan exec {node} -- sh -c ...`, its output is in {}",
+                        n.console_log
+                    );
+                }
+                cli::console::attach(&node, std::path::Path::new(&n.console))
+            })
         }
         Cmd::Exec {
             node,

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ulan::vmlaunch::accel::{self, KvmStatus, KVM_PVM_MODULE};
+use ulan::vmlaunch::qemu::accel::{self, KvmStatus, KVM_PVM_MODULE};
 use ulan::vmlaunch::spec::Accel;
 
 const QEMU: &str = "qemu-system-x86_64";

@@ -447,7 +447,7 @@ fn overlays_persist_or_not_and_commit_makes_a_new_image() {
 #[test]
 fn direct_kernel_boot_with_user_arguments() {
     use ulan::vmlaunch::image::{self, ImageStore};
-    use ulan::vmlaunch::qmp::Qmp;
+    use ulan::vmlaunch::qemu::qmp::Qmp;
     if skip_without_guests("direct_kernel_boot") {
         return;
     }

@@ -129,3 +129,27 @@ fn star10() {
         assert_eq!(nics(n), [nic("star", &format!("10.0.0.{i}/24"))]);
     }
 }
+
+#[test]
+fn containers_example_is_a_router_container_between_two_lans_and_a_guest() {
+    use ulan::vmlaunch::spec::NodeKind;
+    let lab = load("containers.yaml");
+    let r1 = node(&lab, "r1");
+    assert_eq!(r1.kind, NodeKind::Container);
+    assert!(r1.forward);
+    assert_eq!(r1.cmd, ["sleep", "infinity"]);
+    assert_eq!(
+        nics(r1),
+        [nic("left", "10.0.1.1/24"), nic("right", "10.0.2.1/24")]
+    );
+    for (n, lan, ip, via) in [
+        ("c1", "left", "10.0.1.10/24", "10.0.1.1"),
+        ("c2", "right", "10.0.2.10/24", "10.0.2.1"),
+    ] {
+        let c = node(&lab, n);
+        assert_eq!(c.kind, NodeKind::Container, "{n}");
+        assert_eq!(nics(c), [nic(lan, ip)]);
+        assert_eq!(c.routes[0].via.to_string(), via);
+    }
+    assert_eq!(node(&lab, "g1").kind, NodeKind::Qemu);
+}

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::lab::{CaptureError, LabError};
 use crate::ports::PortError;
+use crate::vmlaunch::container::ContainerError;
 use crate::vmlaunch::node::NodeError;
 
 /// An error response. `code` is for scripts (it never changes for a given
@@ -188,6 +189,22 @@ fn capture_status(e: &CaptureError) -> (StatusCode, &'static str) {
     }
 }
 
+fn container_status(e: &ContainerError) -> (StatusCode, &'static str) {
+    let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
+    match e {
+        ContainerError::Image(_)
+        | ContainerError::ImageDir { .. }
+        | ContainerError::NotContainerImage(_) => (unprocessable, "invalid_image"),
+        ContainerError::NoSuchCommand { .. } => (unprocessable, "invalid_value"),
+        ContainerError::NoCrun | ContainerError::NoTool { .. } => {
+            (unprocessable, "runtime_unavailable")
+        }
+        ContainerError::NotRunning { .. } => (StatusCode::CONFLICT, "node_busy"),
+        ContainerError::Files { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        ContainerError::Exec(_) => (StatusCode::BAD_GATEWAY, "exec_error"),
+    }
+}
+
 fn node_status(e: &NodeError) -> (StatusCode, &'static str) {
     let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
     match e {
@@ -205,6 +222,7 @@ fn node_status(e: &NodeError) -> (StatusCode, &'static str) {
         NodeError::Disk { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "disk_error"),
         NodeError::Files { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         NodeError::Link { .. } => (StatusCode::CONFLICT, "link_unavailable"),
+        NodeError::Container(c) => container_status(c),
     }
 }
 

@@ -69,9 +69,28 @@ pub fn parse_route(text: &str) -> anyhow::Result<RouteSpec> {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct NodeArgs {
     pub name: String,
-    /// qemu (default) or uml.
+    /// qemu (default), uml or container.
     #[arg(long)]
     pub kind: Option<String>,
+    /// Container: the first process's argv as one shell-free list
+    /// (repeat: --cmd /bin/sh --cmd -c --cmd 'sleep 9').
+    #[arg(long = "cmd", allow_hyphen_values = true)]
+    pub cmd: Vec<String>,
+    /// Container: KEY=VALUE (repeatable).
+    #[arg(long = "env")]
+    pub env: Vec<String>,
+    /// Container: the first process's working directory.
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// Container: its hostname (default: the node's name).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Container: memory limit in MiB (cgroup memory.max).
+    #[arg(long = "memory-mb")]
+    pub container_memory_mb: Option<u32>,
+    /// Container: pids.max of its cgroup.
+    #[arg(long = "pids-max")]
+    pub pids_max: Option<u32>,
     #[arg(long = "memory")]
     pub memory_mb: Option<u32>,
     #[arg(long)]
@@ -123,14 +142,19 @@ impl NodeArgs {
     pub fn to_spec(&self) -> anyhow::Result<NodeSpec> {
         let mut spec = NodeSpec::new(&self.name, &[]);
         if let Some(k) = &self.kind {
-            spec.kind = enum_arg::<NodeKind>("kind", k, "qemu, uml")?;
+            spec.kind = enum_arg::<NodeKind>("kind", k, "qemu, uml, container")?;
         }
         if let Some(a) = &self.accel {
             spec.accel = enum_arg::<Accel>("accel", a, "auto, kvm, tcg")?;
         }
-        if let Some(m) = self.memory_mb {
+        if let Some(m) = self.memory_mb.or(self.container_memory_mb) {
             spec.memory_mb = m;
         }
+        spec.cmd = self.cmd.clone();
+        spec.env = self.env.clone();
+        spec.workdir = self.workdir.clone();
+        spec.hostname = self.hostname.clone();
+        spec.pids_max = self.pids_max;
         if let Some(c) = self.cpus {
             spec.cpus = c;
         }
@@ -446,7 +470,7 @@ mod tests {
         for bad in [
             "l,ip=1.2.3.4",
             "l,mac=zz",
-            "l,transport=tap",
+            "l,transport=carrier-pigeon",
             "l,speed=10",
             "l,noequals",
         ] {

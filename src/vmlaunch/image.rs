@@ -65,7 +65,7 @@ pub enum ImageError {
     Build(String),
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
     move |source| ImageError::Io {
         path: path.display().to_string(),
         source,
@@ -116,6 +116,9 @@ pub struct Manifest {
     /// new ulan rebuilds an image made by an older one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipe: Option<String>,
+    /// A container image: its root filesystem and how it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<crate::vmlaunch::container::rootfs::ContainerImage>,
 }
 
 /// A file named by a manifest must be a plain name inside the image dir.
@@ -134,6 +137,14 @@ impl Manifest {
                 if !plain_file_name(v) {
                     return Err(format!("{what} {v:?} is not a file name inside the image"));
                 }
+            }
+        }
+        if let Some(c) = &self.container {
+            if !plain_file_name(&c.rootfs) {
+                return Err(format!(
+                    "rootfs {:?} is not a name inside the image",
+                    c.rootfs
+                ));
             }
         }
         if let Some(f) = &self.disk_format {
@@ -171,6 +182,13 @@ impl Image {
     pub fn initrd_path(&self) -> Option<PathBuf> {
         self.file(&self.manifest.initrd)
     }
+    /// A container image's root filesystem directory.
+    pub fn rootfs_path(&self) -> Option<PathBuf> {
+        self.manifest
+            .container
+            .as_ref()
+            .map(|c| self.dir.join(&c.rootfs))
+    }
     pub fn disk_path(&self) -> Option<PathBuf> {
         self.file(&self.manifest.disk)
     }
@@ -189,7 +207,7 @@ pub struct ImageStore {
 }
 
 /// Holds the store's lock file (flock) while it lives.
-struct StoreLock(#[allow(dead_code)] File);
+pub(crate) struct StoreLock(#[allow(dead_code)] File);
 
 impl ImageStore {
     /// The store at `dir`; nothing is made until something is written.
@@ -247,6 +265,14 @@ impl ImageStore {
                 });
             }
         }
+        if let Some(r) = img.rootfs_path() {
+            if !r.is_dir() {
+                return Err(ImageError::Manifest {
+                    name: name.into(),
+                    message: format!("{} is not a directory", r.display()),
+                });
+            }
+        }
         Ok(img)
     }
 
@@ -266,7 +292,7 @@ impl ImageStore {
         Ok(names.iter().filter_map(|n| self.get(n).ok()).collect())
     }
 
-    fn lock(&self) -> Result<StoreLock, ImageError> {
+    pub(crate) fn lock(&self) -> Result<StoreLock, ImageError> {
         std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
         let path = self.dir.join(".lock");
         let f = File::options()
@@ -285,7 +311,7 @@ impl ImageStore {
 
     /// A fresh scratch directory inside the store (same file system, so
     /// the finished image is renamed into place atomically).
-    fn scratch(&self, name: &str) -> Result<PathBuf, ImageError> {
+    pub(crate) fn scratch(&self, name: &str) -> Result<PathBuf, ImageError> {
         let tmp = self
             .dir
             .join(format!(".tmp-{name}-{}-{}", std::process::id(), now()));
@@ -295,7 +321,7 @@ impl ImageStore {
 
     /// Puts a finished scratch dir in place as `name`, replacing an older
     /// image of that name when `replace`.
-    fn install(
+    pub(crate) fn install(
         &self,
         tmp: &Path,
         name: &str,
@@ -351,6 +377,7 @@ impl ImageStore {
                 created: now(),
                 kernel_version: None,
                 recipe: None,
+                container: None,
             };
             if let Some(src) = boot_from {
                 for (file, slot) in [
@@ -381,7 +408,7 @@ impl ImageStore {
     }
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -590,7 +617,7 @@ pub fn module_load_order(dep_text: &str, wanted: &[&str]) -> Result<Vec<String>,
 }
 
 /// Shared libraries (and the loader) `ldd` lists for a program.
-fn shared_libraries(program: &str) -> Result<Vec<PathBuf>, ImageError> {
+pub(crate) fn shared_libraries(program: &str) -> Result<Vec<PathBuf>, ImageError> {
     let out = std::process::Command::new("ldd")
         .arg(program)
         .output()
@@ -693,6 +720,7 @@ pub fn build_builtin_from(
             created: now(),
             kernel_version: Some(version.clone()),
             recipe: Some(recipe.clone()),
+            container: None,
         };
         store.install(&tmp, &opts.name, &manifest, true)
     });

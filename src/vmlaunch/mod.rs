@@ -1,12 +1,12 @@
-//! Guests: what a node is (spec), how its emulator's argv is built (qemu,
-//! uml), the images it boots, and the supervision of its process.
+//! Nodes: what a node is (spec), one folder per node kind (qemu, uml, container) with
+//! how its process is started, the images nodes boot, and the supervision
+//! of their processes.
 
-pub mod accel;
 pub mod agent;
+pub mod container;
 pub mod cpio;
 pub mod image;
 pub mod node;
 pub mod qemu;
-pub mod qmp;
 pub mod spec;
 pub mod uml;

@@ -62,6 +62,8 @@ pub enum SpecError {
     ImageName(String),
     #[error("{field} {path:?} must be an absolute path (the daemon does not share your working directory)")]
     RelativePath { field: &'static str, path: String },
+    #[error("{0}")]
+    Container(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -70,6 +72,8 @@ pub enum NodeKind {
     #[default]
     Qemu,
     Uml,
+    /// An OCI container run by crun, rootless (src/vmlaunch/container).
+    Container,
 }
 
 impl NodeKind {
@@ -77,6 +81,7 @@ impl NodeKind {
         match self {
             NodeKind::Qemu => "qemu",
             NodeKind::Uml => "uml",
+            NodeKind::Container => "container",
         }
     }
 
@@ -91,11 +96,18 @@ impl NodeKind {
                 Transport::Vde,
             ],
             NodeKind::Uml => &[Transport::Daemon, Transport::Vde, Transport::Bess],
+            // A tap device in the container's net namespace, its fd handed
+            // to the daemon.
+            NodeKind::Container => &[Transport::Tap],
         }
     }
 
     pub fn default_transport(self) -> Transport {
-        self.transports()[0]
+        // Every kind has one; the fallback is never used.
+        self.transports()
+            .first()
+            .copied()
+            .unwrap_or(Transport::Stream)
     }
 }
 
@@ -123,6 +135,9 @@ pub enum Transport {
     /// shared memory (no system call per frame).
     #[serde(rename = "vhost-user")]
     VhostUser,
+    /// A container's tap device, opened in its network namespace and
+    /// handed to the daemon's tap port as a file descriptor.
+    Tap,
 }
 
 impl Transport {
@@ -134,6 +149,7 @@ impl Transport {
             Transport::Daemon => "daemon",
             Transport::Bess => "bess",
             Transport::VhostUser => "vhost-user",
+            Transport::Tap => "tap",
         }
     }
 
@@ -145,6 +161,7 @@ impl Transport {
             Transport::Vde | Transport::Daemon => PortKind::Vde,
             Transport::Bess => PortKind::Bess,
             Transport::VhostUser => PortKind::VhostUser,
+            Transport::Tap => PortKind::Tap,
         }
     }
 }
@@ -375,6 +392,22 @@ pub struct NodeSpec {
     /// unchanged (no shell). ulan does not check them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_args: Vec<String>,
+    /// Container nodes: the argv of its first process (default: the
+    /// image's entrypoint, or `/bin/sh` for a plain root filesystem).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    /// Container nodes: `KEY=VALUE` environment, after the image's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// Container nodes: the first process's working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Container nodes: default the node's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Container nodes: the cgroup's pids.max.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u32>,
 }
 
 impl NodeSpec {
@@ -396,6 +429,11 @@ impl NodeSpec {
             forward: false,
             binary: None,
             extra_args: Vec::new(),
+            cmd: Vec::new(),
+            env: Vec::new(),
+            workdir: None,
+            hostname: None,
+            pids_max: None,
         }
     }
 
@@ -415,6 +453,10 @@ impl NodeSpec {
         if self.nics.len() > MAX_NICS {
             return Err(SpecError::TooManyNics(self.nics.len()));
         }
+        // Container fields before the NICs: a container's NICs have their
+        // own rules.
+        crate::vmlaunch::container::spec::validate(self)
+            .map_err(|e| SpecError::Container(e.to_string()))?;
         for (i, nic) in self.nics.iter().enumerate() {
             if let Some(lan) = &nic.lan {
                 check_name(lan).map_err(|source| SpecError::NicLan { nic: i, source })?;

@@ -38,8 +38,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::accel::{last_line, read_lossy, run_bounded, PrivateTempDir};
-use super::spec::{NodeKind, NodeSpec, Transport, MAX_NICS};
+use crate::vmlaunch::qemu::accel::{last_line, read_lossy, run_bounded, PrivateTempDir};
+use crate::vmlaunch::spec::{NodeKind, NodeSpec, Transport, MAX_NICS};
 use crate::wire::MacAddr;
 
 pub const DEFAULT_UML_BINARY: &str = "linux.uml";
@@ -259,7 +259,10 @@ fn nic_arg(nic: &UmlNic, paths: &UmlPaths) -> Result<OsString, UmlError> {
                 "vec{n}:transport=bess,dst={dst},src={src},mac={mac}"
             ))
         }
-        transport @ (Transport::Stream | Transport::Dgram | Transport::VhostUser) => {
+        transport @ (Transport::Stream
+        | Transport::Dgram
+        | Transport::VhostUser
+        | Transport::Tap) => {
             return Err(UmlError::Transport {
                 index: n,
                 transport,

@@ -2,6 +2,9 @@
 //! a shell). Pure: everything it needs is passed in, so every flag is
 //! unit-tested here.
 
+pub mod accel;
+pub mod qmp;
+
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
@@ -79,14 +82,14 @@ fn netdev(index: usize, nic: &QemuNic) -> Result<String, QemuError> {
         }
         Transport::Vde => format!("vde,id={id},sock={port}"),
         Transport::VhostUser => format!("vhost-user,id={id},chardev=vu{index}"),
-        transport @ (Transport::Daemon | Transport::Bess) => {
+        transport @ (Transport::Daemon | Transport::Bess | Transport::Tap) => {
             return Err(QemuError::Transport { index, transport })
         }
     })
 }
 
 /// The argv after the binary name. `accel` comes from
-/// [`crate::vmlaunch::accel`]; the user's `extra_args` go last, unchanged.
+/// [`crate::vmlaunch::qemu::accel`]; the user's `extra_args` go last, unchanged.
 pub fn qemu_args(
     spec: &NodeSpec,
     nics: &[QemuNic],

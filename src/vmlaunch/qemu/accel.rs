@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::Accel;
+use crate::vmlaunch::spec::Accel;
 
 /// KVM's stable API version (linux/kvm.h KVM_API_VERSION).
 pub const KVM_API_VERSION: i32 = 12;

@@ -1,0 +1,226 @@
+//! Container nodes in the node table: their run files before a start,
+//! exec through crun, and a stop through crun's kill.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+use crate::vmlaunch::container::{
+    self, bundle, holder::HolderConfig, ContainerPaths, ContainerPlan,
+};
+
+/// Removes a node's files, including what the container made with ids of
+/// the user's subordinate range and the overlay's work dir (which the
+/// kernel leaves mode 000): through the holder's namespaces when a plain
+/// removal fails.
+pub(super) fn remove_tree(dir: &Path) {
+    if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+        return;
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let _ = std::process::Command::new(exe)
+            .arg("container-holder")
+            .arg("--rm")
+            .arg(dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    if dir.exists() {
+        tracing::warn!("cannot remove {}", dir.display());
+    }
+}
+
+fn files_err(node: &str) -> impl Fn(String) -> NodeError + '_ {
+    move |message| NodeError::Files {
+        node: node.into(),
+        message,
+    }
+}
+
+fn mkdir(p: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(p)
+        .map_err(|e| format!("cannot make {}: {e}", p.display()))
+}
+
+impl Lab {
+    /// Makes a container node's run files for a start: a fresh upper layer
+    /// (kept when persistent), the bundle with config.json, the holder's
+    /// config. Returns the holder config's path.
+    pub(super) fn prepare_container(
+        &self,
+        spec: &NodeSpec,
+        macs: &[crate::wire::MacAddr],
+        plan: &ContainerPlan,
+        dir: &Path,
+        cfg: &NodeConfig,
+    ) -> Result<PathBuf, NodeError> {
+        let err = files_err(&spec.name);
+        let layer = overlay_path(spec, dir, cfg);
+        let paths = ContainerPaths::new(dir, &layer);
+        if !(spec.persistent && paths.upper.is_dir()) {
+            remove_tree(&layer);
+        }
+        // Work dir: the kernel's scratch, emptied at every mount anyway.
+        remove_tree(&paths.work);
+        for p in [&paths.bundle, &paths.state_root] {
+            remove_tree(p);
+        }
+        let _ = std::fs::remove_file(&paths.pid_file);
+        let _ = std::fs::remove_file(&paths.crun_pid_file);
+        for p in [&paths.upper, &paths.work, &paths.merged, &paths.state_root] {
+            mkdir(p).map_err(&err)?;
+        }
+        bundle::write_bundle(
+            &paths.bundle,
+            &bundle::BundleInput {
+                rootfs: paths.merged.clone(),
+                args: plan.args.clone(),
+                env: plan.env.clone(),
+                cwd: plan.cwd.clone(),
+                hostname: spec.hostname.clone().unwrap_or_else(|| spec.name.clone()),
+                // crun runs as the holder: its own net namespace is the
+                // holder's, where the NICs are.
+                netns: Some("/proc/self/ns/net".into()),
+            },
+        )?;
+        let (subuid, subgid) = container::subordinate_ids();
+        let holder = HolderConfig {
+            id: container::container_id(self.name(), &spec.name),
+            crun: container::find_crun()?,
+            state_root: paths.state_root.clone(),
+            bundle: paths.bundle.clone(),
+            pid_file: paths.pid_file.clone(),
+            crun_pid_file: paths.crun_pid_file.clone(),
+            lower: plan.lower.clone(),
+            upper: paths.upper.clone(),
+            work: paths.work.clone(),
+            merged: paths.merged.clone(),
+            nics: (0..spec.nics.len())
+                .map(|i| container::holder::HolderNic {
+                    ifname: format!("eth{i}"),
+                    mac: macs[i].to_string(),
+                    socket: self.ports_dir().join(spec.port_name(i)),
+                    ip: spec.nics[i].ip.iter().map(|c| c.to_string()).collect(),
+                })
+                .collect(),
+            routes: spec
+                .routes
+                .iter()
+                .map(|r| (r.to.clone(), r.via.to_string()))
+                .collect(),
+            forward: spec.forward,
+            subuid,
+            subgid,
+        };
+        let text = serde_json::to_vec_pretty(&holder).map_err(|e| err(e.to_string()))?;
+        std::fs::write(&paths.holder_config, text)
+            .map_err(|e| err(format!("{}: {e}", paths.holder_config.display())))?;
+        Ok(paths.holder_config)
+    }
+
+    /// The holder's pid, crun's state dir and the container's id, for a
+    /// running container node.
+    pub(super) fn container_handle(&self, name: &str) -> Result<(u32, PathBuf, String), LabError> {
+        let table = self.node_table().lock();
+        let e = table.get(name).ok_or_else(|| node_not_found(name))?;
+        let st = e.runtime.status();
+        let state = st.state.unwrap_or(NodeState::Stopped);
+        match (st.pid.and(container::crun_pid(&e.dir)), state) {
+            (Some(pid), NodeState::Running | NodeState::Starting) => Ok((
+                pid,
+                ContainerPaths::new(&e.dir, &e.dir).state_root,
+                container::container_id(self.name(), name),
+            )),
+            _ => Err(NodeError::Busy {
+                node: name.into(),
+                state,
+                hint: "start it first",
+            }
+            .into()),
+        }
+    }
+
+    /// Runs `argv` in a container (crun exec), with its exit code and
+    /// streams; 137 when killed at `timeout`, as the guest agent does.
+    pub(super) async fn exec_container(
+        &self,
+        name: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, LabError> {
+        let (pid, state_root, id) = self.container_handle(name)?;
+        // The container may still be on its way up.
+        let pid_file = state_root
+            .parent()
+            .map(|d| d.join("container.pid"))
+            .unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&pid_file).is_ok_and(|p| !p.trim().is_empty()) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(NodeError::from(container::ContainerError::NotRunning {
+                    node: name.into(),
+                })
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut args: Vec<String> = vec!["exec".into(), "--".into(), id];
+        args.extend(argv.iter().cloned());
+        let mut cmd = container::crun_in_holder(pid, &state_root, &args);
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let child = cmd.spawn().map_err(|e| {
+            NodeError::from(container::ContainerError::Exec(format!(
+                "cannot run nsenter: {e}"
+            )))
+        })?;
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(Ok(out)) => {
+                use std::os::unix::process::ExitStatusExt;
+                let code = out
+                    .status
+                    .code()
+                    .unwrap_or_else(|| 128 + out.status.signal().unwrap_or(9));
+                Ok(ExecOutput {
+                    exit_code: code,
+                    stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                })
+            }
+            Ok(Err(e)) => {
+                Err(NodeError::from(container::ContainerError::Exec(e.to_string())).into())
+            }
+            // Dropped: nsenter and crun exec are killed; the command in the
+            // container loses its parent and goes with it.
+            Err(_) => Ok(ExecOutput {
+                exit_code: 137,
+                stdout: String::new(),
+                stderr: format!("timed out after {} s", timeout.as_secs()),
+            }),
+        }
+    }
+
+    /// SIGTERM to a container's init through crun (`pid` is the holder's,
+    /// which became crun), whatever state the node is in.
+    pub(super) async fn signal_container_now(&self, name: &str) -> Result<(), String> {
+        let dir = {
+            let table = self.node_table().lock();
+            table.get(name).map(|e| e.dir.clone())
+        };
+        let Some(dir) = dir else {
+            return Err("no such node".into());
+        };
+        let state_root = ContainerPaths::new(&dir, &dir).state_root;
+        let pid = container::crun_pid(&dir).ok_or("crun has not started")?;
+        let id = container::container_id(self.name(), name);
+        container::kill_container(pid, &state_root, &id, "TERM").await
+    }
+}
