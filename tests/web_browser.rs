@@ -1,10 +1,12 @@
 //! The page in a real browser: headless Chromium driven by chromedriver
 //! over the WebDriver protocol (a small JSON client below), against a
-//! real lab served by `ulan web`'s listener. It sees the lab, adds a lan
-//! through the dialog, connects a node's NIC by dragging the node onto
-//! the lan, follows a change made by the CLI, and (with QEMU) runs a
-//! command in a real guest's console in the page. The topology screenshot
-//! lands in target/web-screenshot.png.
+//! real lab: `ulan daemon` and `ulan web` run as the unprivileged test
+//! user (rootless, as a user runs them). It sees the lab, adds a lan and
+//! a node through the dialogs, connects a node's NIC by dragging the node
+//! onto the lan, stops, starts and removes a node and removes a lan with
+//! the panel's buttons, follows a change made by the CLI, and (with
+//! QEMU) runs a command in a real guest's console in the page. The
+//! topology screenshot lands in target/web-screenshot.png.
 //!
 //! Without chromium and chromedriver the tests skip loudly; under CI=true
 //! they fail.
@@ -16,15 +18,11 @@ use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use common::cli::{give_to, uid_of_pid, Account, CliUser};
-use ulan::api;
-use ulan::api::web::listener::{WebConfig, WebServer};
-use ulan::lab::Lab;
 
 // Generous: the machine may be loaded; every wait polls.
 const WAIT: Duration = Duration::from_secs(60);
@@ -305,35 +303,6 @@ fn target_dir() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
-}
-
-/// The API on `<xdg>/ulan/<lab>/api.sock` (where the CLI looks, with
-/// XDG_RUNTIME_DIR=<xdg>) and `ulan web`'s listener in front of it.
-fn serve(
-    rt: &tokio::runtime::Runtime,
-    lab: &Arc<Lab>,
-    xdg: &Path,
-    name: &str,
-) -> (String, tokio::sync::watch::Sender<bool>) {
-    let run = xdg.join("ulan").join(name);
-    std::fs::create_dir_all(&run).unwrap();
-    let sock = run.join("api.sock");
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let url = rt.block_on(async {
-        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-        tokio::spawn(api::serve(listener, lab.clone(), rx.clone()));
-        let server = WebServer::bind(WebConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            sock.clone(),
-            name,
-        ))
-        .await
-        .unwrap();
-        let url = server.url();
-        tokio::spawn(server.serve(rx));
-        url
-    });
-    (url, stop)
 }
 
 /// A lab's daemon (`ulan daemon --detach`) and `ulan web`, both run by
@@ -869,22 +838,56 @@ fn browser_console_runs_a_command_in_a_guest() {
     if skip_without_browser(test) || common::guests::skip_without_guests(test) {
         return;
     }
-    let g = common::guests::GuestLab::new("wc");
-    g.lab.add_lan("net").unwrap();
-    g.add(common::guests::GuestLab::spec("g1", &["net"]));
-    g.wait_running(&["g1"]);
-    let xdg = g.dir.path().join("xdg");
-    let (url, _stop) = serve(&g.rt, &g.lab, &xdg, "wc");
+    let Some(account) = common::cli::unprivileged_or_skip(test) else {
+        return;
+    };
+    // The daemon, the guest's QEMU and `ulan web` all run as the test
+    // user, with the shared store of the built-in image made readable.
+    let images = common::guests::test_store();
+    common::cli::give_read(&images);
+    let s = Served::start(CliUser::as_account("wc", account).with_env("ULAN_IMAGES", &images));
+    s.assert_rootless("wc");
+    s.u.ok(&["lan", "add", "net"]);
+    s.u.ok(&[
+        "node",
+        "add",
+        "g1",
+        "--accel",
+        "tcg",
+        "--memory",
+        "192",
+        "--nic",
+        "net",
+        "--no-wait",
+    ]);
+    let deadline = Instant::now() + common::guests::BOOT;
+    loop {
+        let g1 = s.node("g1").expect("g1");
+        match g1["state"].as_str() {
+            Some("running") => {
+                let pid = g1["pid"].as_u64().unwrap() as u32;
+                assert_eq!(uid_of_pid(pid), Some(s.account().uid), "QEMU's uid");
+                break;
+            }
+            Some("starting") => {}
+            _ => panic!("g1 did not boot: {g1}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "g1 not running after {:?}",
+            common::guests::BOOT
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let b = Browser::start();
-    b.go(&url);
+    b.go(&s.url);
     b.wait_js(
         "the guest is drawn running",
         "return window.ulan && window.ulan.cy.getElementById('node:g1').data('state') === 'running'",
         WAIT,
     );
     // Click the node, then its Console button.
-    b.click("#btn-fit");
-    std::thread::sleep(Duration::from_millis(300));
+    b.fit();
     b.click_at(b.at("node:g1"));
     b.click_xpath("//aside[@id='details']//button[text()='Console']");
     b.wait_js(
