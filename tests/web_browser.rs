@@ -1,32 +1,31 @@
 //! The page in a real browser: headless Chromium driven by chromedriver
 //! over the WebDriver protocol (a small JSON client below), against a
-//! real lab served by `ulan web`'s listener. It sees the lab, adds a lan
-//! through the dialog, connects a node's NIC by dragging the node onto
-//! the lan, follows a change made by the CLI, and (with QEMU) runs a
-//! command in a real guest's console in the page. The topology screenshot
-//! lands in target/web-screenshot.png.
+//! real lab: `ulan daemon` and `ulan web` run as the unprivileged test
+//! user (rootless, as a user runs them). It sees the lab, adds a lan and
+//! a node through the dialogs, connects a node's NIC by dragging the node
+//! onto the lan, stops, starts and removes a node and removes a lan with
+//! the panel's buttons, follows a change made by the CLI, and (with
+//! QEMU) runs a command in a real guest's console in the page. The
+//! topology screenshot lands in target/web-screenshot.png.
 //!
 //! Without chromium and chromedriver the tests skip loudly; under CI=true
 //! they fail.
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use ulan::api;
-use ulan::api::web::listener::{WebConfig, WebServer};
-use ulan::lab::{Lab, LabConfig};
-use ulan::ports::PortKind;
+use common::cli::{give_to, uid_of_pid, Account, CliUser};
 
-const WAIT: Duration = Duration::from_secs(30);
+// Generous: the machine may be loaded; every wait polls.
+const WAIT: Duration = Duration::from_secs(60);
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// Why the browser cannot run here, if it cannot.
@@ -306,84 +305,193 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// The API on `<xdg>/ulan/<lab>/api.sock` (where the CLI looks, with
-/// XDG_RUNTIME_DIR=<xdg>) and `ulan web`'s listener in front of it.
-fn serve(
-    rt: &tokio::runtime::Runtime,
-    lab: &Arc<Lab>,
-    xdg: &Path,
-    name: &str,
-) -> (String, tokio::sync::watch::Sender<bool>) {
-    let run = xdg.join("ulan").join(name);
-    std::fs::create_dir_all(&run).unwrap();
-    let sock = run.join("api.sock");
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let url = rt.block_on(async {
-        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-        tokio::spawn(api::serve(listener, lab.clone(), rx.clone()));
-        let server = WebServer::bind(WebConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            sock.clone(),
-            name,
-        ))
-        .await
-        .unwrap();
-        let url = server.url();
-        tokio::spawn(server.serve(rx));
-        url
-    });
-    (url, stop)
+/// A lab's daemon (`ulan daemon --detach`) and `ulan web`, both run by
+/// the CLI as the unprivileged test user in its own XDG dirs: the page
+/// is served rootless, as a user runs it.
+struct Served {
+    web: Child,
+    url: String,
+    u: CliUser,
+}
+
+impl Served {
+    fn start(u: CliUser) -> Served {
+        u.ok(&["daemon", "--detach"]);
+        let mut web = u
+            .cmd(&["web"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting ulan web");
+        // The URL is its first line; EOF (an empty line) if it failed.
+        let mut line = String::new();
+        let read = BufReader::new(web.stdout.take().unwrap()).read_line(&mut line);
+        let s = Served {
+            web,
+            url: line.trim().to_string(),
+            u,
+        };
+        assert!(
+            read.is_ok() && s.url.starts_with("http://127.0.0.1:"),
+            "ulan web printed {line:?}"
+        );
+        s
+    }
+
+    fn account(&self) -> Account {
+        *self.u.account().expect("an account")
+    }
+
+    /// The daemon's pid, from its lock file.
+    fn daemon_pid(&self, lab: &str) -> u32 {
+        let lock = self.u.run_dir().join("ulan").join(lab).join("lock");
+        let text = std::fs::read_to_string(&lock).unwrap();
+        text.trim().parse().unwrap()
+    }
+
+    /// Both the daemon and `ulan web` run as the test user, not root.
+    fn assert_rootless(&self, lab: &str) {
+        let want = self.account().uid;
+        for (what, pid) in [
+            ("the daemon", self.daemon_pid(lab)),
+            ("ulan web", self.web.id()),
+        ] {
+            let uid = uid_of_pid(pid).unwrap_or_else(|| panic!("{what} (pid {pid}) is gone"));
+            assert_eq!(uid, want, "{what} runs as uid {uid}, not the test user");
+            assert_ne!(uid, 0, "{what} runs as root");
+        }
+    }
+
+    /// `ulan --json node show NAME`, or None if there is no such node.
+    fn node(&self, name: &str) -> Option<Value> {
+        let out = self.u.ulan(&["--json", "node", "show", name]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    fn names(&self, what: &str) -> Vec<String> {
+        let v = self.u.json(&[what, "ls"]);
+        v.as_array()
+            .unwrap_or_else(|| panic!("{what} ls: {v}"))
+            .iter()
+            .map(|x| x["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The lan of `port`, from `ulan port ls`.
+    fn port_lan(&self, port: &str) -> Option<String> {
+        let v = self.u.json(&["port", "ls"]);
+        let p = v.as_array()?.iter().find(|p| p["name"] == port)?;
+        p["lan"].as_str().map(str::to_string)
+    }
+}
+
+impl Drop for Served {
+    /// `ulan web` gets Ctrl-C (SIGINT) and, if it lingers, SIGKILL; then
+    /// the lab goes down and CliUser's drop stops the daemon.
+    fn drop(&mut self) {
+        // SAFETY: a plain signal to our own child.
+        unsafe { libc::kill(self.web.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.web.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.web.kill();
+        let _ = self.web.wait();
+        let _ = self.u.ulan(&["down"]);
+    }
+}
+
+/// Polls `cond` (through the CLI: slow calls, so every 100 ms) until it
+/// holds.
+fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn ids_script() -> &'static str {
     "return window.ulan && window.ulan.cy.elements().map(e => e.id()).sort().join(' ')"
 }
 
+/// The computed colour of a graph element, as cytoscape draws it.
+fn colour_script(id: &str) -> String {
+    format!("return window.ulan.cy.getElementById('{id}').style('background-color')")
+}
+
+/// `#rrggbb` as cytoscape reports a colour: `rgb(r,g,b)`.
+fn rgb(hex: &str) -> String {
+    let c = |i: usize| u8::from_str_radix(&hex[i..i + 2], 16).unwrap();
+    format!("rgb({},{},{})", c(1), c(3), c(5))
+}
+
+const RUNNING: &str = "#2e8b57";
+const STOPPED: &str = "#9aa1ad";
+
 #[test]
 fn browser_sees_builds_and_follows_the_lab() {
-    if skip_without_browser("browser_sees_builds_and_follows_the_lab") {
+    let test = "browser_sees_builds_and_follows_the_lab";
+    if skip_without_browser(test) {
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = LabConfig::new("w", &dir.path().join("run"));
-    config.nodes.images_dir = dir.path().join("images");
-    config.nodes.data_dir = dir.path().join("data");
-    let lab = rt.block_on(async { Lab::start(config) }).unwrap();
-    lab.add_lan("red").unwrap();
-    lab.add_lan("blue").unwrap();
-    lab.add_port("p1", PortKind::Dgram, Some("red")).unwrap();
-    lab.add_port("p2", PortKind::Stream, Some("blue")).unwrap();
-    lab.add_port("p3", PortKind::Dgram, None).unwrap();
-    // A node whose "kernel" is a script: it runs, with one NIC on red and
-    // one on no lan.
-    let script = dir.path().join("emulator");
-    std::fs::write(&script, "#!/bin/sh\nexec sleep 600\n").unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let initrd = dir.path().join("initrd");
-    std::fs::write(&initrd, b"not really an initrd").unwrap();
-    let spec = serde_json::from_value(json!({
-        "name": "n1", "kind": "uml",
-        "binary": script.display().to_string(),
-        "initrd": initrd.display().to_string(),
-        "nics": [{"lan": "red"}, {"lan": null}],
-    }))
+    let Some(account) = common::cli::unprivileged_or_skip(test) else {
+        return;
+    };
+    let u = CliUser::as_account("w", account);
+    // Nodes whose "kernel" is a script, so no emulator is needed: n1
+    // names it as its binary; nodes added from the page find it as
+    // `linux.uml` on the daemon's PATH, and boot the store's image
+    // "fakeuml" (a manifest and an initrd).
+    let emulator = "#!/bin/sh\nexec sleep 600\n";
+    let script = u.write("emulator", emulator);
+    let bin = u.home().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::write(bin.join("linux.uml"), emulator).unwrap();
+    let store = u.home().join("images");
+    std::fs::create_dir_all(store.join("fakeuml")).unwrap();
+    std::fs::write(
+        store.join("fakeuml/image.json"),
+        r#"{"initrd": "initrd", "description": "a test's stand-in"}"#,
+    )
     .unwrap();
-    rt.block_on(lab.add_node(spec)).unwrap();
-    let free_nic = lab.node("n1").unwrap().nics[1].port.clone();
+    std::fs::write(store.join("fakeuml/initrd"), b"not really an initrd").unwrap();
+    let initrd = u.write("initrd", "not really an initrd");
+    give_to(u.home(), &account);
+    for f in [Path::new(&script), &bin.join("linux.uml")] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let u = u.with_env("PATH", path).with_env("ULAN_IMAGES", &store);
+    let s = Served::start(u);
+    s.assert_rootless("w");
+    let u = &s.u;
+    u.ok(&["lan", "add", "red"]);
+    u.ok(&["lan", "add", "blue"]);
+    u.ok(&["port", "add", "p1", "--kind", "dgram", "--lan", "red"]);
+    u.ok(&["port", "add", "p2", "--kind", "stream", "--lan", "blue"]);
+    u.ok(&["port", "add", "p3", "--kind", "dgram"]);
+    // n1 runs, with one NIC on red and one on no lan.
+    u.ok(&[
+        "node", "add", "n1", "--kind", "uml", "--binary", &script, "--initrd", &initrd, "--nic",
+        "red", "--nic", "-",
+    ]);
+    let n1 = s.node("n1").expect("n1");
+    let nic_port = |n: &Value, i: usize| n["nics"][i]["port"].as_str().unwrap().to_string();
+    let (n1_eth0, free_nic) = (nic_port(&n1, 0), nic_port(&n1, 1));
 
-    let xdg = dir.path().join("xdg");
-    let (url, _stop) = serve(&rt, &lab, &xdg, "w");
     let b = Browser::start();
-    b.go(&url);
+    b.go(&s.url);
 
     // The lab as it is: every lan, node, plain port and link.
-    let want = "edge:n1-eth0 edge:p1 edge:p2 lan:blue lan:red node:n1 port:p1 port:p2 port:p3";
-    let want = want.replace("n1-eth0", &lab.node("n1").unwrap().nics[0].port);
+    let want =
+        format!("edge:{n1_eth0} edge:p1 edge:p2 lan:blue lan:red node:n1 port:p1 port:p2 port:p3");
     let mut want: Vec<&str> = want.split(' ').collect();
     want.sort();
     let want = want.join(" ");
@@ -407,11 +515,9 @@ fn browser_sees_builds_and_follows_the_lab() {
     b.click("#btn-add-lan");
     b.type_into("#lan-name", "web1");
     b.click("#lan-create");
-    let deadline = Instant::now() + WAIT;
-    while !lab.lans().iter().any(|l| l.name == "web1") {
-        assert!(Instant::now() < deadline, "the dialog did not add the lan");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until("the dialog adds the lan", || {
+        s.names("lan").iter().any(|l| l == "web1")
+    });
     b.wait_js(
         "the new lan is drawn",
         "return !window.ulan.cy.getElementById('lan:web1').empty()",
@@ -419,20 +525,14 @@ fn browser_sees_builds_and_follows_the_lab() {
     );
 
     // Connect n1's free NIC by dragging n1 onto web1.
-    b.click("#btn-fit");
-    std::thread::sleep(Duration::from_millis(300));
+    b.fit();
     let from = b.at("node:n1");
     let to = b.at("lan:web1");
     b.drag(from, to);
-    let deadline = Instant::now() + WAIT;
-    while lab.port(&free_nic).unwrap().lan.as_deref() != Some("web1") {
-        let err = b.js("return document.getElementById('error').textContent");
-        assert!(
-            Instant::now() < deadline,
-            "dragging n1 onto web1 did not connect {free_nic} (from {from:?} to {to:?}; page says {err})"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until(
+        &format!("dragging n1 onto web1 connects {free_nic} (from {from:?} to {to:?})"),
+        || s.port_lan(&free_nic).as_deref() == Some("web1"),
+    );
     b.wait_js(
         "the new link is drawn",
         &format!(
@@ -442,16 +542,7 @@ fn browser_sees_builds_and_follows_the_lab() {
     );
 
     // A change made by the CLI shows within a second, without a reload.
-    let out = Command::new(env!("CARGO_BIN_EXE_ulan"))
-        .args(["--lab", "w", "lan", "add", "from-cli"])
-        .env("XDG_RUNTIME_DIR", &xdg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    u.ok(&["lan", "add", "from-cli"]);
     let t0 = Instant::now();
     b.wait_js(
         "the CLI's lan is drawn",
@@ -487,13 +578,85 @@ fn browser_sees_builds_and_follows_the_lab() {
         "const e = document.getElementById('error'); return !e.classList.contains('hidden') && e.textContent.includes('no-such-image') && e.textContent",
         WAIT,
     );
-    assert!(lab.node("n2").is_err(), "a refused node was made: {err}");
+    assert!(s.node("n2").is_none(), "a refused node was made: {err}");
+
+    // Now for real: a UML node of the store's image, 96 MiB, a NIC on
+    // blue and one on web1. It runs, as the API says and the page draws.
+    b.click("#btn-add-node");
+    for (field, text) in [
+        ("#node-name", "n2"),
+        ("#node-kind", "uml"),
+        ("#node-image", "fakeuml"),
+        ("#node-memory", "96"),
+        ("#node-nics", "blue, web1"),
+    ] {
+        b.clear(field);
+        b.type_into(field, text);
+    }
+    b.click("#node-create");
+    let mut n2 = Value::Null;
+    until("the dialog adds n2 and it runs", || {
+        n2 = s.node("n2").unwrap_or_default();
+        n2["state"] == "running"
+    });
+    assert_eq!(n2["kind"], "uml", "{n2}");
+    assert_eq!(n2["spec"]["memory_mb"], 96, "{n2}");
+    assert_eq!(n2["spec"]["image"], "fakeuml", "{n2}");
+    let lans: Vec<&Value> = n2["nics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| &n["lan"])
+        .collect();
+    assert_eq!(lans, [&json!("blue"), &json!("web1")], "{n2}");
+    let n2_ports = [nic_port(&n2, 0), nic_port(&n2, 1)];
+    b.wait_js(
+        "n2 is drawn running, with its memory and both links",
+        &format!(
+            "const cy = window.ulan.cy; const n = cy.getElementById('node:n2');\
+             return !n.empty() && n.data('state') === 'running' && n.data('memory_mb') === 96\
+               && cy.getElementById('edge:{}').data('target') === 'lan:blue'\
+               && cy.getElementById('edge:{}').data('target') === 'lan:web1'",
+            n2_ports[0], n2_ports[1]
+        ),
+        WAIT,
+    );
+    assert_eq!(b.js(&colour_script("node:n2")), rgb(RUNNING));
+
+    // Stop and start it with its panel's buttons: the API's state and
+    // the page's label and colour follow.
+    b.fit();
+    b.click_at(b.at("node:n2"));
+    b.wait_js(
+        "n2's panel is open",
+        "const h = document.querySelector('#details h2'); return h && h.textContent === 'node n2'",
+        WAIT,
+    );
+    for (button, want, colour) in [("Stop", "stopped", STOPPED), ("Start", "running", RUNNING)] {
+        b.click_xpath(&format!(
+            "//aside[@id='details']//button[text()='{button}']"
+        ));
+        until(&format!("{button} makes n2 {want} in the API"), || {
+            s.node("n2").is_some_and(|n| n["state"] == want)
+        });
+        b.wait_js(
+            &format!("n2 is drawn {want}"),
+            &format!(
+                "const n = window.ulan.cy.getElementById('node:n2');\
+                 return n.data('state') === '{want}' && n.data('label').endsWith('· {want}')\
+                   && n.style('background-color') === '{}'",
+                rgb(colour)
+            ),
+            WAIT,
+        );
+    }
 
     // Save the running lab as a lab file, and read it back as `ulan up` does.
     b.js("window.__saved = null; const orig = URL.createObjectURL; \
           URL.createObjectURL = (blob) => { blob.text().then((t) => { window.__saved = t; }); return orig(blob); };");
     b.click("#btn-save");
     let saved = b.wait_js("the lab file is made", "return window.__saved", WAIT);
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("saved.json");
     std::fs::write(&file, saved.as_str().unwrap()).unwrap();
     let spec = ulan::labfile::load(&file).unwrap_or_else(|e| panic!("{e}: {saved}"));
@@ -515,6 +678,46 @@ fn browser_sees_builds_and_follows_the_lab() {
         "the dragged NIC's lan"
     );
 
+    // Remove n2 with its panel's button: gone from the API (its NIC
+    // ports too) and from the page.
+    b.click_at(b.at("node:n2"));
+    b.wait_js(
+        "n2's panel is open again",
+        "const h = document.querySelector('#details h2'); return h && h.textContent === 'node n2'",
+        WAIT,
+    );
+    b.click_xpath("//aside[@id='details']//button[text()='Remove']");
+    until("Remove removes n2 and its ports", || {
+        let ports = s.names("port");
+        s.node("n2").is_none() && !n2_ports.iter().any(|p| ports.contains(p))
+    });
+    b.wait_js(
+        "n2 and its links are gone from the page",
+        &format!(
+            "const cy = window.ulan.cy; return cy.getElementById('node:n2').empty()\
+               && cy.getElementById('edge:{}').empty() && cy.getElementById('edge:{}').empty()",
+            n2_ports[0], n2_ports[1]
+        ),
+        WAIT,
+    );
+
+    // Remove a lan with its panel's button.
+    b.click_at(b.at("lan:from-cli"));
+    b.wait_js(
+        "from-cli's panel is open",
+        "const h = document.querySelector('#details h2'); return h && h.textContent === 'lan from-cli'",
+        WAIT,
+    );
+    b.click_xpath("//aside[@id='details']//button[text()='Remove']");
+    until("Remove removes the lan from-cli", || {
+        !s.names("lan").iter().any(|l| l == "from-cli")
+    });
+    b.wait_js(
+        "from-cli is gone from the page",
+        "return window.ulan.cy.getElementById('lan:from-cli').empty()",
+        WAIT,
+    );
+
     // A lan's MAC table in its panel.
     b.js("window.ulan.cy.getElementById('lan:red').emit('tap');");
     b.wait_js(
@@ -526,11 +729,9 @@ fn browser_sees_builds_and_follows_the_lab() {
     // Remove a plain port from its panel.
     b.js("window.ulan.cy.getElementById('port:p3').emit('tap');");
     b.click_xpath("//aside[@id='details']//button[text()='Remove']");
-    let deadline = Instant::now() + WAIT;
-    while lab.port("p3").is_ok() {
-        assert!(Instant::now() < deadline, "Remove did not remove p3");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until("Remove removes p3", || {
+        !s.names("port").iter().any(|p| p == "p3")
+    });
     b.wait_js(
         "p3 is gone from the graph",
         "return window.ulan.cy.getElementById('port:p3').empty()",
@@ -544,8 +745,10 @@ fn browser_sees_builds_and_follows_the_lab() {
         "const s = document.getElementById('port-stats'); return s && s.textContent.includes('frames')",
         WAIT,
     );
-    b.js("window.ulan.cy.elements().unselect(); window.ulan.state.selected = null; document.getElementById('btn-fit').click();");
-    std::thread::sleep(Duration::from_millis(300));
+    // Still the test user's, after all that.
+    s.assert_rootless("w");
+    b.js("window.ulan.cy.elements().unselect(); window.ulan.state.selected = null;");
+    b.fit();
     let shot = target_dir().join("web-screenshot.png");
     b.screenshot(&shot);
     eprintln!("screenshot: {}", shot.display());
@@ -587,17 +790,41 @@ impl Browser {
         self.call("DELETE", "/actions", None);
     }
 
+    /// Clicks the element at `xpath`. The details panel is redrawn when
+    /// the lab changes, so a button found may be replaced before the
+    /// click lands: then it is found again.
     fn click_xpath(&self, xpath: &str) {
-        let v = self.call(
-            "POST",
-            "/element",
-            Some(json!({"using": "xpath", "value": xpath})),
-        );
-        let e = v[ELEMENT]
-            .as_str()
-            .unwrap_or_else(|| panic!("no element {xpath}: {v}"))
-            .to_string();
-        self.call("POST", &format!("/element/{e}/click"), Some(json!({})));
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.call(
+                "POST",
+                "/element",
+                Some(json!({"using": "xpath", "value": xpath})),
+            );
+            let e = v[ELEMENT]
+                .as_str()
+                .unwrap_or_else(|| panic!("no element {xpath}: {v}"))
+                .to_string();
+            let p = format!("/session/{}/element/{e}/click", self.session);
+            match wd(self.port, "POST", &p, Some(&json!({}))) {
+                Ok(_) => return,
+                Err(err) if err.contains("stale element") && Instant::now() < deadline => {}
+                Err(err) => panic!("clicking {xpath}: {err}"),
+            }
+        }
+    }
+
+    /// Empties an input.
+    fn clear(&self, css: &str) {
+        let e = self.find(css);
+        self.call("POST", &format!("/element/{e}/clear"), Some(json!({})));
+    }
+
+    /// Clicks Fit and waits until the page has drawn two frames since.
+    fn fit(&self) {
+        self.click("#btn-fit");
+        self.js("window.__frames = 0; const f = () => { if (++window.__frames < 2) requestAnimationFrame(f); }; requestAnimationFrame(f);");
+        self.wait_js("the page redraws", "return window.__frames >= 2", WAIT);
     }
 }
 
@@ -611,22 +838,56 @@ fn browser_console_runs_a_command_in_a_guest() {
     if skip_without_browser(test) || common::guests::skip_without_guests(test) {
         return;
     }
-    let g = common::guests::GuestLab::new("wc");
-    g.lab.add_lan("net").unwrap();
-    g.add(common::guests::GuestLab::spec("g1", &["net"]));
-    g.wait_running(&["g1"]);
-    let xdg = g.dir.path().join("xdg");
-    let (url, _stop) = serve(&g.rt, &g.lab, &xdg, "wc");
+    let Some(account) = common::cli::unprivileged_or_skip(test) else {
+        return;
+    };
+    // The daemon, the guest's QEMU and `ulan web` all run as the test
+    // user, with the shared store of the built-in image made readable.
+    let images = common::guests::test_store();
+    common::cli::give_read(&images);
+    let s = Served::start(CliUser::as_account("wc", account).with_env("ULAN_IMAGES", &images));
+    s.assert_rootless("wc");
+    s.u.ok(&["lan", "add", "net"]);
+    s.u.ok(&[
+        "node",
+        "add",
+        "g1",
+        "--accel",
+        "tcg",
+        "--memory",
+        "192",
+        "--nic",
+        "net",
+        "--no-wait",
+    ]);
+    let deadline = Instant::now() + common::guests::BOOT;
+    loop {
+        let g1 = s.node("g1").expect("g1");
+        match g1["state"].as_str() {
+            Some("running") => {
+                let pid = g1["pid"].as_u64().unwrap() as u32;
+                assert_eq!(uid_of_pid(pid), Some(s.account().uid), "QEMU's uid");
+                break;
+            }
+            Some("starting") => {}
+            _ => panic!("g1 did not boot: {g1}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "g1 not running after {:?}",
+            common::guests::BOOT
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let b = Browser::start();
-    b.go(&url);
+    b.go(&s.url);
     b.wait_js(
         "the guest is drawn running",
         "return window.ulan && window.ulan.cy.getElementById('node:g1').data('state') === 'running'",
         WAIT,
     );
     // Click the node, then its Console button.
-    b.click("#btn-fit");
-    std::thread::sleep(Duration::from_millis(300));
+    b.fit();
     b.click_at(b.at("node:g1"));
     b.click_xpath("//aside[@id='details']//button[text()='Console']");
     b.wait_js(
