@@ -227,7 +227,7 @@ fn main() {
     println!(
         "each trial as fast as the path takes frames, {:.1} s; median of {rounds} rounds; \
          impairments set both ways on the receiving port; the capture is of that port, to a file\n\
-         (the capture's writer runs 10 nice levels below the data plane)\n",
+         (the capture writer runs under SCHED_IDLE)\n",
         window.as_secs_f64()
     );
     println!(
