@@ -20,12 +20,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::cli::CliUser;
 use common::unprivileged::{test_user, TestUser};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ulan");
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -92,58 +91,24 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A `ulan daemon` run as the test user in scratch XDG dirs; stopped (its
-/// containers with it) when dropped.
-struct Daemon {
-    user: TestUser,
-    xdg: tempfile::TempDir,
-    child: Option<Child>,
+/// The daemon and the CLI as the test user (lab "ct"); the daemon is
+/// stopped, its containers with it, when dropped.
+struct Daemon(common::cli::Daemon);
+
+impl std::ops::Deref for Daemon {
+    type Target = common::cli::Daemon;
+    fn deref(&self) -> &common::cli::Daemon {
+        &self.0
+    }
 }
 
 impl Daemon {
     fn start(user: TestUser) -> Daemon {
-        let xdg = tempfile::tempdir().unwrap();
-        std::fs::create_dir(xdg.path().join("data")).unwrap();
-        user.chown_tree(xdg.path());
-        let mut d = Daemon {
-            user,
-            xdg,
-            child: None,
-        };
-        let child = d
-            .cmd()
-            .arg("daemon")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        d.child = Some(child);
-        wait_until("the daemon's API", || d.ulan(&["lab"]).status.success());
-        d
+        Daemon(common::cli::Daemon::start(CliUser::as_account("ct", user)))
     }
 
-    fn cmd(&self) -> Command {
-        let mut c = self.user.command(BIN);
-        c.env("XDG_RUNTIME_DIR", self.xdg.path())
-            .env("XDG_DATA_HOME", self.xdg.path().join("data"))
-            .env("HOME", self.xdg.path())
-            .env("ULAN_LAB", "ct")
-            .env_remove("RUST_LOG");
-        c
-    }
-
-    fn ulan(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.ulan(args);
-        assert!(
-            o.status.success(),
-            "ulan {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+    fn user(&self) -> &TestUser {
+        self.account().expect("run as the test user")
     }
 
     fn node(&self, name: &str) -> serde_json::Value {
@@ -166,31 +131,14 @@ impl Daemon {
         self.exec(node, &["sh", "-c", script])
     }
 
-    fn run_dir(&self) -> PathBuf {
-        self.xdg.path().join("ulan/ct")
+    /// The lab's run directory.
+    fn lab_dir(&self) -> PathBuf {
+        self.run_dir().join("ulan/ct")
     }
 
     fn builtin_rootfs(&self) -> PathBuf {
-        self.xdg
-            .path()
+        self.home()
             .join("data/ulan/images/builtin-container/rootfs")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.ulan(&["stop"]);
-        if let Some(mut c) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -390,8 +338,8 @@ fn exec_stop_and_crash() {
     d.ok(&["node", "rm", "c"]);
     d.ok(&["node", "rm", "e"]);
     d.ok(&["node", "rm", "deaf"]);
-    assert!(!d.run_dir().join("nodes/c").exists());
-    assert_eq!(overlay_mounts_under(d.xdg.path()), 0);
+    assert!(!d.lab_dir().join("nodes/c").exists());
+    assert_eq!(overlay_mounts_under(d.home()), 0);
 }
 
 #[test]
@@ -399,7 +347,7 @@ fn bad_input_is_refused_and_leaves_nothing() {
     let Some(user) = user_or_skip() else { return };
     let d = Daemon::start(user);
     d.ok(&["lan", "add", "l1"]);
-    let plain_file = d.xdg.path().join("plain");
+    let plain_file = d.home().join("plain");
     std::fs::write(&plain_file, "x").unwrap();
     let plain = plain_file.to_string_lossy().into_owned();
     let cases: Vec<(Vec<&str>, &str)> = vec![
@@ -447,7 +395,7 @@ fn bad_input_is_refused_and_leaves_nothing() {
         let ls = d.ok(&["--json", "node", "ls"]);
         assert!(!ls.contains("\"bad\""), "{extra:?} left a node: {ls}");
         assert!(
-            !d.run_dir().join("nodes/bad").exists(),
+            !d.lab_dir().join("nodes/bad").exists(),
             "{extra:?} left files"
         );
         let ports = d.ok(&["--json", "port", "ls"]);
@@ -456,7 +404,7 @@ fn bad_input_is_refused_and_leaves_nothing() {
     // Container fields on a QEMU node are refused too.
     let o = d.ulan(&["node", "add", "g", "--cmd", "x"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("cmd is for container nodes"));
-    assert_eq!(overlay_mounts_under(d.xdg.path()), 0);
+    assert_eq!(overlay_mounts_under(d.home()), 0);
 }
 
 #[test]
@@ -500,14 +448,14 @@ fn limits_are_reported_when_not_applied_and_enforced_where_delegated() {
 /// user, so the unprivileged daemon boots it without building it again.
 fn give_guest_image(d: &Daemon) {
     let from = common::guests::test_store().join(ulan::vmlaunch::image::BUILTIN);
-    let images = d.xdg.path().join("data/ulan/images");
+    let images = d.home().join("data/ulan/images");
     let to = images.join(ulan::vmlaunch::image::BUILTIN);
     std::fs::create_dir_all(&to).unwrap();
     for e in std::fs::read_dir(&from).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
-    d.user.chown_tree(&d.xdg.path().join("data"));
+    d.user().chown_tree(&d.home().join("data"));
 }
 
 /// `ulan exec FROM -- ping IP`, retried: the first may wait for ARP, and
@@ -542,9 +490,9 @@ fn a_lab_file_of_containers_and_a_guest_routes_between_two_lans() {
         let cut = text.find("  - name: g1").unwrap();
         text.truncate(cut);
     }
-    let file = d.xdg.path().join("lab.yaml");
+    let file = d.home().join("lab.yaml");
     std::fs::write(&file, &text).unwrap();
-    d.user.chown_tree(&file);
+    d.user().chown_tree(&file);
     d.ok(&["up", &file.to_string_lossy()]);
     let (code, out, err) = d.exec("c1", &["ping", "-c", "2", "-W", "3", "10.0.2.10"]);
     assert_eq!(code, 0, "c1 -> c2 through r1: {out}{err}");

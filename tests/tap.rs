@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::cli::CliUser;
 use common::unprivileged::{test_user, TestUser};
 use common::Fixture;
 use ulan::ports::tap::client::{self, create_tap, hand_over, hand_over_with, TapError};
@@ -125,14 +126,6 @@ fn sh(script: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn tap_path(fx: &Fixture, port: &str) -> PathBuf {
@@ -648,56 +641,19 @@ fn hostile_handovers_are_refused_while_the_switch_keeps_forwarding() {
     fx.lab.shutdown();
 }
 
-/// A `ulan daemon` run as the test user in a scratch XDG_RUNTIME_DIR.
-struct Daemon {
-    user: TestUser,
-    xdg: tempfile::TempDir,
-    child: Option<Child>,
+/// The daemon and the CLI as the test user (lab "tap").
+struct Daemon(common::cli::Daemon);
+
+impl std::ops::Deref for Daemon {
+    type Target = common::cli::Daemon;
+    fn deref(&self) -> &common::cli::Daemon {
+        &self.0
+    }
 }
 
 impl Daemon {
     fn start(user: TestUser) -> Daemon {
-        let xdg = tempfile::tempdir().unwrap();
-        std::fs::create_dir(xdg.path().join("data")).unwrap();
-        user.chown_tree(xdg.path());
-        let mut d = Daemon {
-            user,
-            xdg,
-            child: None,
-        };
-        let child = d
-            .cmd()
-            .arg("daemon")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        d.child = Some(child);
-        wait_until("the daemon's API", || d.ulan(&["lab"]).status.success());
-        d
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = self.user.command(BIN);
-        c.env("XDG_RUNTIME_DIR", self.xdg.path())
-            .env("XDG_DATA_HOME", self.xdg.path().join("data"))
-            .env("ULAN_LAB", "tap")
-            .env_remove("RUST_LOG");
-        c
-    }
-
-    fn ulan(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.ulan(args);
-        assert!(
-            o.status.success(),
-            "ulan {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        Daemon(common::cli::Daemon::start(CliUser::as_account("tap", user)))
     }
 
     fn stats(&self, port: &str) -> serde_json::Value {
@@ -705,12 +661,13 @@ impl Daemon {
     }
 
     fn socket(&self, port: &str) -> PathBuf {
-        self.xdg.path().join("ulan/tap/ports").join(port)
+        self.run_dir().join("ulan/tap/ports").join(port)
     }
 
     /// `script` in a new user + network namespace, as the test user.
     fn netns(&self, script: &str) -> Child {
-        self.user
+        self.account()
+            .expect("run as the test user")
             .command("timeout")
             .args(["60", "unshare", "--user", "--map-root-user", "--net"])
             .args(["sh", "-c", script])
@@ -718,15 +675,6 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

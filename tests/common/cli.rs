@@ -203,3 +203,59 @@ pub fn give_read(path: &Path) {
         p = dir.parent();
     }
 }
+
+/// `ulan daemon` in the foreground, run as a CLI user (its account), for
+/// tests that want the daemon's own process; `ulan stop` when dropped,
+/// killed if it has not gone within 15 s.
+pub struct Daemon {
+    cli: CliUser,
+    child: Option<std::process::Child>,
+}
+
+impl Daemon {
+    pub fn start(cli: CliUser) -> Daemon {
+        let child = cli
+            .cmd(&["daemon"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            cli,
+            child: Some(child),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !d.ulan(&["lab"]).status.success() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon's API never answered"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        d
+    }
+}
+
+impl std::ops::Deref for Daemon {
+    type Target = CliUser;
+    fn deref(&self) -> &CliUser {
+        &self.cli
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.cli.ulan(&["stop"]);
+        if let Some(mut c) = self.child.take() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
