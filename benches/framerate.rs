@@ -14,6 +14,7 @@
 //! limit, and checks each frame. Frames are learned unicast: the sink
 //! announces its MAC first.
 
+#[allow(dead_code)]
 mod common;
 use common::{allowed_cpus, cpu_model, cpu_ns, gettid, pin, text};
 use std::io;

@@ -11,84 +11,14 @@
 #[allow(dead_code)]
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::netns::{finish, have, kernel_path, median, sh_in_ns};
 
 use ulan::lab::{Lab, LabConfig};
 use ulan::ports::PortKind;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ulan");
-const NS: [&str; 3] = ["--user", "--map-root-user", "--net"];
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-/// Gbit/s from `iperf3 -J` output (what the receiver counted).
-fn gbits(json: &str) -> Option<f64> {
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    Some(v["end"]["sum_received"]["bits_per_second"].as_f64()? / 1e9)
-}
-
-fn sh_in_ns(extra: &[&str], script: &str) -> std::process::Child {
-    Command::new("timeout")
-        .arg("120")
-        .arg("unshare")
-        .args(NS)
-        .args(extra)
-        .args(["sh", "-c", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("unshare")
-}
-
-fn finish(child: std::process::Child, what: &str) -> Result<f64, String> {
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "{what}: {}{}",
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let json = &text[text.find('{').unwrap_or(0)..];
-    gbits(json).ok_or_else(|| format!("{what}: no iperf3 result in {text}"))
-}
-
-/// The kernel paths, in one user + net + mount namespace: `ip netns`
-/// namespaces a and b (and br for the bridge).
-fn kernel_path(bridge: bool, secs: u64) -> Result<f64, String> {
-    let link = if bridge {
-        "ip netns add br
-         ip -n br link add b0 type bridge
-         ip -n br link set b0 up
-         ip link add va netns a type veth peer name pa netns br
-         ip link add vb netns b type veth peer name pb netns br
-         for p in pa pb; do ip -n br link set $p master b0; ip -n br link set $p up; done"
-    } else {
-        "ip link add va netns a type veth peer name vb netns b"
-    };
-    let script = format!(
-        "set -e
-        mount -t tmpfs tmpfs /run
-        mkdir -p /run/netns
-        ip netns add a; ip netns add b
-        {link}
-        ip -n a link set va up; ip -n b link set vb up
-        ip -n a addr add 10.1.0.1/24 dev va; ip -n b addr add 10.1.0.2/24 dev vb
-        ip netns exec a iperf3 -s -1 -D -B 10.1.0.1
-        sleep 0.3
-        ip netns exec b iperf3 -c 10.1.0.1 -t {secs} -J"
-    );
-    finish(sh_in_ns(&["--mount"], &script), "kernel path")
-}
 
 /// The data-plane thread of this process (the lab runs in process).
 fn dataplane_tid() -> Option<String> {
@@ -155,11 +85,6 @@ fn ulan_path(secs: u64) -> Result<(f64, f64), String> {
     let _ = server.wait_with_output();
     lab.shutdown();
     Ok((rate?, cpu as f64 / 1e9 / wall))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -14,6 +14,7 @@
 //! (testpmd's forwarding lcore, or every thread of the ulan daemon) runs
 //! on the second CPU.
 
+#[allow(dead_code)]
 mod common;
 use common::{allowed_cpus, cpu_model, cpu_ns, gettid, pin, text};
 use std::path::{Path, PathBuf};

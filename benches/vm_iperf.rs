@@ -10,28 +10,20 @@
 //! (TCG here: KVM is probed and used where it works). The median run of
 //! each setup is reported.
 
+#[allow(dead_code)]
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-use ulan::lab::{Lab, LabConfig};
-use ulan::vmlaunch::agent;
+use common::netns::have;
+use common::vm::{measure, spec, through_ulan, Run, MEMORY_MB};
 use ulan::vmlaunch::image::{self, Image, ImageStore};
 use ulan::vmlaunch::qemu::accel::{self, KvmStatus};
 use ulan::vmlaunch::qemu::{self, QemuBoot, QemuNic, QemuPaths};
-use ulan::vmlaunch::spec::{Accel, NodeSpec, Transport};
+use ulan::vmlaunch::spec::Transport;
 use ulan::wire::MacAddr;
-
-const MEMORY_MB: u32 = 256;
-const BOOT: Duration = Duration::from_secs(300);
-
-#[derive(Clone, Copy)]
-struct Run {
-    mbps: f64,
-    retransmits: u64,
-}
 
 struct Row {
     setup: String,
@@ -73,13 +65,6 @@ fn mac(n: u8) -> MacAddr {
     MacAddr([0x02, 0xbe, 0, 0, 0, n])
 }
 
-fn spec(name: &str, ip: &str) -> NodeSpec {
-    let mut s = NodeSpec::new(name, &["l"]);
-    s.memory_mb = MEMORY_MB;
-    s.nics[0].ip = vec![ip.parse().expect("address")];
-    s
-}
-
 /// Starts one built-in-image guest with one NIC, outside ulan.
 fn start_guest(
     dir: &Path,
@@ -116,87 +101,6 @@ fn start_guest(
         child,
         agent: gdir.join("agent.sock"),
     })
-}
-
-async fn exec(sock: &Path, argv: &[&str], secs: u64) -> Result<String, String> {
-    let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
-    let out = agent::exec(sock, &argv, Duration::from_secs(secs))
-        .await
-        .map_err(|e| e.to_string())?;
-    if out.exit_code != 0 {
-        return Err(format!(
-            "{argv:?} exited {}: {}{}",
-            out.exit_code, out.stdout, out.stderr
-        ));
-    }
-    Ok(out.stdout)
-}
-
-/// iperf3 from the guest at `a` to the one at `b` (address `b_ip`).
-async fn iperf(a: &Path, b: &Path, b_ip: &str, secs: u64) -> Result<Run, String> {
-    exec(b, &["iperf3", "-s", "-D", "-1"], 10).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let t = secs.to_string();
-    let json = exec(a, &["iperf3", "-c", b_ip, "-t", &t, "-J"], secs + 30).await?;
-    let v: serde_json::Value = serde_json::from_str(&json).map_err(|e| e.to_string())?;
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .ok_or("no sum_received in iperf3's report")?;
-    Ok(Run {
-        mbps: bps / 1e6,
-        retransmits: v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
-    })
-}
-
-async fn measure(
-    a: &Path,
-    b: &Path,
-    b_ip: &str,
-    secs: u64,
-    runs: usize,
-) -> Result<Vec<Run>, String> {
-    agent::wait_ready(a, Instant::now() + BOOT)
-        .await
-        .map_err(|e| e.to_string())?;
-    agent::wait_ready(b, Instant::now() + BOOT)
-        .await
-        .map_err(|e| e.to_string())?;
-    // A first ping fills the ARP caches.
-    let _ = exec(a, &["ping", "-c", "1", "-W", "2", b_ip], 10).await;
-    let mut out = Vec::new();
-    for _ in 0..runs {
-        out.push(iperf(a, b, b_ip, secs).await?);
-    }
-    Ok(out)
-}
-
-async fn through_ulan(
-    store: &Path,
-    transport: Transport,
-    kvm: bool,
-    secs: u64,
-    runs: usize,
-) -> Result<Vec<Run>, String> {
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let mut config = LabConfig::new("bench", &dir.path().join("run"));
-    config.nodes.images_dir = store.to_path_buf();
-    config.nodes.data_dir = dir.path().join("data");
-    let lab: Arc<Lab> = Lab::start(config).map_err(|e| e.to_string())?;
-    let result = async {
-        lab.add_lan("l").map_err(|e| e.to_string())?;
-        for (name, ip) in [("a", "10.9.0.1/24"), ("b", "10.9.0.2/24")] {
-            let mut s = spec(name, ip);
-            s.nics[0].transport = Some(transport);
-            s.accel = if kvm { Accel::Kvm } else { Accel::Tcg };
-            lab.add_node(s).await.map_err(|e| e.to_string())?;
-        }
-        let agent = |n: &str| lab.run_dir().join("nodes").join(n).join("agent.sock");
-        measure(&agent("a"), &agent("b"), "10.9.0.2", secs, runs).await
-    }
-    .await;
-    lab.stop_all_nodes().await;
-    lab.shutdown();
-    result
 }
 
 async fn direct(
@@ -273,14 +177,6 @@ async fn via_vde_switch(
     let r = measure(&a.agent, &b.agent, "10.9.0.2", secs, runs).await;
     drop((a, b, sw));
     r
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 fn main() {

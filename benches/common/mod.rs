@@ -1,5 +1,9 @@
 //! What the frame-rate benches share about the host: which CPUs they may
-//! use, pinning, a thread's CPU time, the CPU's name.
+//! use, pinning, a thread's CPU time, the CPU's name; and (netns, vm)
+//! the peers the iperf3 benches measure against.
+
+pub mod netns;
+pub mod vm;
 
 /// The CPUs this process may run on (its affinity mask, which a cgroup
 /// or taskset may have narrowed), in order.
