@@ -225,6 +225,10 @@ enum PortCmd {
         kind: String,
         #[arg(long)]
         lan: Option<String>,
+        /// Born with its link down (`ulan link PORT up` later): it forwards
+        /// nothing until then.
+        #[arg(long)]
+        down: bool,
     },
     Rm {
         name: String,
@@ -425,9 +429,17 @@ fn main() -> ExitCode {
                 Cmd::Lan(LanCmd::Add { name }) => cli::Request::LanAdd(name),
                 Cmd::Lan(LanCmd::Rm { name }) => cli::Request::LanRm(name),
                 Cmd::Lan(LanCmd::Ls) => cli::Request::LanLs,
-                Cmd::Port(PortCmd::Add { name, kind, lan }) => {
-                    cli::Request::PortAdd { name, kind, lan }
-                }
+                Cmd::Port(PortCmd::Add {
+                    name,
+                    kind,
+                    lan,
+                    down,
+                }) => cli::Request::PortAdd {
+                    name,
+                    kind,
+                    lan,
+                    down,
+                },
                 Cmd::Port(PortCmd::Rm { name }) => cli::Request::PortRm(name),
                 Cmd::Port(PortCmd::Ls) => cli::Request::PortLs,
                 Cmd::Port(PortCmd::Move { name, lan, .. }) => cli::Request::PortMove { name, lan },

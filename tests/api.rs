@@ -1625,3 +1625,69 @@ fn decoding_random_bodies_never_panics() {
         }
     }
 }
+
+/// POST /v1/ports with `link` and `impairments`: the port is born with
+/// them (and before it joins its lan, so a port born down forwards
+/// nothing); a bad value or an unknown lan makes no port at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_is_born_with_its_link_and_impairments() {
+    use ulan::testkit::{frame, mac, Endpoint};
+    let api = Api::start().await;
+    let c = &api.client;
+    c.add_lan("l").await.unwrap();
+    let body = json!({
+        "name": "b", "kind": "dgram", "lan": "l", "link": "down",
+        "impairments": {"egress": {"delay_ms": 5.0}, "ingress": {"loss_pct": 1.0}}
+    });
+    let v = c.call(Method::POST, "/v1/ports", Some(body)).await.unwrap();
+    assert_eq!(v["link"], "down", "{v}");
+    assert_eq!(v["lan"], "l", "{v}");
+    let imp = c.impairments("b").await.unwrap();
+    assert_eq!(imp.egress.and_then(|d| d.delay_ms), Some(5.0));
+    assert_eq!(imp.ingress.and_then(|d| d.loss_pct), Some(1.0));
+    let a = c.add_port("a", PortKind::Dgram, Some("l")).await.unwrap();
+    let b = c.port("b").await.unwrap();
+    let scratch = api.dir.path().join("ends");
+    std::fs::create_dir(&scratch).unwrap();
+    let mut ea = Endpoint::connect(PortKind::Dgram, Path::new(&a.path), &scratch).unwrap();
+    let mut eb = Endpoint::connect(PortKind::Dgram, Path::new(&b.path), &scratch).unwrap();
+    // Down from birth: nothing crosses either way.
+    eb.send(&frame(mac(1), mac(2), 64, 1)).unwrap();
+    ea.send(&frame(mac(2), mac(1), 64, 2)).unwrap();
+    assert!(ea.recv(Duration::from_millis(300)).unwrap().is_none());
+    assert!(eb.recv(Duration::from_millis(300)).unwrap().is_none());
+    c.set_link("b", ulan::lab::LinkState::Up).await.unwrap();
+    ea.send(&frame(mac(2), mac(1), 64, 3)).unwrap();
+    let got = eb
+        .recv(Duration::from_secs(2))
+        .unwrap()
+        .expect("a frame once up");
+    assert_eq!(ulan::testkit::tag_of(&got), Some(3));
+
+    // Refused before anything is made.
+    let before = api.state().await;
+    for (body, code) in [
+        (
+            json!({"name": "x", "kind": "dgram", "impairments": {"egress": {"loss_pct": 150}}}),
+            "invalid_value",
+        ),
+        (
+            json!({"name": "x", "kind": "dgram", "link": "sideways"}),
+            "bad_json",
+        ),
+        (
+            json!({"name": "x", "kind": "dgram", "lan": "nope", "link": "down"}),
+            "not_found",
+        ),
+        (
+            json!({"name": "a", "kind": "dgram", "link": "down"}),
+            "already_exists",
+        ),
+    ] {
+        match c.call(Method::POST, "/v1/ports", Some(body.clone())).await {
+            Err(ClientError::Api { code: got, .. }) => assert_eq!(got, code, "{body}"),
+            other => panic!("{body}: {other:?}"),
+        }
+        assert_eq!(api.state().await, before, "{body} changed something");
+    }
+}

@@ -153,3 +153,24 @@ fn bad_impairments_in_a_lab_file_are_refused_before_anything_starts() {
     // No daemon was started for it.
     assert!(!u.ulan(&["lab"]).status.success());
 }
+
+#[test]
+fn a_port_added_down_forwards_nothing_until_its_link_is_up() {
+    let u = User::new();
+    // `up` starts the daemon.
+    let file = u.write(
+        "one.yaml",
+        "name: links\nlans: [l]\nports:\n  - {name: a, kind: stream, lan: l}\n",
+    );
+    u.ok(&["up", &file]);
+    let out = u.ok(&[
+        "port", "add", "b", "--kind", "stream", "--lan", "l", "--down",
+    ]);
+    assert!(out.contains("port b"), "{out}");
+    assert_eq!(u.port("b")["link"], "down");
+    let mut ea = u.connect("a");
+    let mut eb = u.connect("b");
+    assert_eq!(both_ways(&mut ea, &mut eb, 10, QUIET * 3), (false, false));
+    u.ok(&["link", "b", "up"]);
+    assert_eq!(both_ways(&mut ea, &mut eb, 20, WAIT), (true, true));
+}

@@ -380,6 +380,26 @@ impl Client {
         typed(self.call(Method::POST, "/v1/ports", Some(body)).await?)
     }
 
+    /// A port born with `link` and `impairments` (set before it joins
+    /// `lan`, so nothing crosses it before they hold).
+    pub async fn add_port_with(
+        &self,
+        name: &str,
+        kind: PortKind,
+        lan: Option<&str>,
+        link: crate::lab::LinkState,
+        impairments: &ImpairSpec,
+    ) -> Result<PortView, ClientError> {
+        let mut body = json!({ "name": name, "kind": kind.as_str(), "lan": lan });
+        if link != crate::lab::LinkState::Up {
+            body["link"] = json!(link);
+        }
+        if !impairments.is_empty() {
+            body["impairments"] = json!(impairments);
+        }
+        typed(self.call(Method::POST, "/v1/ports", Some(body)).await?)
+    }
+
     pub async fn remove_port(&self, name: &str) -> Result<(), ClientError> {
         self.call(
             Method::DELETE,

@@ -265,14 +265,19 @@ pub struct NewLan {
 
 /// `POST /v1/ports`. `kind` is a string here so that an unknown kind is a
 /// 422 `invalid_kind` rather than a JSON error; `lan` may be missing or
-/// null (the port starts on no lan).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// null (the port starts on no lan); `link` and `impairments` are the
+/// port's from birth.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewPort {
     pub name: String,
     pub kind: String,
     #[serde(default)]
     pub lan: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub impairments: Option<ImpairSpec>,
 }
 
 /// `PATCH /v1/ports/{port}`: `lan` (a lan name moves the port there,
@@ -336,6 +341,8 @@ pub enum Input {
         name: String,
         kind: PortKind,
         lan: Option<String>,
+        link: Option<LinkState>,
+        impairments: Option<Box<ImpairSpec>>,
     },
     PatchPort {
         lan: Option<Option<String>>,
@@ -403,17 +410,23 @@ pub fn decode_body(op: Op, body: &[u8]) -> Result<Input, ApiError> {
             invalid_name("port", &b.name)?;
             let kind = b.kind.parse::<PortKind>().map_err(|_| {
                 ApiError::invalid_kind(format!(
-                    "unknown port kind {:?} (stream, dgram, vde, bess)",
+                    "unknown port kind {:?} (stream, dgram, vde, bess, vhost-user, tap)",
                     truncate(&b.kind, 40)
                 ))
             })?;
             if let Some(lan) = &b.lan {
                 invalid_name("lan", lan)?;
             }
+            if let Some(spec) = &b.impairments {
+                spec.validate()
+                    .map_err(|e| ApiError::invalid_value(e.to_string()))?;
+            }
             Ok(Input::NewPort {
                 name: b.name,
                 kind,
                 lan: b.lan,
+                link: b.link,
+                impairments: b.impairments.map(Box::new),
             })
         }
         Op::MovePort => {
@@ -605,8 +618,43 @@ pub async fn execute(lab: &Arc<Lab>, m: &Matched<'_>, input: Input) -> Result<Re
             )
         }
         (Op::ListPorts, _) => json(ok, &lab.ports()),
-        (Op::AddPort, Input::NewPort { name, kind, lan }) => {
-            let info = lab.add_port(&name, kind, lan.as_deref())?;
+        (
+            Op::AddPort,
+            Input::NewPort {
+                name,
+                kind,
+                lan,
+                link,
+                impairments,
+            },
+        ) => {
+            let info = if link.is_none() && impairments.is_none() {
+                lab.add_port(&name, kind, lan.as_deref())?
+            } else {
+                // Born off any lan, given its link and impairments, then
+                // put on its lan: no frame crosses it before they hold.
+                lab.add_port(&name, kind, None)?;
+                let set = || {
+                    if let Some(spec) = impairments {
+                        lab.set_impairments(&name, *spec)?;
+                    }
+                    if let Some(link) = link {
+                        lab.set_switch_link(&name, link)?;
+                    }
+                    match &lan {
+                        Some(lan) => lab.move_port(&name, Some(lan)),
+                        None => lab.port(&name),
+                    }
+                };
+                match set() {
+                    Ok(info) => info,
+                    Err(e) => {
+                        let (lab, name) = (lab.clone(), name.clone());
+                        let _ = detached(async move { lab.remove_port(&name).await }).await;
+                        return Err(e.into());
+                    }
+                }
+            };
             created(&info, format!("/v1/ports/{name}"))
         }
         (Op::GetPort, _) => json(ok, &lab.port(m.name())?),
@@ -898,7 +946,9 @@ mod tests {
             Input::NewPort {
                 name: "p".into(),
                 kind: PortKind::Dgram,
-                lan: None
+                lan: None,
+                link: None,
+                impairments: None,
             }
         );
     }

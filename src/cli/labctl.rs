@@ -12,7 +12,6 @@ use super::nodes::{nodes_table, wait_running};
 use super::{print_json, table, Output};
 use crate::api::client::{Client, ClientError};
 use crate::daemon::{self, DaemonOptions};
-use crate::lab::LinkState;
 use crate::labfile::{self, LabFile, Step};
 use crate::vmlaunch::image::{self, ImageStore};
 
@@ -84,15 +83,10 @@ pub async fn apply_file(
             Step::AddLan(l) => drop(client.add_lan(l).await?),
             Step::RemoveLan(l) => client.remove_lan(l).await?,
             Step::AddPort(p) => {
-                client.add_port(&p.name, p.kind, p.lan.as_deref()).await?;
-                // Right after the port is made, before a client can have
-                // found its new socket.
-                if p.link != LinkState::Up {
-                    client.set_link(&p.name, p.link).await?;
-                }
-                if !p.impairments.is_empty() {
-                    client.set_impairments(&p.name, &p.impairments).await?;
-                }
+                // Born with them, before it joins its lan.
+                client
+                    .add_port_with(&p.name, p.kind, p.lan.as_deref(), p.link, &p.impairments)
+                    .await?;
             }
             Step::RemovePort(p) => client.remove_port(p).await?,
             Step::MovePort { port, lan } => drop(client.move_port(port, lan.as_deref()).await?),

@@ -34,6 +34,7 @@ pub enum Request {
         name: String,
         kind: String,
         lan: Option<String>,
+        down: bool,
     },
     PortRm(String),
     PortLs,
@@ -239,10 +240,22 @@ pub async fn run_with(client: &Client, req: Request, out: Output) -> anyhow::Res
                 .collect();
             print!("{}", table(&["LAN", "PORTS", "MEMBERS"], &rows));
         }
-        Request::PortAdd { name, kind, lan } => {
+        Request::PortAdd {
+            name,
+            kind,
+            lan,
+            down,
+        } => {
             // Check the kind here too, for a message that lists the kinds.
             let kind: PortKind = kind.parse().map_err(anyhow::Error::msg)?;
-            let p = client.add_port(&name, kind, lan.as_deref()).await?;
+            let link = if down {
+                crate::lab::LinkState::Down
+            } else {
+                crate::lab::LinkState::Up
+            };
+            let p = client
+                .add_port_with(&name, kind, lan.as_deref(), link, &Default::default())
+                .await?;
             if json {
                 return print_json(&p);
             }
