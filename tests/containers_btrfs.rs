@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::cli::CliUser;
-use common::containers::{have, user_or_skip, Daemon};
+use common::containers::{have, subid_user_or_skip, user_or_skip, Daemon};
+use common::unprivileged::SubidUser;
 
 /// A Btrfs loop-mounted at `mnt`; unmounted and its loop device
 /// detached when dropped, also when the test fails.
@@ -213,6 +214,32 @@ fn snapshot_roots_on_btrfs(options: &str) {
     assert_eq!(d.sh_ok("p", "cat /kept"), "kept\n");
     assert!(!image.join("kept").exists());
 
+    // Hostile leftovers where snapshots go are not followed: a symlink
+    // at a plain node's snapshot path is removed (its target stays), and
+    // a persistent node's `rootfs` symlinked to the image gives an
+    // overlay over the image, never writes into it.
+    let outside = parent.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("keep"), "x").unwrap();
+    std::os::unix::fs::symlink(&outside, layers.join("h")).unwrap();
+    d.user().chown_tree(&outside);
+    d.add_sleeper("h", &[]);
+    assert_eq!(d.node("h")["rootfs"], "btrfs-snapshot");
+    assert!(is_subvolume(&layers.join("h")));
+    d.sh_ok("h", "echo h > /keep");
+    let q = d.lab_data_dir().join("nodes/q");
+    std::fs::create_dir_all(&q).unwrap();
+    std::os::unix::fs::symlink(&image, q.join("rootfs")).unwrap();
+    d.user().chown_tree(&d.lab_data_dir());
+    d.add_sleeper("q", &["--persistent"]);
+    assert_eq!(d.node("q")["rootfs"], "overlay");
+    d.sh_ok("q", "echo q > /evil");
+    assert!(!image.join("evil").exists(), "q wrote into the image");
+    for n in ["h", "q"] {
+        d.ok(&["node", "rm", n]);
+    }
+    assert_eq!(std::fs::read_to_string(outside.join("keep")).unwrap(), "x");
+
     for n in ["a", "b", "p"] {
         d.ok(&["node", "rm", n]);
     }
@@ -222,6 +249,41 @@ fn snapshot_roots_on_btrfs(options: &str) {
     assert!(left.is_empty(), "snapshots left: {left:?}");
     // Persistent files outlive the node, as a persistent disk does.
     assert!(is_subvolume(&kept));
+    drop(d);
+}
+
+/// A user with subordinate ids on a Btrfs mounted without
+/// `user_subvol_rm_allowed`: its container's files of the range are in
+/// the snapshot, which the daemon's user cannot empty itself; stop
+/// removes it all the same, through the holder's mapping.
+#[test]
+fn a_snapshot_with_subordinate_ids_is_removed_through_the_mapping() {
+    let Some(SubidUser { user, uids, .. }) = subid_user_or_skip() else {
+        return;
+    };
+    let Some(fs) = btrfs_or_skip("defaults") else {
+        return;
+    };
+    let parent = fs.mnt.join("u");
+    std::fs::create_dir(&parent).unwrap();
+    user.chown_tree(&parent);
+    let d = Daemon::start_as(CliUser::as_account_in("ct", user, &parent));
+    d.add_sleeper("s", &[]);
+    assert_eq!(d.node("s")["rootfs"], "btrfs-snapshot");
+    d.sh_ok(
+        "s",
+        "mkdir -p /srv/d && echo x > /srv/d/f && chown -R 1000:1000 /srv/d && chmod 700 /srv/d",
+    );
+    let snap = d.lab_data_dir().join("layers/s");
+    let m = std::fs::symlink_metadata(snap.join("srv/d/f")).unwrap();
+    assert_eq!(m.uid(), uids.0 + 999);
+    d.ok(&["node", "stop", "s", "--timeout", "1"]);
+    assert!(!snap.exists(), "the snapshot outlived the stop");
+    d.ok(&["node", "start", "s"]);
+    let out = d.sh_ok("s", "test -e /srv/d && echo still || echo clean");
+    assert_eq!(out.trim(), "clean");
+    d.ok(&["node", "rm", "s"]);
+    assert!(!snap.exists());
     drop(d);
 }
 

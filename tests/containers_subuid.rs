@@ -14,35 +14,10 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use common::containers::{have, usable_by, Daemon};
-use common::unprivileged::{subid_user, SubidUser};
+use common::containers::{subid_user_or_skip, Daemon};
+use common::unprivileged::SubidUser;
 
 type Range = (u32, u32);
-
-/// The user and its ranges, or a loud skip (a failure under CI as root,
-/// where the account and its range can always be made).
-fn subid_user_or_skip() -> Option<SubidUser> {
-    let got = subid_user().and_then(|s| {
-        if !have("newuidmap") || !have("newgidmap") {
-            return Err("newuidmap/newgidmap (apt-get install uidmap)".into());
-        }
-        usable_by(&s.user)?;
-        Ok(s)
-    });
-    match got {
-        Ok(s) => Some(s),
-        Err(why) => {
-            // SAFETY: getuid cannot fail.
-            let root = unsafe { libc::getuid() } == 0;
-            assert!(
-                !(root && std::env::var_os("CI").is_some()),
-                "cannot run under CI: {why}"
-            );
-            ulan::testkit::skipped(format_args!("the subordinate id test needs {why}"));
-            None
-        }
-    }
-}
 
 /// `/proc/self/uid_map`-style text as (inside, outside, count) rows.
 fn id_map(text: &str) -> Vec<(u32, u32, u32)> {

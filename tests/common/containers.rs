@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::cli::CliUser;
-use super::unprivileged::{test_user, TestUser};
+use super::unprivileged::{subid_user, test_user, SubidUser, TestUser};
 
 pub fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -67,6 +67,31 @@ pub fn user_or_skip() -> Option<TestUser> {
                 "cannot run under CI: {why}"
             );
             ulan::testkit::skipped(format_args!("container tests need {why}"));
+            None
+        }
+    }
+}
+
+/// The user and its ranges, or a loud skip (a failure under CI as root,
+/// where the account and its range can always be made).
+pub fn subid_user_or_skip() -> Option<SubidUser> {
+    let got = subid_user().and_then(|s| {
+        if !have("newuidmap") || !have("newgidmap") {
+            return Err("newuidmap/newgidmap (apt-get install uidmap)".into());
+        }
+        usable_by(&s.user)?;
+        Ok(s)
+    });
+    match got {
+        Ok(s) => Some(s),
+        Err(why) => {
+            // SAFETY: getuid cannot fail.
+            let root = unsafe { libc::getuid() } == 0;
+            assert!(
+                !(root && std::env::var_os("CI").is_some()),
+                "cannot run under CI: {why}"
+            );
+            ulan::testkit::skipped(format_args!("the subordinate id test needs {why}"));
             None
         }
     }
