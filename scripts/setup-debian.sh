@@ -19,6 +19,7 @@ packages=(
     chromium chromium-driver     # the web page tests: headless Chromium over WebDriver
     crun                         # container nodes: the OCI runtime (rootless)
     uidmap                       # newuidmap/newgidmap: container nodes map /etc/subuid ranges
+    btrfs-progs                  # mkfs.btrfs: the Btrfs snapshot-root test makes a loop-mounted Btrfs
 )
 
 find_missing() {

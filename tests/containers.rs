@@ -19,136 +19,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::cli::CliUser;
-use common::unprivileged::{test_user, TestUser};
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-/// The user to run as, or why container nodes cannot run here.
-fn usable() -> Result<TestUser, String> {
-    if !Path::new("/dev/net/tun").exists() {
-        return Err("/dev/net/tun is missing (modprobe tun)".into());
-    }
-    for (t, pkg) in [
-        ("crun", "crun"),
-        ("nsenter", "util-linux"),
-        ("unshare", "util-linux"),
-        ("ip", "iproute2"),
-        ("iperf3", "iperf3"),
-        ("busybox", "busybox-static"),
-    ] {
-        if !have(t) {
-            return Err(format!("{t} is not installed (apt-get install {pkg})"));
-        }
-    }
-    let user = test_user()?;
-    let out = user
-        .command("unshare")
-        .args(["--user", "--map-root-user", "--mount", "--net", "true"])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(format!(
-            "uid {} cannot make user namespaces (sysctl user.max_user_namespaces?): {}",
-            user.uid,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(user)
-}
-
-/// Skips loudly (fails under CI) when the tests cannot run.
-fn user_or_skip() -> Option<TestUser> {
-    match usable() {
-        Ok(u) => Some(u),
-        Err(why) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "cannot run under CI: {why}"
-            );
-            ulan::testkit::skipped(format_args!("container tests need {why}"));
-            None
-        }
-    }
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The daemon and the CLI as the test user (lab "ct"); the daemon is
-/// stopped, its containers with it, when dropped.
-struct Daemon(common::cli::Daemon);
-
-impl std::ops::Deref for Daemon {
-    type Target = common::cli::Daemon;
-    fn deref(&self) -> &common::cli::Daemon {
-        &self.0
-    }
-}
-
-impl Daemon {
-    fn start(user: TestUser) -> Daemon {
-        Daemon(common::cli::Daemon::start(CliUser::as_account("ct", user)))
-    }
-
-    fn user(&self) -> &TestUser {
-        self.account().expect("run as the test user")
-    }
-
-    fn node(&self, name: &str) -> serde_json::Value {
-        serde_json::from_str(&self.ok(&["--json", "node", "show", name])).unwrap()
-    }
-
-    /// `ulan exec NODE -- ARGV`: (exit code, stdout, stderr).
-    fn exec(&self, node: &str, argv: &[&str]) -> (i32, String, String) {
-        let mut args = vec!["exec", node, "--"];
-        args.extend_from_slice(argv);
-        let o = self.ulan(&args);
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    }
-
-    fn sh(&self, node: &str, script: &str) -> (i32, String, String) {
-        self.exec(node, &["sh", "-c", script])
-    }
-
-    /// The lab's run directory.
-    fn lab_dir(&self) -> PathBuf {
-        self.run_dir().join("ulan/ct")
-    }
-
-    fn builtin_rootfs(&self) -> PathBuf {
-        self.home()
-            .join("data/ulan/images/builtin-container/rootfs")
-    }
-}
-
-fn overlay_mounts_under(dir: &Path) -> usize {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains(&*dir.to_string_lossy()))
-        .count()
-}
+use common::containers::{overlay_mounts_under, user_or_skip, wait_until, Daemon};
 
 #[test]
 fn two_containers_ping_run_iperf3_and_a_nic_move_cuts_and_restores_ping() {
@@ -223,6 +97,15 @@ fn the_rootfs_is_copy_on_write_and_persistent_keeps_writes() {
         d.ok(&args);
     };
     add("w", &[]);
+    // An overlay over the image, unless the home is on Btrfs
+    // (tests/containers_btrfs.rs tests that path).
+    let on_btrfs = ulan::vmlaunch::container::btrfs::on_btrfs(d.home());
+    let root = if on_btrfs {
+        "btrfs-snapshot"
+    } else {
+        "overlay"
+    };
+    assert_eq!(d.node("w")["rootfs"], root);
     let (code, _, err) = d.sh(
         "w",
         "echo written > /written && rm /bin/ls && mkdir /etc/new",

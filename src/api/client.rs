@@ -143,6 +143,9 @@ pub struct NodeView {
     pub state: String,
     pub pid: Option<u32>,
     pub accel: Option<String>,
+    /// A container's root: `overlay` or `btrfs-snapshot`.
+    #[serde(default)]
+    pub rootfs: Option<String>,
     pub console: String,
     pub console_log: String,
     pub agent: bool,

@@ -240,6 +240,9 @@ fn print_node(n: &NodeView) {
         n.pid
             .map_or("-".to_string(), |p| format!("pid {p}, {}", dash(&n.accel)))
     );
+    if let Some(r) = &n.rootfs {
+        println!("root      {r}");
+    }
     println!("console   {} (log {})", n.console, n.console_log);
     println!(
         "exec      {}",

@@ -70,7 +70,15 @@ pub struct CliUser {
 
 impl CliUser {
     pub fn new(lab: &str) -> CliUser {
-        let home = tempfile::Builder::new().prefix("ulan-u").tempdir().unwrap();
+        CliUser::new_in(lab, &std::env::temp_dir())
+    }
+
+    /// The same with the home in `parent` (a file system the test made).
+    pub fn new_in(lab: &str, parent: &Path) -> CliUser {
+        let home = tempfile::Builder::new()
+            .prefix("ulan-u")
+            .tempdir_in(parent)
+            .unwrap();
         std::fs::create_dir(home.path().join("run")).unwrap();
         CliUser {
             home,
@@ -83,7 +91,12 @@ impl CliUser {
     /// The same, but every command runs as `account` (its home is given
     /// to it).
     pub fn as_account(lab: &str, account: Account) -> CliUser {
-        let mut u = CliUser::new(lab);
+        CliUser::as_account_in(lab, account, &std::env::temp_dir())
+    }
+
+    /// An account's CLI user with its home (run and data dirs) in `parent`.
+    pub fn as_account_in(lab: &str, account: Account, parent: &Path) -> CliUser {
+        let mut u = CliUser::new_in(lab, parent);
         std::fs::create_dir(u.home.path().join("data")).unwrap();
         give_to(u.home.path(), &account);
         u.account = Some(account);

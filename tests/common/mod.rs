@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod containers;
 pub mod guests;
 pub mod unprivileged;
 

@@ -2,8 +2,9 @@
 //! hidden) the daemon starts for each container run. It makes a user
 //! namespace where the user is root (plus the user's subordinate range from
 //! /etc/subuid when there is one, through newuidmap/newgidmap), a mount and
-//! a network namespace; mounts the node's overlay root filesystem there
-//! (kernel overlayfs, allowed in a user namespace since Linux 5.11); brings
+//! a network namespace; mounts the node's root filesystem there (kernel
+//! overlayfs, allowed in a user namespace since Linux 5.11, or a bind
+//! mount of the node's Btrfs snapshot); brings
 //! up `lo` (and the NICs, once the tap port exists); then runs `crun run` as
 //! init of a new pid namespace and exits with its status, so the daemon
 //! supervises the holder and, through it, the container's init.
@@ -33,10 +34,8 @@ pub struct HolderConfig {
     /// Where the holder writes crun's pid (host numbering): exec and kill
     /// enter crun's pid namespace through it.
     pub crun_pid_file: PathBuf,
-    /// Overlay layers: `lower` read-only (the image), `upper` the node's.
-    pub lower: PathBuf,
-    pub upper: PathBuf,
-    pub work: PathBuf,
+    /// What is mounted at `merged`, the container's root.
+    pub root: RootFs,
     pub merged: PathBuf,
     /// The user's subordinate ids (start, count) from /etc/subuid and
     /// /etc/subgid, mapped from 1 inside.
@@ -51,6 +50,31 @@ pub struct HolderConfig {
     pub subuid: Option<(u32, u32)>,
     #[serde(default)]
     pub subgid: Option<(u32, u32)>,
+}
+
+/// A container's root filesystem: the image is never written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum RootFs {
+    /// Kernel overlayfs: `lower` read-only (the image), `upper` the node's.
+    Overlay {
+        lower: PathBuf,
+        upper: PathBuf,
+        work: PathBuf,
+    },
+    /// The node's own Btrfs snapshot of the image (see btrfs.rs),
+    /// bind-mounted.
+    BtrfsSnapshot { path: PathBuf },
+}
+
+impl RootFs {
+    /// How the node reports it (`rootfs` in its status).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RootFs::Overlay { .. } => "overlay",
+            RootFs::BtrfsSnapshot { .. } => "btrfs-snapshot",
+        }
+    }
 }
 
 /// One NIC: a tap `ifname` made in the holder's network namespace and
@@ -312,7 +336,14 @@ fn mount_root(cfg: &HolderConfig) -> Result<(), HolderError> {
             Some("mode=755"),
         )?;
     }
-    for p in [&cfg.lower, &cfg.upper, &cfg.work, &cfg.merged] {
+    let (lower, upper, work) = match &cfg.root {
+        RootFs::Overlay { lower, upper, work } => (lower, upper, work),
+        RootFs::BtrfsSnapshot { path } => {
+            let src = path.to_string_lossy();
+            return mount(&src, &cfg.merged, "none", libc::MS_BIND, None);
+        }
+    };
+    for p in [lower, upper, work, &cfg.merged] {
         let s = p.to_string_lossy();
         // overlayfs's option syntax has no escapes for these.
         if s.contains([',', ':', '\n']) {
@@ -323,9 +354,9 @@ fn mount_root(cfg: &HolderConfig) -> Result<(), HolderError> {
     }
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
-        cfg.lower.display(),
-        cfg.upper.display(),
-        cfg.work.display()
+        lower.display(),
+        upper.display(),
+        work.display()
     );
     mount("overlay", &cfg.merged, "overlay", 0, Some(&opts))
 }

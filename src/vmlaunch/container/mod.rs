@@ -5,10 +5,13 @@
 //! - rootfs.rs: container images (the built-in one), paths inside a root.
 //! - bundle.rs: the OCI runtime config crun reads.
 //! - holder.rs: the per-node process that makes the namespaces, mounts the
-//!   overlay and becomes `crun run`.
+//!   root (overlay or Btrfs snapshot) and becomes `crun run`.
+//! - btrfs.rs: subvolumes and snapshots, the root where the store is on
+//!   Btrfs.
 //! - limits.rs: cgroup v2 delegation (resource limits) and what to say
 //!   where there is none.
 
+pub mod btrfs;
 pub mod bundle;
 pub mod holder;
 pub mod limits;
@@ -49,7 +52,8 @@ pub enum ContainerError {
 /// What a container node runs, resolved before anything is made.
 #[derive(Debug, Clone)]
 pub struct ContainerPlan {
-    /// The image's root filesystem (the overlay's lower layer).
+    /// The image's root filesystem (the overlay's lower layer, or the
+    /// subvolume a Btrfs snapshot is made of).
     pub lower: PathBuf,
     pub args: Vec<String>,
     pub env: Vec<String>,

@@ -9,6 +9,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::btrfs;
 use crate::vmlaunch::image::{self, io_err, Image, ImageError, ImageStore, Manifest};
 
 /// The store name of the built-in container image.
@@ -39,8 +40,22 @@ pub struct ContainerImage {
 /// The built-in container image, made when missing or older than this
 /// ulan's recipe. Built on first use by a container node without an image
 /// (and by `ulan image build --container`).
+///
+/// Where the store is on Btrfs its rootfs is a subvolume, so nodes get
+/// snapshots of it; one made as a plain directory (before the store moved
+/// to Btrfs) is rebuilt as a subvolume, once per process at most (should
+/// that not give a subvolume, nodes use the overlay and nothing loops).
 pub fn ensure_builtin_container(store: &ImageStore) -> Result<Image, ImageError> {
-    let current = |img: &Image| img.manifest.recipe.as_deref() == Some(RECIPE);
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static CONVERTED: AtomicBool = AtomicBool::new(false);
+    let current = |img: &Image| {
+        let plain_on_btrfs = || {
+            let root = img.dir.join("rootfs");
+            btrfs::on_btrfs(&root) && !btrfs::is_subvolume(&root)
+        };
+        img.manifest.recipe.as_deref() == Some(RECIPE)
+            && (CONVERTED.load(Ordering::Relaxed) || !plain_on_btrfs())
+    };
     if let Ok(img) = store.get(BUILTIN_CONTAINER) {
         if current(&img) {
             return Ok(img);
@@ -52,6 +67,7 @@ pub fn ensure_builtin_container(store: &ImageStore) -> Result<Image, ImageError>
             return Ok(img);
         }
     }
+    CONVERTED.store(true, Ordering::Relaxed);
     let tmp = store.scratch(BUILTIN_CONTAINER)?;
     let result = build_rootfs(&tmp.join("rootfs")).and_then(|()| {
         let manifest = Manifest {
@@ -82,6 +98,7 @@ pub fn ensure_builtin_container(store: &ImageStore) -> Result<Image, ImageError>
 
 fn build_rootfs(root: &Path) -> Result<(), ImageError> {
     use std::os::unix::fs::PermissionsExt;
+    btrfs::make_root_dir(root).map_err(io_err(root))?;
     for d in [
         "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run",
         "var/tmp",

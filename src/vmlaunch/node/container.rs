@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use super::*;
 use crate::vmlaunch::container::{
-    self, bundle, holder::HolderConfig, ContainerPaths, ContainerPlan,
+    self, btrfs, bundle,
+    holder::{HolderConfig, RootFs},
+    ContainerPaths, ContainerPlan,
 };
 
 /// Removes a node's files, including what the container made with ids of
@@ -32,6 +34,96 @@ pub(super) fn remove_tree(dir: &Path) {
     }
 }
 
+/// Where a node's Btrfs snapshot root lives: beside a persistent node's
+/// other kept files, else in the lab's `layers` dir next to them (on the
+/// data dir's file system, like the store; the run dir is often tmpfs).
+pub(super) fn snapshot_path(spec: &NodeSpec, cfg: &NodeConfig) -> PathBuf {
+    if spec.persistent {
+        cfg.data_dir.join(&spec.name).join("rootfs")
+    } else {
+        cfg.data_dir.with_file_name("layers").join(&spec.name)
+    }
+}
+
+/// Deletes a node's snapshot root: by ioctl where the mount allows it
+/// (`user_subvol_rm_allowed`), else emptied and removed with rmdir, through
+/// the holder's id mapping when the container made files of subordinate
+/// ids.
+pub(super) fn drop_snapshot(path: &Path) {
+    if std::fs::symlink_metadata(path).is_err() {
+        return;
+    }
+    match btrfs::delete(path) {
+        Ok(()) => tracing::debug!("snapshot {} deleted", path.display()),
+        Err(e) => {
+            tracing::debug!("{e}: emptying it and removing it instead");
+            remove_tree(path);
+        }
+    }
+}
+
+/// The node's root for this start: its Btrfs snapshot of the image when
+/// the image's root filesystem is a subvolume and the snapshot can be
+/// made beside it (fresh each start, kept when persistent), else the
+/// overlay. A persistent node that already has an overlay upper layer
+/// keeps the overlay (its writes are there).
+fn choose_root(
+    spec: &NodeSpec,
+    plan: &ContainerPlan,
+    paths: &ContainerPaths,
+    cfg: &NodeConfig,
+) -> RootFs {
+    let overlay = RootFs::Overlay {
+        lower: plan.lower.clone(),
+        upper: paths.upper.clone(),
+        work: paths.work.clone(),
+    };
+    let snap = snapshot_path(spec, cfg);
+    if spec.persistent {
+        if paths.upper.is_dir() {
+            return overlay;
+        }
+        if btrfs::is_subvolume(&snap) {
+            return RootFs::BtrfsSnapshot { path: snap };
+        }
+    } else {
+        // A snapshot of an earlier run the daemon did not get to delete.
+        drop_snapshot(&snap);
+    }
+    let why = if !btrfs::on_btrfs(&plan.lower) {
+        // The usual case: nothing to say above debug.
+        tracing::debug!(node = %spec.name, "root: overlay (the image is not on Btrfs)");
+        return overlay;
+    } else if !btrfs::is_subvolume(&plan.lower) {
+        format!(
+            "the image's root filesystem {} is a plain directory, not a subvolume \
+             (made before the store was on Btrfs: build or import it again)",
+            plan.lower.display()
+        )
+    } else {
+        let made = snap
+            .parent()
+            .ok_or_else(|| "no parent dir".to_string())
+            .and_then(|d| mkdir(d).map(|()| d))
+            .and_then(|d| {
+                if btrfs::on_btrfs(d) {
+                    btrfs::snapshot(&plan.lower, &snap).map_err(|e| e.to_string())
+                } else {
+                    Err(format!("{} is not on Btrfs", d.display()))
+                }
+            });
+        match made {
+            Ok(()) => {
+                tracing::info!(node = %spec.name, "root: btrfs snapshot {}", snap.display());
+                return RootFs::BtrfsSnapshot { path: snap };
+            }
+            Err(e) => e,
+        }
+    };
+    tracing::info!(node = %spec.name, "root: overlay, no Btrfs snapshot: {why}");
+    overlay
+}
+
 fn files_err(node: &str) -> impl Fn(String) -> NodeError + '_ {
     move |message| NodeError::Files {
         node: node.into(),
@@ -49,9 +141,10 @@ fn mkdir(p: &Path) -> Result<(), String> {
 }
 
 impl Lab {
-    /// Makes a container node's run files for a start: a fresh upper layer
-    /// (kept when persistent), the bundle with config.json, the holder's
-    /// config. Returns the holder config's path.
+    /// Makes a container node's run files for a start: its root (a fresh
+    /// upper layer or Btrfs snapshot, kept when persistent), the bundle
+    /// with config.json, the holder's config. Returns the holder config's
+    /// path and the kind of root.
     pub(super) fn prepare_container(
         &self,
         spec: &NodeSpec,
@@ -59,7 +152,7 @@ impl Lab {
         plan: &ContainerPlan,
         dir: &Path,
         cfg: &NodeConfig,
-    ) -> Result<PathBuf, NodeError> {
+    ) -> Result<(PathBuf, &'static str), NodeError> {
         let err = files_err(&spec.name);
         let layer = overlay_path(spec, dir, cfg);
         let paths = ContainerPaths::new(dir, &layer);
@@ -73,8 +166,25 @@ impl Lab {
         }
         let _ = std::fs::remove_file(&paths.pid_file);
         let _ = std::fs::remove_file(&paths.crun_pid_file);
-        for p in [&paths.upper, &paths.work, &paths.merged, &paths.state_root] {
+        let root = choose_root(spec, plan, &paths, cfg);
+        let fresh_upper = !paths.upper.is_dir();
+        let mut dirs = vec![&paths.merged, &paths.state_root];
+        if matches!(root, RootFs::Overlay { .. }) {
+            dirs.extend([&paths.upper, &paths.work]);
+        }
+        for p in dirs {
             mkdir(p).map_err(&err)?;
+        }
+        if fresh_upper && matches!(root, RootFs::Overlay { .. }) {
+            // The overlay's root directory has the upper dir's mode: the
+            // image's, not 0700, or no uid but 0 could walk the container's
+            // `/` (its privacy comes from the 0700 dir around it).
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&plan.lower)
+                .map(|m| m.permissions().mode() & 0o7777)
+                .unwrap_or(0o755);
+            std::fs::set_permissions(&paths.upper, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| err(format!("{}: {e}", paths.upper.display())))?;
         }
         bundle::write_bundle(
             &paths.bundle,
@@ -97,9 +207,7 @@ impl Lab {
             bundle: paths.bundle.clone(),
             pid_file: paths.pid_file.clone(),
             crun_pid_file: paths.crun_pid_file.clone(),
-            lower: plan.lower.clone(),
-            upper: paths.upper.clone(),
-            work: paths.work.clone(),
+            root: root.clone(),
             merged: paths.merged.clone(),
             nics: (0..spec.nics.len())
                 .map(|i| container::holder::HolderNic {
@@ -121,7 +229,22 @@ impl Lab {
         let text = serde_json::to_vec_pretty(&holder).map_err(|e| err(e.to_string()))?;
         std::fs::write(&paths.holder_config, text)
             .map_err(|e| err(format!("{}: {e}", paths.holder_config.display())))?;
-        Ok(paths.holder_config)
+        Ok((paths.holder_config, root.kind()))
+    }
+
+    /// After a container node's run: a non-persistent node's snapshot
+    /// root is deleted (a persistent node keeps its own).
+    pub(super) async fn drop_container_root(&self, name: &str) {
+        let snap = {
+            let table = self.node_table().lock();
+            table
+                .get(name)
+                .filter(|e| e.spec.kind == NodeKind::Container && !e.spec.persistent)
+                .map(|e| snapshot_path(&e.spec, self.node_config()))
+        };
+        if let Some(snap) = snap {
+            let _ = tokio::task::spawn_blocking(move || drop_snapshot(&snap)).await;
+        }
     }
 
     /// The holder's pid, crun's state dir and the container's id, for a

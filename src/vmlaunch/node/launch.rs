@@ -35,6 +35,7 @@ impl Lab {
         }
         let disk = self.prepare_disk(&spec, &plan, &dir, &cfg).await?;
         let mut accel_warning = None;
+        let mut rootfs = None;
         let (binary, argv, accel_name) = match spec.kind {
             NodeKind::Qemu => {
                 let binary = spec
@@ -128,7 +129,8 @@ impl Lab {
                     node: name.into(),
                     message: "container node without a container plan".into(),
                 })?;
-                let holder = self.prepare_container(&spec, &macs, plan, &dir, &cfg)?;
+                let (holder, root) = self.prepare_container(&spec, &macs, plan, &dir, &cfg)?;
+                rootfs = Some(root);
                 let exe = std::env::current_exe().map_err(|e| NodeError::Files {
                     node: name.into(),
                     message: format!("cannot find the ulan binary for the holder: {e}"),
@@ -193,6 +195,7 @@ impl Lab {
             st.state = Some(NodeState::Starting);
             st.pid = pid;
             st.accel = accel_name;
+            st.rootfs = rootfs;
             st.warning = accel_warning;
             st.exit = None;
             st.stop_requested = false;

@@ -165,6 +165,12 @@ impl Lab {
     }
 
     pub(super) async fn stop_locked(&self, name: &str, runtime: &Arc<Runtime>, grace: Duration) {
+        self.stop_process_locked(name, runtime, grace).await;
+        // Also after a crash: a node that is not live any more.
+        self.drop_container_root(name).await;
+    }
+
+    async fn stop_process_locked(&self, name: &str, runtime: &Arc<Runtime>, grace: Duration) {
         let (pid, run) = {
             let mut st = runtime.status();
             if !st.state.is_some_and(NodeState::is_live) {

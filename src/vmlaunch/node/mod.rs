@@ -183,6 +183,9 @@ pub struct NodeInfo {
     pub pid: Option<u32>,
     /// `kvm` or `tcg` while a QEMU guest runs.
     pub accel: Option<&'static str>,
+    /// A container's root filesystem in its current or last run:
+    /// `overlay` or `btrfs-snapshot`.
+    pub rootfs: Option<&'static str>,
     /// The serial console's socket (`ulan console` connects to it).
     pub console: String,
     /// Everything the console printed, across restarts.
@@ -206,6 +209,7 @@ struct Status {
     state: Option<NodeState>,
     pid: Option<u32>,
     accel: Option<&'static str>,
+    rootfs: Option<&'static str>,
     exit: Option<String>,
     started_ms: Option<u64>,
     stop_requested: bool,
@@ -345,6 +349,7 @@ impl Lab {
             state: st.state.unwrap_or(NodeState::Stopped),
             pid: st.pid,
             accel: st.accel,
+            rootfs: st.rootfs,
             console: paths.console.display().to_string(),
             console_log: paths.console_log.display().to_string(),
             agent: n.has_agent,
