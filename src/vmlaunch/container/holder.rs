@@ -321,8 +321,11 @@ fn mount_root(cfg: &HolderConfig) -> Result<(), HolderError> {
             )));
         }
     }
+    // userxattr: in a user namespace overlayfs cannot set trusted.*
+    // xattrs, and without them it cannot make a directory opaque: a
+    // container's `rm -rf` of an image directory failed with EIO.
     let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
+        "lowerdir={},upperdir={},workdir={},userxattr",
         cfg.lower.display(),
         cfg.upper.display(),
         cfg.work.display()
