@@ -336,17 +336,8 @@ fn main() -> ExitCode {
         Cmd::Image(ImageCmd::Ls) => cli::image_ls(out),
         Cmd::Console { node } => {
             let client = cli::client(&lab);
-            cli::block_on(async { Ok(client.node(&node).await?) }).and_then(|n| {
-                if n.kind == ulan::vmlaunch::spec::NodeKind::Container {
-                    // Not yet: crun's --console-socket relayed like a guest's.
-                    anyhow::bail!(
-                        "node {node:?} is a container: its console is not served yet; \
-                         use `ulan exec {node} -- sh -c ...`, its output is in {}",
-                        n.console_log
-                    );
-                }
-                cli::console::attach(&node, std::path::Path::new(&n.console))
-            })
+            cli::block_on(async { Ok(client.node(&node).await?) })
+                .and_then(|n| cli::console::attach(&node, std::path::Path::new(&n.console)))
         }
         Cmd::Exec {
             node,

@@ -38,6 +38,9 @@ pub struct HolderConfig {
     pub upper: PathBuf,
     pub work: PathBuf,
     pub merged: PathBuf,
+    /// crun's `--console-socket`: the daemon receives the terminal there.
+    #[serde(default)]
+    pub console_socket: Option<PathBuf>,
     /// The user's subordinate ids (start, count) from /etc/subuid and
     /// /etc/subgid, mapped from 1 inside.
     #[serde(default)]
@@ -405,11 +408,15 @@ fn run_ip(args: &[&str]) -> Result<(), HolderError> {
 
 fn exec_crun(cfg: &HolderConfig) -> Result<std::convert::Infallible, HolderError> {
     use std::os::unix::process::CommandExt;
-    let err = std::process::Command::new(&cfg.crun)
-        .arg("--root")
+    let mut cmd = std::process::Command::new(&cfg.crun);
+    cmd.arg("--root")
         .arg(&cfg.state_root)
         .arg("--cgroup-manager=disabled")
-        .arg("run")
+        .arg("run");
+    if let Some(s) = &cfg.console_socket {
+        cmd.arg("--console-socket").arg(s);
+    }
+    let err = cmd
         .arg("--bundle")
         .arg(&cfg.bundle)
         .arg("--pid-file")

@@ -8,8 +8,10 @@
 //!   overlay and becomes `crun run`.
 //! - limits.rs: cgroup v2 delegation (resource limits) and what to say
 //!   where there is none.
+//! - console.rs: the container's terminal (the pty master crun sends).
 
 pub mod bundle;
+pub mod console;
 pub mod holder;
 pub mod limits;
 pub mod rootfs;
@@ -137,6 +139,8 @@ pub struct ContainerPaths {
     pub pid_file: PathBuf,
     pub crun_pid_file: PathBuf,
     pub holder_config: PathBuf,
+    /// Where crun sends the terminal's pty master (`--console-socket`).
+    pub pty_socket: PathBuf,
     pub upper: PathBuf,
     pub work: PathBuf,
     pub merged: PathBuf,
@@ -153,6 +157,7 @@ impl ContainerPaths {
             pid_file: run_dir.join("container.pid"),
             crun_pid_file: run_dir.join("crun.pid"),
             holder_config: run_dir.join("holder.json"),
+            pty_socket: run_dir.join("pty.sock"),
             upper: layer_dir.join("upper"),
             work: layer_dir.join("work"),
             merged: run_dir.join("bundle/rootfs"),

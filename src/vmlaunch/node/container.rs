@@ -73,6 +73,7 @@ impl Lab {
         }
         let _ = std::fs::remove_file(&paths.pid_file);
         let _ = std::fs::remove_file(&paths.crun_pid_file);
+        let _ = std::fs::remove_file(&paths.pty_socket);
         for p in [&paths.upper, &paths.work, &paths.merged, &paths.state_root] {
             mkdir(p).map_err(&err)?;
         }
@@ -87,6 +88,7 @@ impl Lab {
                 // crun runs as the holder: its own net namespace is the
                 // holder's, where the NICs are.
                 netns: Some("/proc/self/ns/net".into()),
+                terminal: true,
             },
         )?;
         let (subuid, subgid) = container::subordinate_ids();
@@ -101,6 +103,7 @@ impl Lab {
             upper: paths.upper.clone(),
             work: paths.work.clone(),
             merged: paths.merged.clone(),
+            console_socket: Some(paths.pty_socket.clone()),
             nics: (0..spec.nics.len())
                 .map(|i| container::holder::HolderNic {
                     ifname: format!("eth{i}"),
