@@ -679,3 +679,110 @@ fn a_container_that_prints_a_lot_unwatched_never_blocks() {
     assert_eq!((code, out.as_str()), (0, "still-answers\n"), "{err}");
     assert_eq!(d.node("loud")["state"], "running");
 }
+
+#[test]
+fn a_stopped_container_commits_to_an_image_new_nodes_start_from() {
+    let Some(user) = user_or_skip() else { return };
+    let d = Daemon::start(user);
+    let sleep = ["--cmd", "sleep", "--cmd", "1000"];
+    let mut args = vec!["node", "add", "p", "--kind", "container", "--persistent"];
+    args.extend_from_slice(&sleep);
+    d.ok(&args);
+    // A new file, a file of the image removed (a whiteout), a directory of
+    // the image replaced by a new one with one file (opaque), and a file of
+    // a subordinate id where the user has a range (else chown fails).
+    let (code, _, err) = d.sh(
+        "p",
+        "echo committed > /etc/committed-marker && rm /etc/hosts && rm -rf /var && \
+         mkdir /var && echo new > /var/only-new && \
+         { echo sub > /sub-owned; chown 1234:1234 /sub-owned 2>/dev/null || true; }",
+    );
+    assert_eq!(code, 0, "{err}");
+    let (_, owner, _) = d.sh("p", "stat -c %u /sub-owned");
+    // Commit of a running node: a clear 4xx.
+    let o = d.ulan(&["node", "commit", "p", "img2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("stop it first"),
+        "{err}"
+    );
+    d.ok(&["node", "stop", "p", "--timeout", "1"]);
+    let out = d.ok(&["node", "commit", "p", "img2"]);
+    assert!(out.contains("img2"), "{out}");
+    let ls = d.ok(&["image", "ls"]);
+    assert!(ls.contains("img2"), "{ls}");
+    // A new node from it sees the merged tree.
+    let mut args = vec![
+        "node",
+        "add",
+        "n2",
+        "--kind",
+        "container",
+        "--image",
+        "img2",
+    ];
+    args.extend_from_slice(&sleep);
+    d.ok(&args);
+    let (code, out, err) = d.sh(
+        "n2",
+        "cat /etc/committed-marker; test -e /etc/hosts && echo hosts-back; ls /var; \
+         stat -c %u /sub-owned; cat /etc/passwd | head -1",
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "committed", "{out}");
+    assert!(
+        !out.contains("hosts-back"),
+        "the removed file is back: {out}"
+    );
+    assert_eq!(lines[1], "only-new", "the opaque dir: {out}");
+    assert_eq!(lines[2], owner.trim(), "the owner of /sub-owned: {out}");
+    assert!(lines[3].starts_with("root:"), "{out}");
+    // The base image is untouched.
+    let lower = d.builtin_rootfs();
+    assert!(lower.join("etc/hosts").is_file() && lower.join("var/tmp").is_dir());
+    assert!(!lower.join("etc/committed-marker").exists());
+    // An existing name, an unknown node, a bad name: clear errors, and no
+    // scratch dir left in the store.
+    let o = d.ulan(&["node", "commit", "p", "img2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("already exists"),
+        "{err}"
+    );
+    let o = d.ulan(&["node", "commit", "nosuch", "img3"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("nosuch"), "{err}");
+    let o = d.ulan(&["node", "commit", "p", "../escape"]);
+    assert!(!o.status.success());
+    let images = d.home().join("data/ulan/images");
+    let names: Vec<String> = std::fs::read_dir(&images)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with(".tmp-") || n == "img3" || n == "escape"),
+        "{names:?}"
+    );
+    // A plain (not persistent) node commits what its last run wrote.
+    let mut args = vec!["node", "add", "q", "--kind", "container"];
+    args.extend_from_slice(&sleep);
+    d.ok(&args);
+    let (code, _, err) = d.sh("q", "echo q > /q-file");
+    assert_eq!(code, 0, "{err}");
+    d.ok(&["node", "stop", "q", "--timeout", "1"]);
+    d.ok(&["node", "commit", "q", "img5"]);
+    let q = images.join("img5/rootfs/q-file");
+    assert_eq!(std::fs::read_to_string(&q).unwrap_or_default(), "q\n");
+    // Without its layer (gone with the run dir), nothing to commit.
+    std::fs::remove_dir_all(d.lab_dir().join("nodes/q/layer")).unwrap();
+    let o = d.ulan(&["node", "commit", "q", "img6"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("nothing to commit"),
+        "{err}"
+    );
+    assert!(!images.join("img6").exists());
+}

@@ -174,6 +174,15 @@ pub fn remove(dir: &Path) -> Result<(), HolderError> {
     std::fs::remove_dir_all(dir).map_err(sys(format!("remove {}", dir.display())))
 }
 
+/// Makes `dest`, a committed root filesystem (`lower` with `upper`
+/// applied, see commit.rs), as root of the same user namespace a holder
+/// makes: files of the user's subordinate ids are read and made as such.
+pub fn commit(lower: &Path, upper: &Path, dest: &Path) -> Result<(), HolderError> {
+    let (u, g) = super::subordinate_ids();
+    enter_namespaces(u.zip(g), 0)?;
+    super::commit::merge(lower, upper, dest).map_err(|e| HolderError::Other(e.to_string()))
+}
+
 /// New user, mount and network namespaces, the user mapped to root.
 fn enter_namespaces(
     ranges: Option<((u32, u32), (u32, u32))>,

@@ -226,4 +226,90 @@ impl Lab {
         let id = container::container_id(self.name(), name);
         container::kill_container(pid, &state_root, &id, "TERM").await
     }
+
+    /// Commit of a stopped container node (the caller holds its op lock
+    /// and checked it is not live): its image's root filesystem with the
+    /// upper layer its last run left applied, as a new container image
+    /// that runs as the source image does (entrypoint, env, workdir).
+    pub(super) async fn commit_container(
+        &self,
+        spec: &NodeSpec,
+        dir: &Path,
+        image_name: &str,
+    ) -> Result<image::Image, LabError> {
+        let cfg = self.node_config().clone();
+        let upper = ContainerPaths::new(dir, &overlay_path(spec, dir, &cfg)).upper;
+        if !upper.is_dir() {
+            return Err(NodeError::NoLayer(spec.name.clone()).into());
+        }
+        let exe = std::env::current_exe().map_err(|e| NodeError::Files {
+            node: spec.name.clone(),
+            message: format!("cannot find the ulan binary: {e}"),
+        })?;
+        let (spec, name) = (spec.clone(), image_name.to_string());
+        // The store's lock and the copy take as long as they take: not on
+        // the control side's worker.
+        let done = tokio::task::spawn_blocking(move || -> Result<image::Image, NodeError> {
+            let store = ImageStore::open(&cfg.images_dir);
+            crate::names::check_name(&name).map_err(image::ImageError::from)?;
+            let src = container::source(&spec, &store)?;
+            let _lock = store.lock()?;
+            if store.dir().join(&name).exists() {
+                return Err(image::ImageError::Exists(name).into());
+            }
+            let tmp = store.scratch(&name)?;
+            let what = format!("commit of node {}", spec.name);
+            let result = (|| -> Result<image::Image, NodeError> {
+                let out = std::process::Command::new(&exe)
+                    .arg("container-holder")
+                    .arg("--commit")
+                    .args([&src.lower, &upper, &tmp.join("rootfs")])
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .map_err(|e| NodeError::Disk {
+                        what: what.clone(),
+                        message: format!("cannot run {}: {e}", exe.display()),
+                    })?;
+                if !out.status.success() {
+                    return Err(NodeError::Disk {
+                        what: what.clone(),
+                        message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                    });
+                }
+                let manifest = image::Manifest {
+                    kernel: None,
+                    initrd: None,
+                    disk: None,
+                    disk_format: None,
+                    append: None,
+                    agent: false,
+                    description: format!("committed from container node {}", spec.name),
+                    created: image::now(),
+                    kernel_version: None,
+                    recipe: None,
+                    container: Some(container::rootfs::ContainerImage {
+                        rootfs: "rootfs".into(),
+                        entrypoint: src.entrypoint.clone(),
+                        env: src.env.clone(),
+                        workdir: src.workdir.clone(),
+                    }),
+                };
+                Ok(store.install(&tmp, &name, &manifest, false)?)
+            })();
+            // No half-made image: the scratch dir goes, with what the
+            // copy made as subordinate ids.
+            if result.is_err() && tmp.exists() {
+                remove_tree(&tmp);
+            }
+            result
+        });
+        match done.await {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(NodeError::Disk {
+                what: format!("commit of node {image_name}"),
+                message: format!("the copy did not finish: {e}"),
+            }
+            .into()),
+        }
+    }
 }
