@@ -110,11 +110,14 @@ enum Cmd {
         state: String,
     },
     /// A container node's holder (started by the daemon): namespaces,
-    /// overlay root, then crun run. With --rm, removes a node's files.
+    /// overlay root, then crun run. With --rm, removes a node's files;
+    /// with --commit, merges a node's layers into a new root filesystem.
     #[command(hide = true)]
     ContainerHolder {
         #[arg(long)]
         rm: Option<std::path::PathBuf>,
+        #[arg(long, num_args = 3, value_names = ["LOWER", "UPPER", "DEST"])]
+        commit: Option<Vec<std::path::PathBuf>>,
         config: Option<std::path::PathBuf>,
     },
     /// RFC 2544-style frame-rate tests (throughput, latency, loss, bursts)
@@ -275,12 +278,13 @@ fn main() -> ExitCode {
         Cmd::Save => cli::block_on(cli::labctl::save(&lab, out)),
         Cmd::Ls => cli::block_on(cli::labctl::ls(&lab, out)),
         Cmd::Doctor => cli::doctor(out),
-        Cmd::ContainerHolder { rm, config } => {
+        Cmd::ContainerHolder { rm, commit, config } => {
             use ulan::vmlaunch::container::holder;
-            let r = match (rm, config) {
-                (Some(dir), _) => holder::remove(&dir),
-                (None, Some(c)) => holder::run(&c).map(|never| match never {}),
-                (None, None) => Err(holder::HolderError::Other("no config file".into())),
+            let r = match (rm, commit.as_deref(), config) {
+                (_, Some([lower, upper, dest]), _) => holder::commit(lower, upper, dest),
+                (Some(dir), _, _) => holder::remove(&dir),
+                (None, _, Some(c)) => holder::run(&c).map(|never| match never {}),
+                (None, _, None) => Err(holder::HolderError::Other("no config file".into())),
             };
             r.map_err(|e| anyhow::anyhow!("container holder: {e}"))
         }
@@ -340,17 +344,8 @@ fn main() -> ExitCode {
         Cmd::Image(ImageCmd::Ls) => cli::image_ls(out),
         Cmd::Console { node } => {
             let client = cli::client(&lab);
-            cli::block_on(async { Ok(client.node(&node).await?) }).and_then(|n| {
-                if n.kind == ulan::vmlaunch::spec::NodeKind::Container {
-                    // Not yet: crun's --console-socket relayed like a guest's.
-                    anyhow::bail!(
-                        "node {node:?} is a container: its console is not served yet; \
-                         use `ulan exec {node} -- sh -c ...`, its output is in {}",
-                        n.console_log
-                    );
-                }
-                cli::console::attach(&node, std::path::Path::new(&n.console))
-            })
+            cli::block_on(async { Ok(client.node(&node).await?) })
+                .and_then(|n| cli::console::attach(&node, std::path::Path::new(&n.console)))
         }
         Cmd::Exec {
             node,

@@ -420,3 +420,252 @@ fn a_lab_file_of_containers_and_a_guest_routes_between_two_lans() {
     }
     d.ok(&["down"]);
 }
+
+/// `ulan console NODE` with its input from a pipe: `input` is typed, and
+/// the session ends once the input closed and the console was quiet for a
+/// moment (or at the escape key). (succeeded, stdout, stderr)
+fn console(d: &Daemon, node: &str, input: &[u8]) -> (bool, String, String) {
+    use std::io::Write;
+    let mut c = d
+        .cmd(&["console", node])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    // A moment to connect: output is followed from when the client came.
+    std::thread::sleep(Duration::from_millis(300));
+    stdin.write_all(input).unwrap();
+    drop(stdin);
+    let out = c.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A marker no earlier run can have printed.
+fn marker() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    format!("{}-{}", std::process::id(), t.subsec_nanos())
+}
+
+fn console_log(d: &Daemon, node: &str) -> PathBuf {
+    PathBuf::from(d.node(node)["console_log"].as_str().unwrap())
+}
+
+#[test]
+fn a_container_console_is_its_terminal_logged_and_shared_in_turn() {
+    let Some(user) = user_or_skip() else { return };
+    let d = Daemon::start(user);
+    // The default cmd, /bin/sh: with a terminal it stays up.
+    d.ok(&["node", "add", "t", "--kind", "container"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let v = d.node("t");
+    assert_eq!(
+        v["state"], "running",
+        "the shell must wait at its prompt: {v}"
+    );
+    // The shell computes the line: its echo of what was typed differs.
+    let m = marker();
+    let (ok, out, err) = console(&d, "t", format!("echo hello-$((6*7))-{m}\n").as_bytes());
+    assert!(ok, "{err}");
+    let want = format!("hello-42-{m}");
+    assert!(out.contains(&want), "console said: {out:?} ({err})");
+    let log = std::fs::read_to_string(console_log(&d, "t")).unwrap();
+    assert!(log.contains(&want), "not in console.log: {log:?}");
+    // Detached (Ctrl-]) and attached again: the same shell answers.
+    let m2 = marker();
+    let (ok, out, err) = console(&d, "t", format!("echo again-$((2+3))-{m2}\n").as_bytes());
+    assert!(
+        ok && out.contains(&format!("again-5-{m2}")),
+        "{out:?} {err}"
+    );
+    let (ok, _, err) = console(&d, "t", b"echo x\n\x1d");
+    assert!(ok && err.contains("left the console"), "{err}");
+    // exec runs without the terminal: plain lines, no carriage returns.
+    let (code, out, err) = d.exec("t", &["echo", "via-exec"]);
+    assert_eq!((code, out.as_str()), (0, "via-exec\n"), "{err}");
+    // A stop while a client is attached ends the client cleanly.
+    let mut attached = d
+        .cmd(&["console", "t"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    d.ok(&["node", "stop", "t", "--timeout", "1"]);
+    let mut ended = None;
+    while t.elapsed() < Duration::from_secs(15) {
+        if let Some(s) = attached.try_wait().unwrap() {
+            ended = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Some(status) = ended else {
+        let _ = attached.kill();
+        panic!("the console client is still attached after the stop");
+    };
+    let out = attached.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(status.success(), "{err}");
+    assert!(err.contains("closed"), "{err}");
+    assert_eq!(d.node("t")["state"], "stopped");
+    // The console of a stopped node: a clear error.
+    let (ok, _, err) = console(&d, "t", b"");
+    assert!(!ok && err.contains("is the node running"), "{err}");
+}
+
+#[test]
+fn a_container_that_prints_a_lot_unwatched_never_blocks() {
+    let Some(user) = user_or_skip() else { return };
+    let d = Daemon::start(user);
+    const SIZE: u64 = 10_000_000;
+    let script =
+        format!("head -c {SIZE} /dev/zero | tr '\\0' x; echo; echo printed-all; exec sleep 1000");
+    d.ok(&[
+        "node",
+        "add",
+        "loud",
+        "--kind",
+        "container",
+        "--cmd",
+        "sh",
+        "--cmd",
+        "-c",
+        "--cmd",
+        &script,
+    ]);
+    let log = console_log(&d, "loud");
+    let tail = |p: &Path| {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(p).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.seek(SeekFrom::Start(len.saturating_sub(200))).unwrap();
+        let mut s = String::new();
+        let _ = f.read_to_string(&mut s);
+        (len, s)
+    };
+    wait_until("10 MB in the console log", || {
+        tail(&log).1.contains("printed-all")
+    });
+    let (len, _) = tail(&log);
+    assert!(len >= SIZE, "console.log has {len} bytes");
+    let (code, out, err) = d.exec("loud", &["echo", "still-answers"]);
+    assert_eq!((code, out.as_str()), (0, "still-answers\n"), "{err}");
+    assert_eq!(d.node("loud")["state"], "running");
+}
+
+#[test]
+fn a_stopped_container_commits_to_an_image_new_nodes_start_from() {
+    let Some(user) = user_or_skip() else { return };
+    let d = Daemon::start(user);
+    let sleep = ["--cmd", "sleep", "--cmd", "1000"];
+    let mut args = vec!["node", "add", "p", "--kind", "container", "--persistent"];
+    args.extend_from_slice(&sleep);
+    d.ok(&args);
+    // A new file, a file of the image removed (a whiteout), a directory of
+    // the image replaced by a new one with one file (opaque), and a file of
+    // a subordinate id where the user has a range (else chown fails).
+    let (code, _, err) = d.sh(
+        "p",
+        "echo committed > /etc/committed-marker && rm /etc/hosts && rm -rf /var && \
+         mkdir /var && echo new > /var/only-new && \
+         { echo sub > /sub-owned; chown 1234:1234 /sub-owned 2>/dev/null || true; }",
+    );
+    assert_eq!(code, 0, "{err}");
+    let (_, owner, _) = d.sh("p", "stat -c %u /sub-owned");
+    // Commit of a running node: a clear 4xx.
+    let o = d.ulan(&["node", "commit", "p", "img2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("stop it first"),
+        "{err}"
+    );
+    d.ok(&["node", "stop", "p", "--timeout", "1"]);
+    let out = d.ok(&["node", "commit", "p", "img2"]);
+    assert!(out.contains("img2"), "{out}");
+    let ls = d.ok(&["image", "ls"]);
+    assert!(ls.contains("img2"), "{ls}");
+    // A new node from it sees the merged tree.
+    let mut args = vec![
+        "node",
+        "add",
+        "n2",
+        "--kind",
+        "container",
+        "--image",
+        "img2",
+    ];
+    args.extend_from_slice(&sleep);
+    d.ok(&args);
+    let (code, out, err) = d.sh(
+        "n2",
+        "cat /etc/committed-marker; test -e /etc/hosts && echo hosts-back; ls /var; \
+         stat -c %u /sub-owned; cat /etc/passwd | head -1",
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "committed", "{out}");
+    assert!(
+        !out.contains("hosts-back"),
+        "the removed file is back: {out}"
+    );
+    assert_eq!(lines[1], "only-new", "the opaque dir: {out}");
+    assert_eq!(lines[2], owner.trim(), "the owner of /sub-owned: {out}");
+    assert!(lines[3].starts_with("root:"), "{out}");
+    // The base image is untouched.
+    let lower = d.builtin_rootfs();
+    assert!(lower.join("etc/hosts").is_file() && lower.join("var/tmp").is_dir());
+    assert!(!lower.join("etc/committed-marker").exists());
+    // An existing name, an unknown node, a bad name: clear errors, and no
+    // scratch dir left in the store.
+    let o = d.ulan(&["node", "commit", "p", "img2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("already exists"),
+        "{err}"
+    );
+    let o = d.ulan(&["node", "commit", "nosuch", "img3"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("nosuch"), "{err}");
+    let o = d.ulan(&["node", "commit", "p", "../escape"]);
+    assert!(!o.status.success());
+    let images = d.home().join("data/ulan/images");
+    let names: Vec<String> = std::fs::read_dir(&images)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with(".tmp-") || n == "img3" || n == "escape"),
+        "{names:?}"
+    );
+    // A plain (not persistent) node commits what its last run wrote.
+    let mut args = vec!["node", "add", "q", "--kind", "container"];
+    args.extend_from_slice(&sleep);
+    d.ok(&args);
+    let (code, _, err) = d.sh("q", "echo q > /q-file");
+    assert_eq!(code, 0, "{err}");
+    d.ok(&["node", "stop", "q", "--timeout", "1"]);
+    d.ok(&["node", "commit", "q", "img5"]);
+    let q = images.join("img5/rootfs/q-file");
+    assert_eq!(std::fs::read_to_string(&q).unwrap_or_default(), "q\n");
+    // Without its layer (gone with the run dir), nothing to commit.
+    std::fs::remove_dir_all(d.lab_dir().join("nodes/q/layer")).unwrap();
+    let o = d.ulan(&["node", "commit", "q", "img6"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("nothing to commit"),
+        "{err}"
+    );
+    assert!(!images.join("img6").exists());
+}

@@ -214,6 +214,27 @@ fn snapshot_roots_on_btrfs(options: &str) {
     assert_eq!(d.sh_ok("p", "cat /kept"), "kept\n");
     assert!(!image.join("kept").exists());
 
+    // Commit of a stopped snapshot node: its tree, snapshotted into the
+    // store as a subvolume, so nodes of the new image get snapshots too.
+    d.ok(&["node", "stop", "p", "--timeout", "1"]);
+    d.ok(&["node", "commit", "p", "pimg"]);
+    let pimg = d.data_dir().join("ulan/images/pimg/rootfs");
+    assert!(is_subvolume(&pimg), "the committed rootfs is no subvolume");
+    assert_eq!(
+        std::fs::read_to_string(pimg.join("kept")).unwrap(),
+        "kept\n"
+    );
+    d.add_sleeper("p2", &["--image", "pimg"]);
+    assert_eq!(d.node("p2")["rootfs"], "btrfs-snapshot");
+    assert_eq!(d.sh_ok("p2", "cat /kept"), "kept\n");
+    d.sh_ok("p2", "echo p2 > /kept");
+    d.ok(&["node", "rm", "p2"]);
+    assert_eq!(
+        std::fs::read_to_string(pimg.join("kept")).unwrap(),
+        "kept\n"
+    );
+    d.ok(&["node", "start", "p"]);
+
     // Hostile leftovers where snapshots go are not followed: a symlink
     // at a plain node's snapshot path is removed (its target stays), and
     // a persistent node's `rootfs` symlinked to the image gives an

@@ -211,12 +211,15 @@ fn node_status(e: &NodeError) -> (StatusCode, &'static str) {
         NodeError::Spec(_) | NodeError::Qemu(_) | NodeError::Uml(_) => {
             (unprocessable, "invalid_value")
         }
+        NodeError::Image(crate::vmlaunch::image::ImageError::Exists(_)) => {
+            (StatusCode::CONFLICT, "already_exists")
+        }
         NodeError::Image(_) => (unprocessable, "invalid_image"),
         NodeError::MissingFile { .. } => (unprocessable, "missing_file"),
         NodeError::Accel(_) => (unprocessable, "accel_unavailable"),
         NodeError::Busy { .. } => (StatusCode::CONFLICT, "node_busy"),
         NodeError::NoAgent(_) => (StatusCode::CONFLICT, "no_agent"),
-        NodeError::NoDisk(_) => (StatusCode::CONFLICT, "no_disk"),
+        NodeError::NoDisk(_) | NodeError::NoLayer(_) => (StatusCode::CONFLICT, "no_disk"),
         NodeError::Agent { .. } => (StatusCode::BAD_GATEWAY, "agent_error"),
         NodeError::Launch { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "launch_failed"),
         NodeError::Disk { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "disk_error"),

@@ -434,7 +434,12 @@ pub async fn commit(client: &Client, name: &str, image: &str, out: Output) -> an
     if out == Output::Json {
         return print_json(&v);
     }
-    println!("node {name}'s disk is now image {image}");
+    let what = if v["container"].is_object() {
+        "root filesystem"
+    } else {
+        "disk"
+    };
+    println!("node {name}'s {what} is now image {image}");
     Ok(())
 }
 

@@ -46,6 +46,9 @@ pub struct BundleInput {
     /// The holder's network namespace (`/proc/PID/ns/net`); none shares
     /// crun's, which is the holder's too.
     pub netns: Option<PathBuf>,
+    /// A terminal for the process (crun sends its master to the daemon's
+    /// console socket), like `docker run -it`.
+    pub terminal: bool,
 }
 
 fn ns(typ: LinuxNamespaceType, path: Option<PathBuf>) -> LinuxNamespace {
@@ -60,7 +63,7 @@ pub fn make_spec(input: &BundleInput) -> Spec {
     user.set_uid(0);
     user.set_gid(0);
     let mut process = Process::default();
-    process.set_terminal(Some(false));
+    process.set_terminal(Some(input.terminal));
     process.set_user(user);
     process.set_args(Some(input.args.clone()));
     process.set_env(Some(input.env.clone()));
@@ -125,10 +128,12 @@ mod tests {
             cwd: "/".into(),
             hostname: "c1".into(),
             netns: Some("/proc/42/ns/net".into()),
+            terminal: true,
         });
         let v = serde_json::to_value(&spec).unwrap();
         assert_eq!(v["process"]["args"][2], "echo hi");
         assert_eq!(v["process"]["user"]["uid"], 0);
+        assert_eq!(v["process"]["terminal"], true);
         assert_eq!(v["root"]["path"], "/run/x/merged");
         assert_eq!(v["hostname"], "c1");
         let nss: Vec<(String, Option<String>)> = v["linux"]["namespaces"]

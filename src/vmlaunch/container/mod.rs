@@ -10,9 +10,13 @@
 //!   Btrfs.
 //! - limits.rs: cgroup v2 delegation (resource limits) and what to say
 //!   where there is none.
+//! - console.rs: the container's terminal (the pty master crun sends).
+//! - commit.rs: a stopped node's layers merged into a new root filesystem.
 
 pub mod btrfs;
 pub mod bundle;
+pub mod commit;
+pub mod console;
 pub mod holder;
 pub mod limits;
 pub mod rootfs;
@@ -60,17 +64,37 @@ pub struct ContainerPlan {
     pub cwd: String,
 }
 
-/// Resolves `spec`'s image (the built-in container image, a store name or
-/// a directory holding a root filesystem) and its command.
-pub fn resolve(spec: &NodeSpec, store: &ImageStore) -> Result<ContainerPlan, ContainerError> {
-    let (lower, entry, mut env, workdir) = match spec.image.as_deref() {
-        None => {
-            let img = rootfs::ensure_builtin_container(store)?;
-            let c = img.manifest.container.clone().ok_or_else(|| {
-                ContainerError::NotContainerImage(rootfs::BUILTIN_CONTAINER.into())
-            })?;
-            (img.dir.join(&c.rootfs), c.entrypoint, c.env, c.workdir)
-        }
+/// Where a container node's image is and how it runs, as the image says.
+#[derive(Debug, Clone)]
+pub struct ImageSource {
+    /// The image's root filesystem (the overlay's lower layer).
+    pub lower: PathBuf,
+    pub entrypoint: Vec<String>,
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+}
+
+/// Finds `spec`'s image: the built-in container image, a store name or a
+/// directory holding a root filesystem.
+pub fn source(spec: &NodeSpec, store: &ImageStore) -> Result<ImageSource, ContainerError> {
+    let from = |img: crate::vmlaunch::image::Image, name: &str| {
+        let c = img
+            .manifest
+            .container
+            .clone()
+            .ok_or_else(|| ContainerError::NotContainerImage(name.into()))?;
+        Ok(ImageSource {
+            lower: img.dir.join(&c.rootfs),
+            entrypoint: c.entrypoint,
+            env: c.env,
+            workdir: c.workdir,
+        })
+    };
+    match spec.image.as_deref() {
+        None => from(
+            rootfs::ensure_builtin_container(store)?,
+            rootfs::BUILTIN_CONTAINER,
+        ),
         Some(path) if path.starts_with('/') => {
             let p = Path::new(path);
             if !p.is_dir() {
@@ -84,18 +108,25 @@ pub fn resolve(spec: &NodeSpec, store: &ImageStore) -> Result<ContainerPlan, Con
                 path: path.into(),
                 message: format!("cannot be read: {e}"),
             })?;
-            (p.to_path_buf(), Vec::new(), Vec::new(), None)
+            Ok(ImageSource {
+                lower: p.to_path_buf(),
+                entrypoint: Vec::new(),
+                env: Vec::new(),
+                workdir: None,
+            })
         }
-        Some(name) => {
-            let img = store.get(name)?;
-            let c = img
-                .manifest
-                .container
-                .clone()
-                .ok_or_else(|| ContainerError::NotContainerImage(name.into()))?;
-            (img.dir.join(&c.rootfs), c.entrypoint, c.env, c.workdir)
-        }
-    };
+        Some(name) => from(store.get(name)?, name),
+    }
+}
+
+/// Resolves `spec`'s image (see [`source`]) and its command.
+pub fn resolve(spec: &NodeSpec, store: &ImageStore) -> Result<ContainerPlan, ContainerError> {
+    let ImageSource {
+        lower,
+        entrypoint: entry,
+        mut env,
+        workdir,
+    } = source(spec, store)?;
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.insert(
             0,
@@ -141,6 +172,8 @@ pub struct ContainerPaths {
     pub pid_file: PathBuf,
     pub crun_pid_file: PathBuf,
     pub holder_config: PathBuf,
+    /// Where crun sends the terminal's pty master (`--console-socket`).
+    pub pty_socket: PathBuf,
     pub upper: PathBuf,
     pub work: PathBuf,
     pub merged: PathBuf,
@@ -157,6 +190,7 @@ impl ContainerPaths {
             pid_file: run_dir.join("container.pid"),
             crun_pid_file: run_dir.join("crun.pid"),
             holder_config: run_dir.join("holder.json"),
+            pty_socket: run_dir.join("pty.sock"),
             upper: layer_dir.join("upper"),
             work: layer_dir.join("work"),
             merged: run_dir.join("bundle/rootfs"),

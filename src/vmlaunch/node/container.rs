@@ -166,6 +166,7 @@ impl Lab {
         }
         let _ = std::fs::remove_file(&paths.pid_file);
         let _ = std::fs::remove_file(&paths.crun_pid_file);
+        let _ = std::fs::remove_file(&paths.pty_socket);
         let root = choose_root(spec, plan, &paths, cfg);
         let fresh_upper = !paths.upper.is_dir();
         let mut dirs = vec![&paths.merged, &paths.state_root];
@@ -197,6 +198,7 @@ impl Lab {
                 // crun runs as the holder: its own net namespace is the
                 // holder's, where the NICs are.
                 netns: Some("/proc/self/ns/net".into()),
+                terminal: true,
             },
         )?;
         let (subuid, subgid) = container::subordinate_ids();
@@ -209,6 +211,7 @@ impl Lab {
             crun_pid_file: paths.crun_pid_file.clone(),
             root: root.clone(),
             merged: paths.merged.clone(),
+            console_socket: Some(paths.pty_socket.clone()),
             nics: (0..spec.nics.len())
                 .map(|i| container::holder::HolderNic {
                     ifname: format!("eth{i}"),
@@ -346,4 +349,133 @@ impl Lab {
         let id = container::container_id(self.name(), name);
         container::kill_container(pid, &state_root, &id, "TERM").await
     }
+
+    /// Commit of a stopped container node (the caller holds its op lock
+    /// and checked it is not live): its image's root filesystem with the
+    /// upper layer its last run left applied, as a new container image
+    /// that runs as the source image does (entrypoint, env, workdir).
+    pub(super) async fn commit_container(
+        &self,
+        spec: &NodeSpec,
+        dir: &Path,
+        image_name: &str,
+    ) -> Result<image::Image, LabError> {
+        let cfg = self.node_config().clone();
+        let upper = ContainerPaths::new(dir, &overlay_path(spec, dir, &cfg)).upper;
+        // A node whose root was a Btrfs snapshot has its whole tree there
+        // (a persistent one keeps it; a plain one until its next stop).
+        let snapshot = Some(snapshot_path(spec, &cfg)).filter(|p| btrfs::is_subvolume(p));
+        if snapshot.is_none() && !upper.is_dir() {
+            return Err(NodeError::NoLayer(spec.name.clone()).into());
+        }
+        let exe = std::env::current_exe().map_err(|e| NodeError::Files {
+            node: spec.name.clone(),
+            message: format!("cannot find the ulan binary: {e}"),
+        })?;
+        let (spec, name) = (spec.clone(), image_name.to_string());
+        // The store's lock and the copy take as long as they take: not on
+        // the control side's worker.
+        let done = tokio::task::spawn_blocking(move || -> Result<image::Image, NodeError> {
+            let store = ImageStore::open(&cfg.images_dir);
+            crate::names::check_name(&name).map_err(image::ImageError::from)?;
+            let src = container::source(&spec, &store)?;
+            let _lock = store.lock()?;
+            if store.dir().join(&name).exists() {
+                return Err(image::ImageError::Exists(name).into());
+            }
+            let tmp = store.scratch(&name)?;
+            let what = format!("commit of node {}", spec.name);
+            let result = (|| -> Result<image::Image, NodeError> {
+                let rootfs = tmp.join("rootfs");
+                // From a snapshot: a snapshot of it (a subvolume, so nodes
+                // of the new image get snapshots too), else a copy of it
+                // over an empty upper layer.
+                let (lower, upper) = match &snapshot {
+                    Some(snap) => match btrfs::snapshot(snap, &rootfs) {
+                        Ok(()) => (None, None),
+                        Err(e) => {
+                            tracing::info!(
+                                "commit of {}: copying, not snapshotting: {e}",
+                                spec.name
+                            );
+                            let empty = tmp.join(".empty-upper");
+                            std::fs::create_dir(&empty).map_err(|e| NodeError::Disk {
+                                what: what.clone(),
+                                message: format!("{}: {e}", empty.display()),
+                            })?;
+                            (Some(snap.clone()), Some(empty))
+                        }
+                    },
+                    None => (Some(src.lower.clone()), Some(upper.clone())),
+                };
+                if let (Some(lower), Some(upper)) = (lower, upper) {
+                    run_commit(&exe, &lower, &upper, &rootfs, &what)?;
+                    if upper.starts_with(&tmp) {
+                        let _ = std::fs::remove_dir(&upper);
+                    }
+                }
+                let manifest = image::Manifest {
+                    kernel: None,
+                    initrd: None,
+                    disk: None,
+                    disk_format: None,
+                    append: None,
+                    agent: false,
+                    description: format!("committed from container node {}", spec.name),
+                    created: image::now(),
+                    kernel_version: None,
+                    recipe: None,
+                    container: Some(container::rootfs::ContainerImage {
+                        rootfs: "rootfs".into(),
+                        entrypoint: src.entrypoint.clone(),
+                        env: src.env.clone(),
+                        workdir: src.workdir.clone(),
+                    }),
+                };
+                Ok(store.install(&tmp, &name, &manifest, false)?)
+            })();
+            // No half-made image: the scratch dir goes, with what the
+            // copy made as subordinate ids.
+            if result.is_err() && tmp.exists() {
+                remove_tree(&tmp);
+            }
+            result
+        });
+        match done.await {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(NodeError::Disk {
+                what: format!("commit of node {image_name}"),
+                message: format!("the copy did not finish: {e}"),
+            }
+            .into()),
+        }
+    }
+}
+
+/// `ulan container-holder --commit LOWER UPPER DEST`: the merge, in the
+/// holder's id mapping.
+fn run_commit(
+    exe: &Path,
+    lower: &Path,
+    upper: &Path,
+    dest: &Path,
+    what: &str,
+) -> Result<(), NodeError> {
+    let out = std::process::Command::new(exe)
+        .arg("container-holder")
+        .arg("--commit")
+        .args([lower, upper, dest])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| NodeError::Disk {
+            what: what.into(),
+            message: format!("cannot run {}: {e}", exe.display()),
+        })?;
+    if !out.status.success() {
+        return Err(NodeError::Disk {
+            what: what.into(),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
 }

@@ -157,6 +157,19 @@ impl Lab {
             node: name.into(),
             message: e.to_string(),
         })?;
+        // A container's terminal: crun sends its master here (see
+        // supervise.rs); bound before the holder starts.
+        let pty = if spec.kind == NodeKind::Container {
+            let p = crate::vmlaunch::container::ContainerPaths::new(&dir, &dir).pty_socket;
+            let _ = std::fs::remove_file(&p);
+            let l = tokio::net::UnixListener::bind(&p).map_err(|e| NodeError::Files {
+                node: name.into(),
+                message: format!("{}: {e}", p.display()),
+            })?;
+            Some((l, p))
+        } else {
+            None
+        };
         let mut cmd = tokio::process::Command::new(&binary);
         cmd.args(&argv).current_dir(&dir);
         if spec.kind == NodeKind::Uml {
@@ -231,6 +244,7 @@ impl Lab {
             console_log: paths.console_log.clone(),
             pid_file: (spec.kind == NodeKind::Container)
                 .then(|| crate::vmlaunch::container::ContainerPaths::new(&dir, &dir).pid_file),
+            pty,
         };
         tokio::spawn(supervise(
             name.to_string(),

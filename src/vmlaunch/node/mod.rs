@@ -114,6 +114,10 @@ pub enum NodeError {
     },
     #[error("node {0:?} has no disk to commit (it boots a kernel and initrd only)")]
     NoDisk(String),
+    #[error(
+        "container node {0:?} has nothing to commit: it has not run yet (what a run wrote is kept until the node starts again)"
+    )]
+    NoLayer(String),
     #[error("{what}: {message}")]
     Disk { what: String, message: String },
     #[error("node {node:?}: {message}")]

@@ -131,7 +131,8 @@ impl Lab {
     }
 
     /// Turns a stopped node's disk (base + overlay) into a new base image
-    /// `image` in the image store.
+    /// `image` in the image store; for a container node, its root
+    /// filesystem (image + upper layer) into a new container image.
     pub async fn commit_node(
         &self,
         name: &str,
@@ -155,6 +156,17 @@ impl Lab {
             let e = table.get(name).ok_or_else(|| node_not_found(name))?;
             (e.spec.clone(), e.dir.clone())
         };
+        crate::names::check_name(image_name).map_err(|e| NodeError::Image(e.into()))?;
+        if ImageStore::open(&cfg.images_dir)
+            .dir()
+            .join(image_name)
+            .exists()
+        {
+            return Err(NodeError::Image(image::ImageError::Exists(image_name.into())).into());
+        }
+        if spec.kind == NodeKind::Container {
+            return self.commit_container(&spec, &dir, image_name).await;
+        }
         let overlay = overlay_path(&spec, &dir, &cfg);
         if !overlay.is_file() {
             return Err(NodeError::NoDisk(name.into()).into());

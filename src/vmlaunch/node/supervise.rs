@@ -60,6 +60,8 @@ pub(super) struct Readiness {
     pub(super) console_log: PathBuf,
     /// A container is up once crun wrote its init's pid here.
     pub(super) pid_file: Option<PathBuf>,
+    /// A container's terminal comes here (crun's `--console-socket`).
+    pub(super) pty: Option<(tokio::net::UnixListener, PathBuf)>,
 }
 
 /// A UML guest's console on a Unix socket: what a client types goes to
@@ -68,29 +70,41 @@ pub(super) struct Readiness {
 pub(super) async fn serve_uml_console(
     sock: PathBuf,
     log: PathBuf,
-    mut stdin: tokio::process::ChildStdin,
+    stdin: tokio::process::ChildStdin,
+) {
+    match bind_console(&sock) {
+        Some(listener) => serve_console(listener, &sock, &log, stdin).await,
+        // Keep the guest's stdin (ours until this task ends) open all the
+        // same: EOF would end it. The supervisor aborts this task when the
+        // guest ends.
+        None => std::future::pending::<()>().await,
+    }
+}
+
+fn bind_console(sock: &Path) -> Option<tokio::net::UnixListener> {
+    let _ = std::fs::remove_file(sock);
+    tokio::net::UnixListener::bind(sock)
+        .map_err(|e| tracing::warn!("console socket {}: {e}", sock.display()))
+        .ok()
+}
+
+/// Serves a console on `listener`, one client at a time: what it types
+/// goes to `input`; the console log, followed from its end, goes to it.
+async fn serve_console<W: tokio::io::AsyncWrite + Unpin>(
+    listener: tokio::net::UnixListener,
+    sock: &Path,
+    log: &Path,
+    mut input: W,
 ) {
     use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-    let _ = std::fs::remove_file(&sock);
-    let listener = match tokio::net::UnixListener::bind(&sock) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!("UML console socket {}: {e}", sock.display());
-            // Keep the guest's stdin (ours until this task ends) open all
-            // the same: EOF would end it. The supervisor aborts this task
-            // when the guest ends.
-            std::future::pending::<()>().await;
-            return;
-        }
-    };
     let mut warned = false;
     loop {
         let client = match listener.accept().await {
             Ok((c, _)) => c,
             Err(e) => {
-                // EMFILE and the like pass; the guest's stdin stays open.
+                // EMFILE and the like pass; the console's input stays open.
                 if !warned {
-                    tracing::warn!("UML console socket {}: accept: {e}", sock.display());
+                    tracing::warn!("console socket {}: accept: {e}", sock.display());
                     warned = true;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -98,7 +112,7 @@ pub(super) async fn serve_uml_console(
             }
         };
         let (mut from_client, mut to_client) = client.into_split();
-        let Ok(mut file) = tokio::fs::File::open(&log).await else {
+        let Ok(mut file) = tokio::fs::File::open(log).await else {
             continue;
         };
         if file.seek(std::io::SeekFrom::End(0)).await.is_err() {
@@ -118,24 +132,85 @@ pub(super) async fn serve_uml_console(
                 }
             }
         };
-        let input = async {
+        let typed = async {
             let mut buf = vec![0u8; 4096];
             loop {
                 match from_client.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
-                        if stdin.write_all(&buf[..n]).await.is_err() {
+                        if input.write_all(&buf[..n]).await.is_err() {
                             return;
                         }
                     }
                 }
             }
         };
-        // Until the client leaves (or the guest's stdin breaks).
+        // Until the client leaves (or the console's input breaks).
         tokio::select! {
             _ = output => {}
-            _ = input => {}
+            _ = typed => {}
         }
+    }
+}
+
+/// A container's console: crun sends the terminal's pty master to
+/// `pty_listener`; from then on its output is drained into the console
+/// log whether or not anyone is attached (a container never blocks on a
+/// full terminal), and the console socket is served as a UML guest's.
+/// Ends when no process holds the terminal any more; `got_pty` says the
+/// supervisor may wait for that last output.
+pub(super) async fn serve_container_console(
+    pty_listener: tokio::net::UnixListener,
+    pty_socket: PathBuf,
+    sock: PathBuf,
+    log: PathBuf,
+    got_pty: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use crate::vmlaunch::container::console;
+    // Bound first: a client that comes early waits in the backlog.
+    let listener = bind_console(&sock);
+    let pty = loop {
+        let Ok((conn, _)) = pty_listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        match console::recv_fd(&conn).await.and_then(console::Pty::new) {
+            Ok(p) => break p,
+            Err(e) => tracing::warn!("container terminal from {}: {e}", pty_socket.display()),
+        }
+    };
+    drop(pty_listener);
+    let _ = std::fs::remove_file(&pty_socket);
+    got_pty.store(true, std::sync::atomic::Ordering::Relaxed);
+    let pump = async {
+        use std::io::Write;
+        let mut file = crate::daemon::open_run_file_append(&log)
+            .map_err(|e| tracing::warn!("console log {}: {e}", log.display()))
+            .ok();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match pty.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    // A log that cannot be written is still drained.
+                    if let Some(f) = &mut file {
+                        if f.write_all(&buf[..n]).is_err() {
+                            file = None;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let serve = async {
+        match listener {
+            Some(l) => serve_console(l, &sock, &log, pty.clone()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = pump => {}
+        _ = serve => {}
     }
 }
 
@@ -218,7 +293,7 @@ pub(super) async fn supervise(
     events: Arc<crate::events::EventSink>,
     mut child: tokio::process::Child,
     run: u64,
-    ready: Readiness,
+    mut ready: Readiness,
     (log, log_from): (PathBuf, u64),
 ) {
     // Known while the process lives; the group outlives it (see below).
@@ -230,15 +305,25 @@ pub(super) async fn supervise(
             reason,
         })
     };
-    // UML's console is its stdin/stdout: serve it on the console socket
-    // as QEMU does (one client at a time), for the guest's life.
-    let console = child.stdin.take().map(|stdin| {
-        tokio::spawn(serve_uml_console(
+    // UML's console is its stdin/stdout, a container's its terminal:
+    // serve it on the console socket as QEMU does (one client at a time),
+    // for the node's life.
+    let got_pty = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let console = match (ready.pty.take(), child.stdin.take()) {
+        (Some((listener, pty_socket)), _) => Some(tokio::spawn(serve_container_console(
+            listener,
+            pty_socket,
+            ready.console.clone(),
+            ready.console_log.clone(),
+            got_pty.clone(),
+        ))),
+        (None, Some(stdin)) => Some(tokio::spawn(serve_uml_console(
             ready.console.clone(),
             ready.console_log.clone(),
             stdin,
-        ))
-    });
+        ))),
+        (None, None) => None,
+    };
     // A NIC port that comes up while its link is down had its carrier
     // forced up by QEMU (a vhost-user frontend that reconnected does so).
     let mut port_events = events.subscribe();
@@ -307,7 +392,13 @@ pub(super) async fn supervise(
     if let Some(pid) = pid {
         kill(pid, libc::SIGKILL);
     }
-    if let Some(task) = console {
+    if let Some(mut task) = console {
+        // A container's last words are still in its terminal: the console
+        // ends once they are in the log (the terminal's last holder is gone
+        // with the holder's pid namespace).
+        if got_pty.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut task).await;
+        }
         task.abort();
         let _ = std::fs::remove_file(&ready.console);
     }
