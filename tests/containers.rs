@@ -19,7 +19,8 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::containers::{overlay_mounts_under, user_or_skip, wait_until, Daemon};
