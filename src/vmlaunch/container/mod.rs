@@ -6,14 +6,18 @@
 //! - bundle.rs: the OCI runtime config crun reads.
 //! - holder.rs: the per-node process that makes the namespaces, mounts the
 //!   overlay and becomes `crun run`.
+//! - import.rs: `ulan image import` (OCI layout, OCI or docker archive);
+//!   unpack.rs applies its layers without trusting their paths.
 //! - limits.rs: cgroup v2 delegation (resource limits) and what to say
 //!   where there is none.
 
 pub mod bundle;
 pub mod holder;
+pub mod import;
 pub mod limits;
 pub mod rootfs;
 pub mod spec;
+pub mod unpack;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
