@@ -1102,6 +1102,25 @@ fn an_imported_image_runs_as_a_container_node_of_the_unprivileged_daemon() {
         d.account().unwrap().uid
     );
     d.ok(&["lan", "add", "l1"]);
+    // An OCI layout is not a root filesystem: the error says to import it.
+    let layout = d.home().join("layout");
+    write_dir(&layout, &oci_files(&[("t", &parts)]));
+    common::cli::give_to(&layout, d.account().unwrap());
+    let layout_s = layout.display().to_string();
+    let o = d.ulan(&[
+        "node",
+        "add",
+        "l",
+        "--kind",
+        "container",
+        "--image",
+        &layout_s,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("ulan image import"),
+        "{err}"
+    );
     d.ok(&[
         "node",
         "add",

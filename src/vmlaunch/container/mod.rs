@@ -80,6 +80,14 @@ pub fn resolve(spec: &NodeSpec, store: &ImageStore) -> Result<ContainerPlan, Con
                         .into(),
                 });
             }
+            if p.join("oci-layout").is_file() {
+                return Err(ContainerError::ImageDir {
+                    path: path.into(),
+                    message: "is an OCI image layout, not a root filesystem: \
+                              `ulan image import DIR NAME` makes an image of it"
+                        .into(),
+                });
+            }
             rootfs::readable_dir(p).map_err(|e| ContainerError::ImageDir {
                 path: path.into(),
                 message: format!("cannot be read: {e}"),
