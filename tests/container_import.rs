@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -579,6 +579,32 @@ fn hostile_layers_are_refused_and_write_nothing_outside() {
     );
     assert!(!Path::new("/tmp/ulan-import-evil").exists());
     assert!(!w.tmp.path().join("evil").exists());
+
+    // A later layer turns a directory into a symlink out: the first
+    // layer's directory modes are not applied through it, and a whiteout
+    // through it removes nothing outside.
+    let kept = w.tmp.path().join("kept");
+    std::fs::create_dir(&kept).unwrap();
+    std::fs::write(kept.join("keepme"), "x").unwrap();
+    std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let kept_s = kept.display().to_string();
+    let l1 = tar_of(&[E::Dir("a", 0o555), E::Dir("a/b", 0o500)]);
+    let l2 = tar_of(&[E::Sym("a", &kept_s)]);
+    let a = w.file("swap.tar", &oci_archive_of(&[l1, l2]));
+    let img = w.import(&a, "swap").unwrap();
+    let link = img.rootfs_path().unwrap().join("a");
+    assert_eq!(std::fs::read_link(&link).unwrap(), kept);
+    let l3 = tar_of(&[E::File("a/.wh.keepme", b"", 0o644)]);
+    let l4 = tar_of(&[E::File("a/b/.wh..wh..opq", b"", 0o644)]);
+    for (name, extra) in [("swap-wh", l3), ("swap-opq", l4)] {
+        let l1 = tar_of(&[E::Sym("a", &kept_s)]);
+        let a = w.file(&format!("{name}.tar"), &oci_archive_of(&[l1, extra]));
+        let e = w.import(&a, name).unwrap_err();
+        assert!(e.contains("symlink to the absolute path"), "{name}: {e}");
+    }
+    assert!(kept.join("keepme").exists());
+    assert_eq!(std::fs::metadata(&kept).unwrap().mode() & 0o7777, 0o750);
+    assert!(!kept.join("b").exists());
 
     // Device nodes are skipped with a warning (and not made).
     let a = w.file(

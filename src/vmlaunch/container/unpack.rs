@@ -396,7 +396,13 @@ impl Unpacker {
     pub fn finish(self) -> io::Result<Vec<String>> {
         for (rel, mode) in self.dir_modes.iter().rev() {
             let path = host_path(&self.root, rel);
-            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            // chmod follows symlinks: every component must still be a real
+            // directory (removals drop their keys; this is the backstop).
+            let real_dirs = (1..=rel.len()).all(|i| {
+                std::fs::symlink_metadata(host_path(&self.root, &rel[..i]))
+                    .is_ok_and(|m| m.is_dir())
+            });
+            if real_dirs {
                 // The owner keeps rwx: it is root inside the container
                 // (which ignores it), and the store stays removable.
                 let mode = mode | 0o700;
