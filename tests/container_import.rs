@@ -300,6 +300,8 @@ fn sample() -> Parts {
         E::Sym("usr", "/opt/elsewhere"),
         E::Dir("lib", 0o755),
         E::Sym("lib64", "lib"),
+        // A v7-style directory: a regular entry named with a slash.
+        E::RawFile(b"olddir/", b""),
     ]);
     let l2 = tar_of(&[
         E::Dir("etc", 0o755),
@@ -337,6 +339,7 @@ fn check_sample(img: &ulan::vmlaunch::image::Image) {
     assert!(!root.join("opq/.wh..wh..opq").exists() && !root.join("etc/.wh.gone").exists());
     assert_eq!(read("second"), b"from layer 2\n");
     assert_eq!(read("lib/libx.so"), b"lib");
+    assert!(root.join("olddir").is_dir());
     let mode = |p: &str| std::fs::symlink_metadata(root.join(p)).unwrap().mode() & 0o7777;
     assert_eq!(mode("bin/tool"), 0o755);
     assert_eq!(mode("bin/suid"), 0o4755, "setuid is kept");

@@ -184,7 +184,11 @@ impl Unpacker {
         touched: &mut HashSet<Rel>,
     ) -> Result<(), UnpackError> {
         use tar::EntryType as T;
-        let kind = entry.header().entry_type();
+        let mut kind = entry.header().entry_type();
+        // Old (v7) tars mark directories by a trailing slash only.
+        if kind == T::Regular && raw.ends_with(b"/") {
+            kind = T::Directory;
+        }
         let mode = entry
             .header()
             .mode()
