@@ -209,6 +209,20 @@ enum ImageCmd {
         force: bool,
     },
     Ls,
+    /// Make a container image from an OCI layout dir, an OCI archive or a docker archive (`docker save`).
+    Import {
+        file: std::path::PathBuf,
+        name: String,
+        /// Which image, when the archive holds several (OCI ref name or docker tag).
+        #[arg(long = "ref")]
+        reference: Option<String>,
+        /// Most bytes the image may unpack to, in MiB.
+        #[arg(long, default_value_t = ulan::vmlaunch::container::import::DEFAULT_MAX_BYTES >> 20)]
+        max_size: u64,
+        /// Replace an image of that name.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -342,6 +356,13 @@ fn main() -> ExitCode {
             force,
         }) => cli::image_build(&name, kernel_version, force, out),
         Cmd::Image(ImageCmd::Ls) => cli::image_ls(out),
+        Cmd::Image(ImageCmd::Import {
+            file,
+            name,
+            reference,
+            max_size,
+            force,
+        }) => cli::image_import(&file, &name, reference, max_size, force, out),
         Cmd::Console { node } => {
             let client = cli::client(&lab);
             cli::block_on(async { Ok(client.node(&node).await?) })

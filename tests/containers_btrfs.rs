@@ -235,6 +235,39 @@ fn snapshot_roots_on_btrfs(options: &str) {
     );
     d.ok(&["node", "start", "p"]);
 
+    // An imported image on Btrfs is a subvolume too: a docker archive of
+    // the built-in image's files, made with tar and sha256sum.
+    let work = parent.join("archive");
+    std::fs::create_dir(&work).unwrap();
+    let script = format!(
+        r#"set -e
+        cd {work}
+        tar -C {root} -cf layer.tar .
+        L=$(sha256sum layer.tar | cut -d' ' -f1)
+        printf '{{"architecture":"amd64","os":"linux","config":{{"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:%s"]}}}}' $L > cfg.json
+        C=$(sha256sum cfg.json | cut -d' ' -f1)
+        mv cfg.json $C.json
+        mkdir $L && mv layer.tar $L/layer.tar
+        printf '[{{"Config":"%s.json","RepoTags":["b:1"],"Layers":["%s/layer.tar"]}}]' $C $L > manifest.json
+        tar -cf ../img.tar manifest.json $C.json $L"#,
+        work = work.display(),
+        root = image.display()
+    );
+    run(Command::new("sh").args(["-c", &script])).unwrap();
+    d.user().chown_tree(&parent.join("img.tar"));
+    let archive = parent.join("img.tar").display().to_string();
+    d.ok(&["image", "import", &archive, "bimg"]);
+    let bimg = d.data_dir().join("ulan/images/bimg/rootfs");
+    assert!(is_subvolume(&bimg), "the imported rootfs is no subvolume");
+    d.add_sleeper("imp", &["--image", "bimg"]);
+    assert_eq!(d.node("imp")["rootfs"], "btrfs-snapshot");
+    d.sh_ok("imp", "echo imp > /imp");
+    assert!(
+        !bimg.join("imp").exists(),
+        "a node wrote into the imported image"
+    );
+    d.ok(&["node", "rm", "imp"]);
+
     // Hostile leftovers where snapshots go are not followed: a symlink
     // at a plain node's snapshot path is removed (its target stays), and
     // a persistent node's `rootfs` symlinked to the image gives an

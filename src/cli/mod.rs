@@ -166,6 +166,40 @@ pub fn image_ls(out: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ulan image import FILE NAME`: a container image from an OCI layout,
+/// an OCI archive or a docker archive, into the user's store.
+pub fn image_import(
+    file: &std::path::Path,
+    name: &str,
+    reference: Option<String>,
+    max_mib: u64,
+    force: bool,
+    out: Output,
+) -> anyhow::Result<()> {
+    use crate::vmlaunch::{container::import, image};
+    let store = image::ImageStore::open(&image::default_store_dir());
+    let opts = import::ImportOptions {
+        reference,
+        max_bytes: max_mib.saturating_mul(1 << 20),
+        replace: force,
+    };
+    let done = import::import(&store, file, name, &opts)?;
+    for w in &done.warnings {
+        eprintln!("warning: {w}");
+    }
+    if out == Output::Json {
+        return print_json(&done.image.view());
+    }
+    println!(
+        "image {} imported ({}, {} layers) in {}",
+        done.image.name,
+        done.format,
+        done.layers,
+        done.image.dir.display()
+    );
+    Ok(())
+}
+
 /// `ulan doctor`: one line per check; fails when a check fails.
 pub fn doctor(out: Output) -> anyhow::Result<()> {
     let checks = crate::doctor::run_checks(&crate::doctor::DoctorOptions::default());

@@ -8,6 +8,8 @@
 //!   root (overlay or Btrfs snapshot) and becomes `crun run`.
 //! - btrfs.rs: subvolumes and snapshots, the root where the store is on
 //!   Btrfs.
+//! - import/: `ulan image import` (OCI layout, OCI or docker archive);
+//!   unpack.rs applies its layers without trusting their paths.
 //! - limits.rs: cgroup v2 delegation (resource limits) and what to say
 //!   where there is none.
 //! - console.rs: the container's terminal (the pty master crun sends).
@@ -18,9 +20,11 @@ pub mod bundle;
 pub mod commit;
 pub mod console;
 pub mod holder;
+pub mod import;
 pub mod limits;
 pub mod rootfs;
 pub mod spec;
+pub mod unpack;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -101,6 +105,14 @@ pub fn source(spec: &NodeSpec, store: &ImageStore) -> Result<ImageSource, Contai
                 return Err(ContainerError::ImageDir {
                     path: path.into(),
                     message: "does not exist or is not a directory holding a root filesystem"
+                        .into(),
+                });
+            }
+            if p.join("oci-layout").is_file() {
+                return Err(ContainerError::ImageDir {
+                    path: path.into(),
+                    message: "is an OCI image layout, not a root filesystem: \
+                              `ulan image import DIR NAME` makes an image of it"
                         .into(),
                 });
             }
