@@ -43,9 +43,17 @@ impl Daemon {
             .prefix("ulan-ctbench")
             .tempdir()
             .map_err(|e| e.to_string())?;
+        // A data dir of its own (the lab's saved state stays out of the
+        // user's), holding the user's image store.
+        let data = run.path().join("data");
+        std::fs::create_dir_all(data.join("ulan")).map_err(|e| e.to_string())?;
+        let store = image::default_store_dir();
+        std::fs::create_dir_all(&store).map_err(|e| e.to_string())?;
+        std::os::unix::fs::symlink(&store, data.join("ulan/images")).map_err(|e| e.to_string())?;
         let child = Command::new(BIN)
             .arg("daemon")
             .env("XDG_RUNTIME_DIR", run.path())
+            .env("XDG_DATA_HOME", &data)
             .env("ULAN_LAB", "ctbench")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -68,6 +76,7 @@ impl Daemon {
         Command::new(BIN)
             .args(args)
             .env("XDG_RUNTIME_DIR", self.run.path())
+            .env("XDG_DATA_HOME", self.run.path().join("data"))
             .env("ULAN_LAB", "ctbench")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -146,7 +155,7 @@ impl Drop for Daemon {
 /// the time to c's first ping.
 fn container_lab(d: &Daemon) -> Result<(Vec<f64>, f64), String> {
     d.ok(&["lan", "add", "l"])?;
-    d.add_container("warm", "10.1.0.9/24", &["true"])?;
+    d.add_container("warm", "10.1.0.9/24", &["sleep", "1000"])?;
     let _ = d.ok(&["node", "rm", "warm"]);
     let s = d.add_container("s", "10.1.0.1/24", &["iperf3", "-s"])?;
     let c = d.add_container("c", "10.1.0.2/24", &["sleep", "100000"])?;
