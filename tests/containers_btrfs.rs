@@ -151,7 +151,27 @@ fn snapshot_roots_on_btrfs(options: &str) {
     let parent = fs.mnt.join("u");
     std::fs::create_dir(&parent).unwrap();
     user.chown_tree(&parent);
-    let d = Daemon::start_as(CliUser::as_account_in("ct", user, &parent));
+    let cli = CliUser::as_account_in("ct", user, &parent);
+    // What a killed daemon of this lab left: a plain node's snapshot with
+    // files in it, and a planted link. The next daemon sweeps both, and
+    // never follows the link.
+    let stale = cli.data_dir().join("ulan/labs/ct/layers");
+    std::fs::create_dir_all(&stale).unwrap();
+    ulan::vmlaunch::container::btrfs::create_subvolume(&stale.join("gone")).unwrap();
+    std::fs::write(stale.join("gone/junk"), "x").unwrap();
+    let aside = parent.join("aside");
+    std::fs::create_dir(&aside).unwrap();
+    std::fs::write(aside.join("keep"), "x").unwrap();
+    std::os::unix::fs::symlink(&aside, stale.join("link")).unwrap();
+    common::cli::give_to(cli.home(), cli.account().unwrap());
+    let d = Daemon::start_as(cli);
+    for n in ["gone", "link"] {
+        assert!(
+            std::fs::symlink_metadata(stale.join(n)).is_err(),
+            "the stale {n} outlived a new daemon"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(aside.join("keep")).unwrap(), "x");
     d.ok(&["lan", "add", "l1"]);
     d.add_sleeper("a", &["--nic", "l1,ip=10.0.0.1/24"]);
     d.add_sleeper("b", &["--nic", "l1,ip=10.0.0.2/24"]);

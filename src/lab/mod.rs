@@ -234,6 +234,8 @@ impl Lab {
             .mode(0o700)
             .recursive(true)
             .create(&ports_dir)?;
+        // Before any node can start and make a root of the same name.
+        crate::vmlaunch::node::sweep_stale_snapshots(&config.nodes);
         let published = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
         let dataplane = DataPlaneHandle::spawn(
             published.clone(),

@@ -45,6 +45,28 @@ pub(super) fn snapshot_path(spec: &NodeSpec, cfg: &NodeConfig) -> PathBuf {
     }
 }
 
+/// Deletes the snapshot roots plain nodes of an earlier daemon of this
+/// lab left (it was killed before it could stop them): no node runs yet
+/// when a lab starts, so every one there is stale. Persistent nodes' roots
+/// live elsewhere (their data dir) and stay.
+pub fn sweep_stale_snapshots(cfg: &NodeConfig) {
+    let layers = cfg.data_dir.with_file_name("layers");
+    let Ok(entries) = std::fs::read_dir(&layers) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        tracing::info!("removing the stale snapshot root {}", path.display());
+        match entry.file_type() {
+            // Never followed: a planted link goes, its target stays.
+            Ok(t) if t.is_symlink() || t.is_file() => {
+                let _ = std::fs::remove_file(&path);
+            }
+            _ => drop_snapshot(&path),
+        }
+    }
+}
+
 /// Deletes a node's snapshot root: by ioctl where the mount allows it
 /// (`user_subvol_rm_allowed`), else emptied and removed with rmdir, through
 /// the holder's id mapping when the container made files of subordinate

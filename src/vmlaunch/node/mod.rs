@@ -35,6 +35,7 @@ mod supervise;
 
 pub use boot::check_boot;
 use boot::*;
+pub use container::sweep_stale_snapshots;
 use ops::*;
 use supervise::*;
 
