@@ -33,19 +33,7 @@ fn two_containers_ping_run_iperf3_and_a_nic_move_cuts_and_restores_ping() {
     d.ok(&["lan", "add", "l2"]);
     for (n, ip) in [("a", "10.0.0.1/24"), ("b", "10.0.0.2/24")] {
         let nic = format!("l1,ip={ip}");
-        d.ok(&[
-            "node",
-            "add",
-            n,
-            "--kind",
-            "container",
-            "--cmd",
-            "sleep",
-            "--cmd",
-            "1000",
-            "--nic",
-            &nic,
-        ]);
+        d.add_sleeper(n, &["--nic", &nic]);
     }
     let v = d.node("a");
     assert_eq!(v["state"], "running", "{v}");
@@ -82,22 +70,7 @@ fn two_containers_ping_run_iperf3_and_a_nic_move_cuts_and_restores_ping() {
 fn the_rootfs_is_copy_on_write_and_persistent_keeps_writes() {
     let Some(user) = user_or_skip() else { return };
     let d = Daemon::start(user);
-    let add = |name: &str, extra: &[&str]| {
-        let mut args = vec![
-            "node",
-            "add",
-            name,
-            "--kind",
-            "container",
-            "--cmd",
-            "sleep",
-            "--cmd",
-            "1000",
-        ];
-        args.extend_from_slice(extra);
-        d.ok(&args);
-    };
-    add("w", &[]);
+    d.add_sleeper("w", &[]);
     // An overlay over the image, unless the home is on Btrfs
     // (tests/containers_btrfs.rs tests that path).
     let on_btrfs = ulan::vmlaunch::container::btrfs::on_btrfs(d.home());
@@ -119,7 +92,7 @@ fn the_rootfs_is_copy_on_write_and_persistent_keeps_writes() {
     assert!(lower.join("bin/ls").exists(), "the image lost /bin/ls");
     assert!(!lower.join("written").exists() && !lower.join("etc/new").exists());
     // A fresh node does not see w's writes.
-    add("f", &[]);
+    d.add_sleeper("f", &[]);
     let (code, out, _) = d.sh("f", "cat /written 2>&1; ls /bin/ls");
     assert_eq!(code, 0, "{out}");
     assert!(
@@ -132,7 +105,7 @@ fn the_rootfs_is_copy_on_write_and_persistent_keeps_writes() {
     let (code, out, _) = d.sh("w", "test -e /written && echo still || echo clean");
     assert_eq!((code, out.trim()), (0, "clean"));
     // A persistent one keeps them.
-    add("p", &["--persistent"]);
+    d.add_sleeper("p", &["--persistent"]);
     let (code, _, err) = d.sh("p", "echo kept > /kept");
     assert_eq!(code, 0, "{err}");
     d.ok(&["node", "stop", "p", "--timeout", "1"]);
@@ -295,21 +268,7 @@ fn bad_input_is_refused_and_leaves_nothing() {
 fn limits_are_reported_when_not_applied_and_enforced_where_delegated() {
     let Some(user) = user_or_skip() else { return };
     let d = Daemon::start(user);
-    d.ok(&[
-        "node",
-        "add",
-        "l",
-        "--kind",
-        "container",
-        "--memory-mb",
-        "64",
-        "--pids-max",
-        "50",
-        "--cmd",
-        "sleep",
-        "--cmd",
-        "1000",
-    ]);
+    d.add_sleeper("l", &["--memory-mb", "64", "--pids-max", "50"]);
     let v = d.node("l");
     assert_eq!(v["state"], "running", "{v}");
     match ulan::vmlaunch::container::limits::no_delegation_reason() {

@@ -227,8 +227,14 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(cli: CliUser) -> Daemon {
+        let ulan = env!("CARGO_BIN_EXE_ulan");
+        Daemon::start_by(cli, ulan, &["daemon"])
+    }
+
+    /// The same, started by `program args` (e.g. `unshare ... ulan daemon`).
+    pub fn start_by(cli: CliUser, program: &str, args: &[&str]) -> Daemon {
         let child = cli
-            .cmd(&["daemon"])
+            .program(program, args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
