@@ -127,6 +127,26 @@ fn plain_file_name(name: &str) -> bool {
 }
 
 impl Manifest {
+    /// A container image's manifest: made now, nothing to boot.
+    pub fn container(
+        description: String,
+        part: crate::vmlaunch::container::rootfs::ContainerImage,
+    ) -> Manifest {
+        Manifest {
+            kernel: None,
+            initrd: None,
+            disk: None,
+            disk_format: None,
+            append: None,
+            agent: false,
+            description,
+            created: now(),
+            kernel_version: None,
+            recipe: None,
+            container: Some(part),
+        }
+    }
+
     fn check(&self) -> Result<(), String> {
         for (what, v) in [
             ("kernel", &self.kernel),

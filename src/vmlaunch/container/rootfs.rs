@@ -71,22 +71,16 @@ pub fn ensure_builtin_container(store: &ImageStore) -> Result<Image, ImageError>
     let tmp = store.scratch(BUILTIN_CONTAINER)?;
     let result = build_rootfs(&tmp.join("rootfs")).and_then(|()| {
         let manifest = Manifest {
-            kernel: None,
-            initrd: None,
-            disk: None,
-            disk_format: None,
-            append: None,
-            agent: false,
-            description: "ulan built-in container image (busybox, iperf3, ip)".into(),
-            created: image::now(),
-            kernel_version: None,
             recipe: Some(RECIPE.into()),
-            container: Some(ContainerImage {
-                rootfs: "rootfs".into(),
-                entrypoint: vec!["/bin/sh".into()],
-                env: vec!["PATH=/usr/sbin:/usr/bin:/sbin:/bin".into()],
-                workdir: None,
-            }),
+            ..Manifest::container(
+                "ulan built-in container image (busybox, iperf3, ip)".into(),
+                ContainerImage {
+                    rootfs: "rootfs".into(),
+                    entrypoint: vec!["/bin/sh".into()],
+                    env: vec!["PATH=/usr/sbin:/usr/bin:/sbin:/bin".into()],
+                    workdir: None,
+                },
+            )
         };
         store.install(&tmp, BUILTIN_CONTAINER, &manifest, true)
     });

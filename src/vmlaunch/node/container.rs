@@ -436,24 +436,15 @@ impl Lab {
                         let _ = std::fs::remove_dir(&upper);
                     }
                 }
-                let manifest = image::Manifest {
-                    kernel: None,
-                    initrd: None,
-                    disk: None,
-                    disk_format: None,
-                    append: None,
-                    agent: false,
-                    description: format!("committed from container node {}", spec.name),
-                    created: image::now(),
-                    kernel_version: None,
-                    recipe: None,
-                    container: Some(container::rootfs::ContainerImage {
+                let manifest = image::Manifest::container(
+                    format!("committed from container node {}", spec.name),
+                    container::rootfs::ContainerImage {
                         rootfs: "rootfs".into(),
                         entrypoint: src.entrypoint.clone(),
                         env: src.env.clone(),
                         workdir: src.workdir.clone(),
-                    }),
-                };
+                    },
+                );
                 Ok(store.install(&tmp, &name, &manifest, false)?)
             })();
             // No half-made image: the scratch dir goes, with what the

@@ -241,27 +241,16 @@ pub fn import(
                 plan.config.os, plan.config.architecture
             ));
         }
-        let manifest = Manifest {
-            kernel: None,
-            initrd: None,
-            disk: None,
-            disk_format: None,
-            append: None,
-            agent: false,
-            description: format!(
-                "imported {} {}{}",
-                plan.format,
-                input.file_name().unwrap_or_default().to_string_lossy(),
-                plan.reference
-                    .as_ref()
-                    .map(|r| format!(" ({r})"))
-                    .unwrap_or_default()
-            ),
-            created: image::now(),
-            kernel_version: None,
-            recipe: None,
-            container: Some(container_part(&plan.config)?),
-        };
+        let description = format!(
+            "imported {} {}{}",
+            plan.format,
+            input.file_name().unwrap_or_default().to_string_lossy(),
+            plan.reference
+                .as_ref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+        let manifest = Manifest::container(description, container_part(&plan.config)?);
         let _lock = store.lock()?;
         let image = store.install(&tmp, name, &manifest, opts.replace)?;
         Ok(Imported {
