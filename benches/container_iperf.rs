@@ -18,14 +18,13 @@
 #[allow(dead_code)]
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::netns::{gbits, have, kernel_path, median, threads_cpu_ns};
 use common::vm::through_ulan;
 use ulan::vmlaunch::image::{self, ImageStore};
-use ulan::vmlaunch::qemu::accel::{self, KvmStatus};
 use ulan::vmlaunch::spec::Transport;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ulan");
@@ -192,13 +191,7 @@ fn vm_paths(secs: u64) -> Vec<(String, Result<f64, String>)> {
         Ok(i) => i,
         Err(e) => return vec![("VM paths".into(), Err(format!("no built-in image: {e}")))],
     };
-    let kernel = img.kernel_path().unwrap_or_default();
-    let status = accel::probe_kvm_cached(
-        Path::new("qemu-system-x86_64"),
-        &kernel,
-        Duration::from_secs(20),
-    );
-    let kvm = matches!(status, KvmStatus::Usable);
+    let kvm = common::vm::kvm_usable(&img);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -20,7 +20,7 @@ use std::time::Duration;
 use common::netns::have;
 use common::vm::{measure, spec, through_ulan, Run, MEMORY_MB};
 use ulan::vmlaunch::image::{self, Image, ImageStore};
-use ulan::vmlaunch::qemu::accel::{self, KvmStatus};
+use ulan::vmlaunch::qemu::accel;
 use ulan::vmlaunch::qemu::{self, QemuBoot, QemuNic, QemuPaths};
 use ulan::vmlaunch::spec::Transport;
 use ulan::wire::MacAddr;
@@ -203,13 +203,7 @@ fn main() {
             return;
         }
     };
-    let kernel = img.kernel_path().unwrap_or_default();
-    let status = accel::probe_kvm_cached(
-        Path::new("qemu-system-x86_64"),
-        &kernel,
-        Duration::from_secs(20),
-    );
-    let kvm = matches!(status, KvmStatus::Usable);
+    let kvm = common::vm::kvm_usable(&img);
     let accel_args = accel::qemu_accel_args(kvm, 1);
     let date = Command::new("date")
         .arg("+%Y-%m-%d")

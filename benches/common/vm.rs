@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use ulan::lab::{Lab, LabConfig};
 use ulan::vmlaunch::agent;
+use ulan::vmlaunch::image::Image;
+use ulan::vmlaunch::qemu::accel::{self, KvmStatus};
 use ulan::vmlaunch::spec::{Accel, NodeSpec, Transport};
 
 pub const MEMORY_MB: u32 = 256;
@@ -18,6 +20,17 @@ pub const BOOT: Duration = Duration::from_secs(300);
 pub struct Run {
     pub mbps: f64,
     pub retransmits: u64,
+}
+
+/// Whether KVM works with the image's kernel here (probed once, cached).
+pub fn kvm_usable(img: &Image) -> bool {
+    let kernel = img.kernel_path().unwrap_or_default();
+    let status = accel::probe_kvm_cached(
+        Path::new("qemu-system-x86_64"),
+        &kernel,
+        Duration::from_secs(20),
+    );
+    matches!(status, KvmStatus::Usable)
 }
 
 pub fn spec(name: &str, ip: &str) -> NodeSpec {
