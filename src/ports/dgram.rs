@@ -175,7 +175,7 @@ impl DgramPort {
             self.unreachable = Some((addr, cx.now_ms));
             return false;
         }
-        self.peer_claim = target.map(|t| crate::ports::own::OwnSocket::claim_id(t.id));
+        self.peer_claim = target.map(crate::ports::own::OwnSocket::claim_target);
         self.peer = Some(Peer {
             addr,
             file: socket_file_id(&addr),

@@ -50,6 +50,13 @@ pub fn is_own(id: FileId) -> bool {
 #[derive(Debug)]
 pub struct OwnSocket {
     id: Option<FileId>,
+    /// A client's socket file is not ours to keep alive: once its client
+    /// unlinks it, the filesystem may hand the inode number to a new,
+    /// unrelated file, and a claim by number alone would refuse that
+    /// stranger. The `O_PATH` fd the target was resolved by holds the inode,
+    /// so its number cannot be reused while the claim lives. (A socket the
+    /// switch bound holds its own inode through the bound socket.)
+    _pin: Option<OwnedFd>,
 }
 
 impl OwnSocket {
@@ -57,20 +64,31 @@ impl OwnSocket {
     /// made it there itself).
     pub fn claim(path: &Path) -> OwnSocket {
         match std::fs::symlink_metadata(path) {
-            Ok(m) => OwnSocket::claim_id((m.dev(), m.ino())),
+            Ok(m) => OwnSocket::claim_id((m.dev(), m.ino()), None),
             Err(e) => {
                 tracing::warn!(path = %path.display(), "cannot stat a socket the switch bound: {e}");
-                OwnSocket { id: None }
+                OwnSocket {
+                    id: None,
+                    _pin: None,
+                }
             }
         }
     }
 
-    /// Claims a socket file by its (device, inode): also the client socket
-    /// a port is connected to, which no other port may send to (that would
-    /// carry one lan's frames to another lan's client).
-    pub fn claim_id(id: FileId) -> OwnSocket {
+    fn claim_id(id: FileId, pin: Option<OwnedFd>) -> OwnSocket {
         *claims().entry(id).or_insert(0) += 1;
-        OwnSocket { id: Some(id) }
+        OwnSocket {
+            id: Some(id),
+            _pin: pin,
+        }
+    }
+
+    /// Claims the client socket a port is connected to, which no other port
+    /// may send to (that would carry one lan's frames to another lan's
+    /// client); the claim keeps `target`'s inode, so its number is not
+    /// reused by another file while claimed.
+    pub fn claim_target(target: Target) -> OwnSocket {
+        OwnSocket::claim_id(target.id, Some(target.fd))
     }
 }
 
@@ -210,5 +228,35 @@ mod tests {
         assert_eq!(sys::read(&peer, &mut buf).unwrap(), 5);
         let missing = dir.path().join("missing");
         assert!(connect_checked(&c, &UnixAddr::from_path(&missing).unwrap()).is_err());
+    }
+
+    /// A client claimed by a port goes away (socket closed, file removed)
+    /// before the port notices: new sockets made afterwards, which on ext4
+    /// would get the freed inode number at once, are strangers, not the
+    /// switch's own (a flake in CI: a new test client was refused).
+    #[test]
+    fn a_gone_clients_inode_number_is_not_given_to_a_new_socket_while_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let theirs = dir.path().join("theirs");
+        let peer = sys::bound_socket(libc::SOCK_DGRAM, &theirs).unwrap();
+        let target = resolve(&UnixAddr::from_path(&theirs).unwrap())
+            .unwrap()
+            .unwrap();
+        let claimed = target.id;
+        let claim = OwnSocket::claim_target(target);
+        drop(peer);
+        std::fs::remove_file(&theirs).unwrap();
+        let mut fresh = Vec::new();
+        for i in 0..64 {
+            let p = dir.path().join(format!("new{i}"));
+            fresh.push(sys::bound_socket(libc::SOCK_DGRAM, &p).unwrap());
+            let t = resolve(&UnixAddr::from_path(&p).unwrap())
+                .unwrap_or_else(|e| panic!("{} refused: {e}", p.display()))
+                .unwrap();
+            assert_ne!(t.id, claimed, "inode number reused while claimed");
+        }
+        assert!(is_own(claimed));
+        drop(claim);
+        assert!(!is_own(claimed));
     }
 }

@@ -285,7 +285,7 @@ impl VdePort {
             want_write: false,
             chatter: 0,
             _own: own_data,
-            _peer: target.as_ref().map(|t| own::OwnSocket::claim_id(t.id)),
+            _peer: target.map(own::OwnSocket::claim_target),
         });
         self.link.up(cx.counters, Some(peer));
         Ok(())
