@@ -170,19 +170,36 @@ pub fn check_crun() -> Check {
     }
 }
 
-/// Whether container limits (memory.max, cpu.max, pids.max) can apply.
+/// Whether container limits (memory, cpu, pids) can apply.
 pub fn check_container_limits() -> Check {
+    use crate::vmlaunch::container::limits::{probe, Delegation};
     const NAME: &str = "cgroups";
-    match crate::vmlaunch::container::limits::no_delegation_reason() {
-        None => Check::ok(NAME, "a delegated cgroup v2: container limits apply"),
-        Some(why) => Check::bad(
+    match probe() {
+        Ok(Delegation::V2 { base }) => Check::ok(
+            NAME,
+            format!(
+                "the delegated cgroup v2 {}: container limits apply",
+                base.display()
+            ),
+        ),
+        Ok(Delegation::V1 { memory, .. }) => Check::ok(
+            NAME,
+            format!(
+                "cgroup v1 cgroups owned by this user ({} and the same in cpu and pids): \
+                 container limits apply",
+                memory.display()
+            ),
+        ),
+        Err(why) => Check::bad(
             NAME,
             Status::Warn,
             format!("container memory/cpu/pids limits are not applied: {why}"),
-            "cgroup v2 only (boot with systemd.unified_cgroup_hierarchy=1), then run the \
-             daemon in a systemd user session, whose cgroup is delegated to you: \
-             `systemd-run --user --scope -p Delegate=yes ulan daemon` (or a user unit with \
-             Delegate=yes)",
+            "on cgroup v2 (the default of current systems; boot with \
+             systemd.unified_cgroup_hierarchy=1 otherwise), run the daemon in a cgroup \
+             delegated to you: `systemd-run --user --scope -p Delegate=yes ulan daemon` (or a \
+             user unit with Delegate=yes); on cgroup v1, an admin makes a cgroup in each of \
+             the memory, cpu and pids hierarchies, chowns it and its cgroup.procs to you, \
+             and the daemon is started in them",
         ),
     }
 }

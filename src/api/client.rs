@@ -152,6 +152,9 @@ pub struct NodeView {
     pub exit: Option<String>,
     pub warning: Option<String>,
     pub started_ms: Option<u64>,
+    /// The cgroups a running container's limits apply in.
+    #[serde(default)]
+    pub cgroups: Vec<String>,
     pub nics: Vec<NicView>,
     pub spec: NodeSpec,
 }

@@ -233,12 +233,24 @@ impl Daemon {
 
     /// The same, started by `program args` (e.g. `unshare ... ulan daemon`).
     pub fn start_by(cli: CliUser, program: &str, args: &[&str]) -> Daemon {
+        Daemon::start_then(cli, program, args, |_| {})
+    }
+
+    /// The same, with `spawned(pid)` run as soon as the process exists
+    /// (before its API answers): e.g. to move it into a cgroup.
+    pub fn start_then(
+        cli: CliUser,
+        program: &str,
+        args: &[&str],
+        spawned: impl FnOnce(u32),
+    ) -> Daemon {
         let child = cli
             .program(program, args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        spawned(child.id());
         let d = Daemon {
             cli,
             child: Some(child),

@@ -126,6 +126,25 @@ impl Daemon {
         Daemon(super::cli::Daemon::start(cli))
     }
 
+    /// The daemon moved, as soon as it exists, into the cgroups whose
+    /// `cgroup.procs` files are `procs` (written by this process: the test
+    /// runs as root, and cgroup v2 needs the mover to own the common
+    /// ancestor).
+    pub fn start_in_cgroups(user: TestUser, procs: &[PathBuf]) -> Daemon {
+        let cli = CliUser::as_account("ct", user);
+        Daemon(super::cli::Daemon::start_then(
+            cli,
+            env!("CARGO_BIN_EXE_ulan"),
+            &["daemon"],
+            |pid| {
+                for p in procs {
+                    std::fs::write(p, pid.to_string())
+                        .unwrap_or_else(|e| panic!("moving the daemon into {}: {e}", p.display()));
+                }
+            },
+        ))
+    }
+
     pub fn user(&self) -> &TestUser {
         self.account().expect("run as the test user")
     }

@@ -80,9 +80,9 @@ pub fn make_spec(input: &BundleInput) -> Spec {
     root.set_path(input.rootfs.clone());
     root.set_readonly(Some(false));
     let mut linux = Linux::default();
-    // No cgroup resources here: limits are applied only where the user has
-    // a delegated cgroup v2 (see limits.rs), and crun runs with its cgroup
-    // manager off otherwise.
+    // No cgroup resources here: the daemon makes the node's cgroups with
+    // its limits and the holder joins them before it becomes crun (see
+    // limits.rs); crun runs with its cgroup manager off.
     linux.set_resources(None);
     linux.set_namespaces(Some(vec![
         ns(LinuxNamespaceType::Pid, None),

@@ -1,59 +1,670 @@
-//! Resource limits (memory.max, cpu.max, pids.max) need a cgroup v2 the
-//! user may write: a delegated subtree, which a systemd user session gives
-//! (user@UID.service with Delegate=yes). Where there is none the node runs
-//! all the same, and its warning says the limits were not applied and why.
+//! Resource limits (memory, cpu, pids) of container nodes, in cgroups the
+//! user may write. Two kinds of delegation are used:
+//!
+//! - cgroup v2: the daemon's own cgroup is delegated to the user (a systemd
+//!   user scope or unit with `Delegate=yes`). The daemon moves itself into
+//!   a leaf `ulan-daemon` (v2 allows no processes in a cgroup whose
+//!   controllers are handed down), turns memory, cpu and pids on for the
+//!   subtree, and each node run gets `node-PID-NAME` beside that leaf, with
+//!   `memory.max` (and `memory.swap.max` 0), `cpu.max`, `pids.max`.
+//! - cgroup v1 (and hybrid hosts, where v2 has no controllers): in each of
+//!   the memory, cpu and pids hierarchies the daemon's cgroup is owned by
+//!   the user (an admin made it and chowned it, v1's only delegation). Each
+//!   node run gets `ulan-PID/node-NAME` there, with
+//!   `memory.limit_in_bytes`, `cpu.cfs_quota_us`, `pids.max`.
+//!
+//! The daemon writes the limits before the holder starts; the holder joins
+//! the node's cgroups between fork and exec ([`NodeCgroup::join`]), so
+//! crun, the container and all they fork are in them (crun runs with its
+//! own cgroup manager off). `ulan exec` processes join the same way. Where
+//! there is no delegation the node runs all the same, and its warning says
+//! the limits were not applied and why.
 
-use std::path::Path;
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
 
-/// Why limits cannot be applied here, or `None` when a delegated cgroup
-/// v2 exists for this process.
-pub fn no_delegation_reason() -> Option<String> {
-    if super::holder::hybrid_cgroups() {
-        return Some(
-            "this host mounts cgroup v1 at /sys/fs/cgroup (hybrid mode, cgroup2 at \
-             /sys/fs/cgroup/unified holds no memory, cpu or pids controller): cgroup v2 delegation is impossible"
-                .into(),
-        );
+/// What a node asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub cpus: u32,
+    pub pids_max: Option<u32>,
+}
+
+impl Limits {
+    pub fn of(spec: &crate::vmlaunch::spec::NodeSpec) -> Limits {
+        Limits {
+            memory_bytes: u64::from(spec.memory_mb) << 20,
+            cpus: spec.cpus,
+            pids_max: spec.pids_max,
+        }
     }
-    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let Some(path) = text.lines().find_map(|l| l.strip_prefix("0::")) else {
-        return Some("no cgroup v2 hierarchy (/proc/self/cgroup has no 0:: line)".into());
+}
+
+/// The CFS period the cpu limit is a quota of (100 ms, the kernel's
+/// default).
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// Where this process may make cgroups with the three controllers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delegation {
+    /// The delegated cgroup v2 (the parent of the daemon's leaf once the
+    /// daemon has moved there).
+    V2 { base: PathBuf },
+    /// The user's own cgroup in each v1 hierarchy.
+    V1 {
+        memory: PathBuf,
+        cpu: PathBuf,
+        pids: PathBuf,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LimitsError {
+    /// No delegated cgroup: why.
+    #[error("{0}")]
+    NotDelegated(String),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LimitsError + 'a {
+    move |source| LimitsError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The leaf the daemon moves itself into on a v2 delegation.
+const DAEMON_LEAF: &str = "ulan-daemon";
+/// The controllers a node's limits need.
+const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+fn writable(p: &Path) -> bool {
+    let Ok(c) = CString::new(p.as_os_str().as_bytes()) else {
+        return false;
     };
-    let dir = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    // SAFETY: access(2) on a NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
+/// The cgroup v1 hierarchies' mount points by controller, from
+/// /proc/self/mountinfo text.
+fn v1_mounts(mountinfo: &str) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut post = post.split_whitespace();
+        if post.next() != Some("cgroup") {
+            continue;
+        }
+        let (Some(_src), Some(opts)) = (post.next(), post.next()) else {
+            continue;
+        };
+        let Some(mount) = pre.split_whitespace().nth(4) else {
+            continue;
+        };
+        for o in opts.split(',') {
+            if CONTROLLERS.contains(&o) {
+                out.push((o.to_string(), PathBuf::from(unescape_mount(mount))));
+            }
+        }
+    }
+    out
+}
+
+/// Mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let digits = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(digits, 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A process's cgroup path per v1 controller, and its v2 path, from
+/// /proc/self/cgroup text.
+fn own_paths(cgroup: &str) -> (Vec<(String, String)>, Option<String>) {
+    let mut v1 = Vec::new();
+    let mut v2 = None;
+    for line in cgroup.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(_id), Some(ctrls), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if ctrls.is_empty() {
+            v2 = Some(path.to_string());
+        } else {
+            for c in ctrls.split(',') {
+                v1.push((c.to_string(), path.to_string()));
+            }
+        }
+    }
+    (v1, v2)
+}
+
+/// Finds this process's delegation, read-only (`ulan doctor` and the
+/// daemon alike): `Err` says why there is none.
+pub fn probe() -> Result<Delegation, String> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
+    let (v1, v2) = own_paths(&cgroup);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounts = v1_mounts(&mountinfo);
+    if mounts.is_empty() {
+        return probe_v2(v2.as_deref());
+    }
+    let mut dirs = Vec::new();
+    let mut missing = Vec::new();
+    for c in CONTROLLERS {
+        let mount = mounts.iter().find(|(m, _)| m == c).map(|(_, p)| p);
+        let own = v1.iter().find(|(m, _)| m == c).map(|(_, p)| p);
+        match (mount, own) {
+            (Some(m), Some(p)) => dirs.push((c, m.join(p.trim_start_matches('/')))),
+            _ => missing.push(c),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(format!(
+            "cgroup v1 is mounted, but without the {} controller(s)",
+            missing.join(", ")
+        ));
+    }
+    let not_ours: Vec<String> = dirs
+        .iter()
+        .filter(|(_, d)| !(writable(d) && writable(&d.join("cgroup.procs"))))
+        .map(|(c, d)| format!("{c} ({})", d.display()))
+        .collect();
+    if !not_ours.is_empty() {
+        return Err(format!(
+            "this host uses cgroup v1 (cgroup v2 holds no memory, cpu or pids controller), \
+             and this user's cgroups are not delegated to it: {} not writable",
+            not_ours.join(", ")
+        ));
+    }
+    let get = |c: &str| dirs.iter().find(|(m, _)| *m == c).unwrap().1.clone();
+    Ok(Delegation::V1 {
+        memory: get("memory"),
+        cpu: get("cpu"),
+        pids: get("pids"),
+    })
+}
+
+fn probe_v2(path: Option<&str>) -> Result<Delegation, String> {
+    let Some(path) = path else {
+        return Err("no cgroup v2 hierarchy (/proc/self/cgroup has no 0:: line)".into());
+    };
+    let mut dir = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    // A daemon that has moved into its leaf: the delegation is the parent.
+    if dir.file_name().is_some_and(|n| n == DAEMON_LEAF) {
+        dir.pop();
+    }
     let controllers = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
-    let missing: Vec<&str> = ["memory", "cpu", "pids"]
+    let missing: Vec<&str> = CONTROLLERS
         .into_iter()
         .filter(|c| !controllers.split_whitespace().any(|x| x == *c))
         .collect();
     if !missing.is_empty() {
-        return Some(format!(
+        return Err(format!(
             "the cgroup {path} lacks the {} controller(s)",
             missing.join(", ")
         ));
     }
-    // SAFETY: access(2) on a NUL-terminated path.
-    let writable = std::ffi::CString::new(
-        dir.join("cgroup.subtree_control")
-            .to_string_lossy()
-            .as_bytes(),
-    )
-    .map(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0)
-    .unwrap_or(false);
-    if !writable {
-        return Some(format!("the cgroup {path} is not delegated to this user"));
+    for f in ["cgroup.subtree_control", "cgroup.procs"] {
+        if !writable(&dir.join(f)) {
+            return Err(format!("the cgroup {path} is not delegated to this user"));
+        }
     }
-    // Delegated: but applying limits there is not implemented yet.
-    Some(format!(
-        "cgroup {path} is delegated, but this ulan does not apply container limits yet"
-    ))
+    Ok(Delegation::V2 { base: dir })
 }
 
-/// The node's warning when it has limits that were not applied.
-pub fn warning() -> Option<String> {
-    no_delegation_reason().map(|why| {
-        format!(
-            "memory/cpu/pids limits not applied: {why}; see `ulan doctor` for how to get a \
-             delegated cgroup v2"
-        )
+/// Why limits cannot be applied here, or `None` when there is a delegated
+/// cgroup.
+pub fn no_delegation_reason() -> Option<String> {
+    probe().err()
+}
+
+/// The node's warning when its limits were not applied.
+pub fn warning(why: &LimitsError) -> String {
+    format!(
+        "memory/cpu/pids limits not applied: {why}; see `ulan doctor` for how to get a \
+         delegated cgroup"
+    )
+}
+
+/// The daemon's delegation, made ready once: on v2 the daemon moves into
+/// its leaf and hands the controllers down; stale node cgroups an earlier
+/// daemon left are removed.
+fn prepared() -> Result<&'static Delegation, LimitsError> {
+    static READY: OnceLock<Result<Delegation, String>> = OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let d = probe()?;
+            prepare(&d).map_err(|e| e.to_string())?;
+            Ok(d)
+        })
+        .as_ref()
+        .map_err(|e| LimitsError::NotDelegated(e.clone()))
+}
+
+fn prepare(d: &Delegation) -> Result<(), LimitsError> {
+    match d {
+        Delegation::V2 { base } => {
+            hand_down(base, &CONTROLLERS)?;
+            // Node cgroups of daemons that are gone (`node-PID-NAME`).
+            sweep(base, |rest| {
+                rest.split_once('-')
+                    .and_then(|(pid, _)| pid.parse::<u32>().ok())
+                    .is_some_and(|pid| !alive(pid))
+            });
+        }
+        Delegation::V1 { memory, cpu, pids } => {
+            for root in [memory, cpu, pids] {
+                sweep_v1(root);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// cgroup v2: moves this process into the leaf `ulan-daemon` of `base`
+/// and turns `controllers` on for `base`'s children (v2 refuses that while
+/// `base` itself holds processes).
+pub fn hand_down(base: &Path, controllers: &[&str]) -> Result<(), LimitsError> {
+    let leaf = base.join(DAEMON_LEAF);
+    match std::fs::create_dir(&leaf) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(io_err("cannot make", &leaf)(e))
+        }
+        _ => {}
+    }
+    let procs = leaf.join("cgroup.procs");
+    std::fs::write(&procs, "0").map_err(io_err("cannot move the daemon into", &procs))?;
+    let control = base.join("cgroup.subtree_control");
+    let on: Vec<String> = controllers.iter().map(|c| format!("+{c}")).collect();
+    std::fs::write(&control, on.join(" ")).map_err(|e| {
+        LimitsError::NotDelegated(format!(
+            "cannot hand the {} controllers down in {} ({e}): other processes share the \
+             daemon's cgroup; start the daemon in a cgroup of its own",
+            controllers.join(", "),
+            base.display()
+        ))
     })
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes the empty `node-*` cgroups in `dir` whose rest of the name
+/// `stale` says is stale.
+fn sweep(dir: &Path, stale: impl Fn(&str) -> bool) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.strip_prefix("node-").is_some_and(&stale) {
+            // A populated one refuses (EBUSY) and stays.
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+}
+
+/// v1: the `ulan-PID` dirs of daemons that are gone.
+fn sweep_v1(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("ulan-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if alive(pid) {
+            continue;
+        }
+        sweep(&e.path(), |_| true);
+        let _ = std::fs::remove_dir(e.path());
+    }
+}
+
+/// One node run's cgroups (one per v1 hierarchy, or one v2 cgroup), made
+/// with its limits; removed when dropped (after the run has ended).
+#[derive(Debug)]
+pub struct NodeCgroup {
+    dirs: Vec<PathBuf>,
+    /// `cgroup.procs` of each dir, ready for [`NodeCgroup::join`] between
+    /// fork and exec (no allocation there).
+    procs: Vec<CString>,
+}
+
+impl NodeCgroup {
+    /// Makes `node`'s cgroups in this daemon's delegation and writes
+    /// `limits`. `Err(NotDelegated)` where there is no delegation.
+    pub fn create(node: &str, limits: &Limits) -> Result<NodeCgroup, LimitsError> {
+        Self::create_in(prepared()?, node, limits)
+    }
+
+    pub fn create_in(
+        d: &Delegation,
+        node: &str,
+        limits: &Limits,
+    ) -> Result<NodeCgroup, LimitsError> {
+        let pid = std::process::id();
+        let quota = u64::from(limits.cpus) * CPU_PERIOD_US;
+        let pids = limits
+            .pids_max
+            .map_or_else(|| "max".to_string(), |p| p.to_string());
+        let mut made = NodeCgroup {
+            dirs: Vec::new(),
+            procs: Vec::new(),
+        };
+        match d {
+            Delegation::V2 { base } => {
+                // Beside the daemon's leaf; the pid tells two daemons
+                // sharing a delegation apart.
+                let dir = made.make(base.join(format!("node-{pid}-{node}")), false)?;
+                write(&dir, "memory.max", &limits.memory_bytes.to_string())?;
+                // No swap beyond the limit: over it, the kernel's OOM killer
+                // acts, as it would on a machine of that size without swap.
+                write_if_there(&dir, "memory.swap.max", "0")?;
+                write(&dir, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
+                write(&dir, "pids.max", &pids)?;
+            }
+            Delegation::V1 {
+                memory,
+                cpu,
+                pids: p,
+            } => {
+                let own = format!("ulan-{pid}");
+                let leaf = format!("node-{node}");
+                let m = made.make(memory.join(&own).join(&leaf), true)?;
+                write(
+                    &m,
+                    "memory.limit_in_bytes",
+                    &limits.memory_bytes.to_string(),
+                )?;
+                write_if_there(
+                    &m,
+                    "memory.memsw.limit_in_bytes",
+                    &limits.memory_bytes.to_string(),
+                )?;
+                let c = made.make(cpu.join(&own).join(&leaf), true)?;
+                write(&c, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                write(&c, "cpu.cfs_quota_us", &quota.to_string())?;
+                let p = made.make(p.join(&own).join(&leaf), true)?;
+                write(&p, "pids.max", &pids)?;
+            }
+        }
+        Ok(made)
+    }
+
+    /// Makes `dir` (and its parent, the daemon's `ulan-PID` on v1), fresh:
+    /// one an earlier run left empty is made again.
+    fn make(&mut self, dir: PathBuf, with_parent: bool) -> Result<PathBuf, LimitsError> {
+        if let Some(parent) = dir.parent().filter(|_| with_parent) {
+            match std::fs::create_dir(parent) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                    return Err(io_err("cannot make", parent)(e))
+                }
+                _ => {}
+            }
+        }
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).map_err(io_err("cannot make", &dir))?;
+        let procs = dir.join("cgroup.procs");
+        self.procs.push(
+            CString::new(procs.as_os_str().as_bytes())
+                .map_err(|_| io_err("bad path", &procs)(io::ErrorKind::InvalidInput.into()))?,
+        );
+        self.dirs.push(dir.clone());
+        Ok(dir)
+    }
+
+    /// The cgroup dirs, for the node's status.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// The `cgroup.procs` files a child process writes itself into.
+    pub fn procs_files(&self) -> Vec<CString> {
+        self.procs.clone()
+    }
+
+    /// Moves the calling process into the cgroups of `procs`: for a child
+    /// between fork and exec (only open, write and close).
+    pub fn join(procs: &[CString]) -> io::Result<()> {
+        for p in procs {
+            // SAFETY: open/write/close are async-signal-safe; `p` is a
+            // NUL-terminated path made before the fork.
+            unsafe {
+                let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NodeCgroup {
+    fn drop(&mut self) {
+        for dir in &self.dirs {
+            // The run's processes are gone once its holder was reaped, but
+            // the kernel may take a moment to let their cgroup go.
+            let mut tries = 0;
+            while let Err(e) = std::fs::remove_dir(dir) {
+                if e.kind() == io::ErrorKind::NotFound {
+                    break;
+                }
+                tries += 1;
+                if tries == 50 {
+                    tracing::warn!("cannot remove the cgroup {}: {e}", dir.display());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // v1: the daemon's `ulan-PID` dir once it is empty.
+            let own = format!("ulan-{}", std::process::id());
+            if let Some(parent) = dir.parent().filter(|p| p.file_name() == Some(own.as_ref())) {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
+}
+
+fn write(dir: &Path, file: &'static str, value: &str) -> Result<(), LimitsError> {
+    let p = dir.join(file);
+    std::fs::write(&p, value).map_err(|e| LimitsError::Io {
+        what: "cannot write",
+        path: p,
+        source: e,
+    })
+}
+
+fn write_if_there(dir: &Path, file: &'static str, value: &str) -> Result<(), LimitsError> {
+    if dir.join(file).exists() {
+        write(dir, file, value)
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+25 30 0:22 / /sys/fs/cgroup rw,relatime shared:9 - tmpfs tmpfs rw,mode=755
+26 25 0:23 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+27 25 0:24 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+28 25 0:25 / /sys/fs/cgroup/pids\\040here rw,relatime - cgroup cgroup rw,pids
+29 25 0:26 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+30 25 0:27 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+";
+
+    #[test]
+    fn v1_hierarchies_and_own_paths_are_read_from_proc() {
+        let m = v1_mounts(MOUNTINFO);
+        assert_eq!(
+            m,
+            vec![
+                ("cpu".into(), PathBuf::from("/sys/fs/cgroup/cpu")),
+                ("memory".into(), PathBuf::from("/sys/fs/cgroup/memory")),
+                ("pids".into(), PathBuf::from("/sys/fs/cgroup/pids here")),
+            ]
+        );
+        let (v1, v2) = own_paths("4:memory:/a/b\n2:cpu,cpuacct:/\n9:name=systemd:/\n0::/u\n");
+        assert!(v1.contains(&("memory".into(), "/a/b".into())));
+        assert!(v1.contains(&("cpu".into(), "/".into())));
+        assert!(v1.contains(&("cpuacct".into(), "/".into())));
+        assert_eq!(v2.as_deref(), Some("/u"));
+    }
+
+    #[test]
+    fn hostile_proc_text_is_skipped_not_a_panic() {
+        for text in [
+            "",
+            "\n\n",
+            " - ",
+            "1 2 3 - cgroup",
+            "1 - cgroup cgroup memory",
+            "x x x x /m\\7 x - cgroup c memory",
+            "x x x x /m\\ - cgroup c memory",
+            "x x x x /\\999\\é - cgroup c pids",
+            "a:b",
+            ":::",
+            "0::",
+        ] {
+            let _ = v1_mounts(text);
+            let _ = own_paths(text);
+            let _ = unescape_mount(text);
+        }
+        assert_eq!(unescape_mount("a\\040b\\134c\\0"), "a b\\c\\0");
+    }
+
+    /// The files a node's limits are written to, on plain directories
+    /// standing in for the cgroup file systems (the kernel's own are
+    /// tested in tests/containers_limits.rs).
+    #[test]
+    fn limits_are_written_where_each_cgroup_version_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            memory_bytes: 64 << 20,
+            cpus: 2,
+            pids_max: Some(40),
+        };
+        let base = dir.path().join("v2");
+        std::fs::create_dir(&base).unwrap();
+        let v2 =
+            NodeCgroup::create_in(&Delegation::V2 { base: base.clone() }, "r1", &limits).unwrap();
+        let d = &v2.dirs()[0].clone();
+        assert_eq!(d, &base.join(format!("node-{}-r1", std::process::id())));
+        let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+        assert_eq!(read(d, "memory.max"), (64u64 << 20).to_string());
+        assert_eq!(read(d, "cpu.max"), "200000 100000");
+        assert_eq!(read(d, "pids.max"), "40");
+        assert!(!d.join("memory.swap.max").exists(), "written where absent");
+        assert_eq!(
+            v2.procs_files()[0].to_str().unwrap(),
+            d.join("cgroup.procs").to_str().unwrap()
+        );
+
+        let roots: Vec<PathBuf> = ["memory", "cpu", "pids"]
+            .iter()
+            .map(|c| dir.path().join(c))
+            .collect();
+        for r in &roots {
+            std::fs::create_dir(r).unwrap();
+        }
+        let unlimited = Limits {
+            pids_max: None,
+            ..limits
+        };
+        let v1 = NodeCgroup::create_in(
+            &Delegation::V1 {
+                memory: roots[0].clone(),
+                cpu: roots[1].clone(),
+                pids: roots[2].clone(),
+            },
+            "r1",
+            &unlimited,
+        )
+        .unwrap();
+        let own = format!("ulan-{}", std::process::id());
+        let dirs: Vec<PathBuf> = roots.iter().map(|r| r.join(&own).join("node-r1")).collect();
+        assert_eq!(v1.dirs(), &dirs[..]);
+        assert_eq!(
+            read(&dirs[0], "memory.limit_in_bytes"),
+            (64u64 << 20).to_string()
+        );
+        assert_eq!(read(&dirs[1], "cpu.cfs_quota_us"), "200000");
+        assert_eq!(read(&dirs[1], "cpu.cfs_period_us"), "100000");
+        assert_eq!(read(&dirs[2], "pids.max"), "max");
+        // Plain directories keep their files: emptied so the drop can
+        // remove them, as the kernel's own would be.
+        for c in [&v2.dirs, &v1.dirs] {
+            for d in c.iter() {
+                for f in std::fs::read_dir(d).unwrap() {
+                    std::fs::remove_file(f.unwrap().path()).unwrap();
+                }
+            }
+        }
+        drop((v1, v2));
+        for d in dirs.iter().chain([d]) {
+            assert!(!d.exists(), "{} left", d.display());
+        }
+        assert!(!roots[0].join(&own).exists(), "the daemon's v1 dir left");
+    }
+
+    #[test]
+    fn a_node_cgroup_that_cannot_be_made_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("missing");
+        let e = NodeCgroup::create_in(
+            &Delegation::V2 { base: base.clone() },
+            "n",
+            &Limits {
+                memory_bytes: 1 << 30,
+                cpus: 1,
+                pids_max: None,
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
 }

@@ -10,8 +10,8 @@
 //!   Btrfs.
 //! - import/: `ulan image import` (OCI layout, OCI or docker archive);
 //!   unpack.rs applies its layers without trusting their paths.
-//! - limits.rs: cgroup v2 delegation (resource limits) and what to say
-//!   where there is none.
+//! - limits.rs: the node's cgroups and their limits, in a cgroup v2 or
+//!   v1 delegation, and what to say where there is none.
 //! - console.rs: the container's terminal (the pty master crun sends).
 //! - commit.rs: a stopped node's layers merged into a new root filesystem.
 

@@ -274,7 +274,12 @@ impl Lab {
 
     /// The holder's pid, crun's state dir and the container's id, for a
     /// running container node.
-    pub(super) fn container_handle(&self, name: &str) -> Result<(u32, PathBuf, String), LabError> {
+    /// A running container's crun pid, crun state dir, container id and
+    /// the `cgroup.procs` files its processes belong in.
+    pub(super) fn container_handle(
+        &self,
+        name: &str,
+    ) -> Result<(u32, PathBuf, String, Vec<std::ffi::CString>), LabError> {
         let table = self.node_table().lock();
         let e = table.get(name).ok_or_else(|| node_not_found(name))?;
         let st = e.runtime.status();
@@ -284,6 +289,10 @@ impl Lab {
                 pid,
                 ContainerPaths::new(&e.dir, &e.dir).state_root,
                 container::container_id(self.name(), name),
+                st.cgroup
+                    .as_ref()
+                    .map(|c| c.procs_files())
+                    .unwrap_or_default(),
             )),
             _ => Err(NodeError::Busy {
                 node: name.into(),
@@ -302,7 +311,7 @@ impl Lab {
         argv: &[String],
         timeout: Duration,
     ) -> Result<ExecOutput, LabError> {
-        let (pid, state_root, id) = self.container_handle(name)?;
+        let (pid, state_root, id, cgroup) = self.container_handle(name)?;
         // The container may still be on its way up.
         let pid_file = state_root
             .parent()
@@ -325,6 +334,14 @@ impl Lab {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
+        // Under the node's limits, like everything else in it.
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the join only opens, writes and closes paths made before
+        // the fork.
+        unsafe {
+            cmd.as_std_mut()
+                .pre_exec(move || container::limits::NodeCgroup::join(&cgroup));
+        }
         let child = cmd.spawn().map_err(|e| {
             NodeError::from(container::ContainerError::Exec(format!(
                 "cannot run nsenter: {e}"

@@ -36,6 +36,8 @@ impl Lab {
         let disk = self.prepare_disk(&spec, &plan, &dir, &cfg).await?;
         let mut accel_warning = None;
         let mut rootfs = None;
+        // A container's cgroups with its limits, joined by the holder.
+        let mut cgroup = None;
         let (binary, argv, accel_name) = match spec.kind {
             NodeKind::Qemu => {
                 let binary = spec
@@ -135,7 +137,14 @@ impl Lab {
                     node: name.into(),
                     message: format!("cannot find the ulan binary for the holder: {e}"),
                 })?;
-                accel_warning = crate::vmlaunch::container::limits::warning();
+                use crate::vmlaunch::container::limits;
+                match limits::NodeCgroup::create(name, &limits::Limits::of(&spec)) {
+                    Ok(c) => cgroup = Some(std::sync::Arc::new(c)),
+                    Err(e) => {
+                        tracing::warn!(node = name, "container limits not applied: {e}");
+                        accel_warning = Some(limits::warning(&e));
+                    }
+                }
                 (exe, vec!["container-holder".into(), holder.into()], None)
             }
         };
@@ -189,12 +198,16 @@ impl Lab {
         // The guest dies with the daemon, whatever kills the daemon; and
         // it is in its own process group, so a Ctrl-C at the daemon's
         // terminal reaches the daemon, which stops guests in order.
-        // SAFETY: prctl and setpgid are async-signal-safe.
+        // A container's holder joins the node's cgroups before it execs,
+        // so everything it starts is under the node's limits.
+        let join = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+        // SAFETY: prctl and setpgid are async-signal-safe; so is the join
+        // (open, write, close of paths made before the fork).
         unsafe {
-            cmd.as_std_mut().pre_exec(|| {
+            cmd.as_std_mut().pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
                 libc::setpgid(0, 0);
-                Ok(())
+                crate::vmlaunch::container::limits::NodeCgroup::join(&join)
             });
         }
         let child = cmd.spawn().map_err(|source| NodeError::Launch {
@@ -210,6 +223,7 @@ impl Lab {
             st.accel = accel_name;
             st.rootfs = rootfs;
             st.warning = accel_warning;
+            st.cgroup = cgroup;
             st.exit = None;
             st.stop_requested = false;
             st.started_ms = Some(now_ms());

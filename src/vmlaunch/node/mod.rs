@@ -205,6 +205,9 @@ pub struct NodeInfo {
     pub warning: Option<String>,
     /// Milliseconds since the Unix epoch of the last start.
     pub started_ms: Option<u64>,
+    /// The cgroups a running container's limits apply in (one per cgroup
+    /// v1 hierarchy, or one cgroup v2); empty where none were applied.
+    pub cgroups: Vec<String>,
     pub nics: Vec<NicInfo>,
     pub spec: NodeSpec,
 }
@@ -220,6 +223,9 @@ struct Status {
     stop_requested: bool,
     /// Why the guest runs slower than it could (TCG fallback).
     warning: Option<String>,
+    /// A container run's cgroups (its limits); removed when dropped, once
+    /// the run has ended.
+    cgroup: Option<std::sync::Arc<crate::vmlaunch::container::limits::NodeCgroup>>,
     /// Increases at every start, so a late supervisor of an old run
     /// cannot overwrite a newer run's state.
     run: u64,
@@ -361,6 +367,12 @@ impl Lab {
             exit: st.exit.clone(),
             warning: st.warning.clone(),
             started_ms: st.started_ms,
+            cgroups: st
+                .cgroup
+                .iter()
+                .flat_map(|c| c.dirs())
+                .map(|d| d.display().to_string())
+                .collect(),
             nics,
             spec: n.spec.clone(),
         }

@@ -402,7 +402,7 @@ pub(super) async fn supervise(
         task.abort();
         let _ = std::fs::remove_file(&ready.console);
     }
-    let (state, reason) = {
+    let (state, reason, cgroup) = {
         let mut st = runtime.status();
         if st.run != run {
             return;
@@ -436,8 +436,13 @@ pub(super) async fn supervise(
         st.pid = None;
         st.accel = None;
         st.exit = Some(reason.clone());
-        (state, reason)
+        (state, reason, st.cgroup.take())
     };
+    // Its processes are gone with the holder: the cgroups go too (the
+    // kernel may take a moment to let them, hence off the runtime).
+    if let Some(c) = cgroup {
+        tokio::task::spawn_blocking(move || drop(c));
+    }
     if state == NodeState::Crashed {
         tracing::warn!(node = %name, "node crashed: {reason}");
     } else {
