@@ -5,13 +5,18 @@
 //! kernel's writeback of the disk's dirty pages), in one run, for a
 //! vhost-user and a stream path.
 //!
-//!     cargo bench --bench instrument_cost            # 1 s per trial, 3 rounds
+//!     cargo bench --bench instrument_cost            # 1 s per trial, 5 rounds
 //!     cargo bench --bench instrument_cost -- --quick # 0.3 s, 2 rounds
+//!     cargo bench --bench instrument_cost -- --rounds 11 --kind vhost-user
 //!
 //! Each trial sends as fast as the path takes frames (the `ulan bench`
-//! generator: one thread sends and receives). The configurations take
-//! turns round by round, and each reports its median, so a noisy moment
-//! of the host does not land on one of them only. Targets: idle
+//! generator: one thread sends and receives). In every round each
+//! instrument's trial has a plain trial of its own right beside it (first
+//! in even rounds, second in odd ones), and the instrument's cost is the
+//! median of those pairs' ratios: the host's slow drifts, which move a
+//! whole 1 s trial by 10% here, cancel within a pair. The generator and
+//! the data plane are pinned to a CPU each, so the scheduler cannot give
+//! one configuration a better placement than another. Targets: idle
 //! instruments cost nothing (within the noise, 3%), a running capture
 //! under 10%.
 
@@ -72,6 +77,106 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// What one trial of one configuration gave.
+struct Outcome {
+    pps: f64,
+    lost: u64,
+    /// Frames a capture wrote, and dropped.
+    kept: (u64, u64),
+}
+
+/// Sets `c` up on the receiving port, runs one trial, tears `c` down.
+#[allow(clippy::too_many_arguments)]
+fn run_config(
+    rt: &tokio::runtime::Runtime,
+    lab: &Lab,
+    runner: &mut Runner<'_>,
+    c: Config,
+    size: usize,
+    window: Duration,
+    disk: &Path,
+    shm: &Path,
+) -> Result<Outcome, String> {
+    let mut capture = None;
+    match c {
+        Config::Plain => impair(lab, None),
+        Config::Delay0 => impair(
+            lab,
+            Some(DirectionSpec {
+                delay_ms: Some(0.0),
+                ..Default::default()
+            }),
+        ),
+        Config::Loss0 => impair(
+            lab,
+            Some(DirectionSpec {
+                loss_pct: Some(0.0),
+                ..Default::default()
+            }),
+        ),
+        Config::CaptureDisk | Config::CaptureTmpfs => {
+            impair(lab, None);
+            let file = if c == Config::CaptureDisk {
+                disk.join("cap.pcapng")
+            } else {
+                shm.join("cap.pcapng")
+            };
+            let req = CaptureRequest {
+                port: Some("s".into()),
+                lan: None,
+                snaplen: None,
+                path: Some(file.display().to_string()),
+            };
+            match rt.block_on(async { lab.start_capture(req) }) {
+                Ok(info) => capture = Some(info.id),
+                Err(e) => return Err(format!("cannot start a capture: {e}")),
+            }
+        }
+    }
+    let t = runner
+        .trial(&TrialSpec {
+            size,
+            rate_pps: None,
+            duration: window,
+            burst: None,
+            latency: false,
+        })
+        .map_err(|e| e.to_string())?;
+    let mut out = Outcome {
+        pps: t.received_pps(),
+        lost: t.lost,
+        kept: (0, 0),
+    };
+    if let Some(id) = capture {
+        match rt.block_on(lab.stop_capture(&id)) {
+            Ok(info) => out.kept = (info.frames, info.dropped),
+            Err(e) => return Err(format!("cannot stop the capture: {e}")),
+        }
+    }
+    Ok(out)
+}
+
+/// The data plane's threads, by name, pinned to `cpu`: every
+/// configuration then runs with the same placement (the scheduler putting
+/// the generator and the data plane on one CPU or on two moves the rate by
+/// far more than any instrument costs).
+fn pin_data_plane(cpu: usize) -> usize {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let mut n = 0;
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "ulan-dataplane" {
+            if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse().ok()) {
+                common::pin(tid, cpu);
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
 fn run_kind(
     rt: &tokio::runtime::Runtime,
     kind: PortKind,
@@ -93,6 +198,13 @@ fn run_kind(
     let s = lab
         .add_port("s", kind, Some("l"))
         .map_err(|e| e.to_string())?;
+    let cpus = common::allowed_cpus();
+    if cpus.len() >= 2 {
+        common::pin(0, cpus[0]);
+        if pin_data_plane(cpus[1]) == 0 {
+            println!("(no data-plane thread found to pin)");
+        }
+    }
     let mut link: Box<dyn Link> = if kind == PortKind::VhostUser {
         Box::new(
             VhostLink::connect(Path::new(&g.path), Path::new(&s.path), 1514)
@@ -110,73 +222,50 @@ fn run_kind(
         .map_err(|e| e.to_string())?;
     for size in SIZES {
         let mut rates: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
+        // Each configuration's rate over the plain trial beside it.
+        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
         let mut lost = vec![0u64; CONFIGS.len()];
-        // Per configuration: frames a capture wrote, and dropped.
         let mut kept = vec![(0u64, 0u64); CONFIGS.len()];
-        for _ in 0..rounds {
-            for (i, &c) in CONFIGS.iter().enumerate() {
-                let mut capture = None;
-                match c {
-                    Config::Plain => impair(&lab, None),
-                    Config::Delay0 => impair(
+        for round in 0..rounds {
+            for (i, &c) in CONFIGS.iter().enumerate().skip(1) {
+                // Plain first in even rounds, second in odd ones: neither
+                // gets the warmer turn every time.
+                let order = if round % 2 == 0 {
+                    [Config::Plain, c]
+                } else {
+                    [c, Config::Plain]
+                };
+                let mut pair = [0.0f64; 2];
+                for o in order {
+                    let r = run_config(
+                        rt,
                         &lab,
-                        Some(DirectionSpec {
-                            delay_ms: Some(0.0),
-                            ..Default::default()
-                        }),
-                    ),
-                    Config::Loss0 => impair(
-                        &lab,
-                        Some(DirectionSpec {
-                            loss_pct: Some(0.0),
-                            ..Default::default()
-                        }),
-                    ),
-                    Config::CaptureDisk | Config::CaptureTmpfs => {
-                        impair(&lab, None);
-                        let file = if c == Config::CaptureDisk {
-                            disk.path().join("cap.pcapng")
-                        } else {
-                            shm.path().join("cap.pcapng")
-                        };
-                        let req = CaptureRequest {
-                            port: Some("s".into()),
-                            lan: None,
-                            snaplen: None,
-                            path: Some(file.display().to_string()),
-                        };
-                        match rt.block_on(async { lab.start_capture(req) }) {
-                            Ok(info) => capture = Some(info.id),
-                            Err(e) => return Err(format!("cannot start a capture: {e}")),
-                        }
-                    }
-                }
-                let t = runner
-                    .trial(&TrialSpec {
+                        &mut runner,
+                        o,
                         size,
-                        rate_pps: None,
-                        duration: window,
-                        burst: None,
-                        latency: false,
-                    })
-                    .map_err(|e| e.to_string())?;
-                rates[i].push(t.received_pps());
-                lost[i] += t.lost;
-                if let Some(id) = capture {
-                    match rt.block_on(lab.stop_capture(&id)) {
-                        Ok(info) => {
-                            kept[i].0 += info.frames;
-                            kept[i].1 += info.dropped;
-                        }
-                        Err(e) => return Err(format!("cannot stop the capture: {e}")),
-                    }
+                        window,
+                        disk.path(),
+                        shm.path(),
+                    )?;
+                    let at = if o == Config::Plain { 0 } else { i };
+                    rates[at].push(r.pps);
+                    lost[at] += r.lost;
+                    kept[at].0 += r.kept.0;
+                    kept[at].1 += r.kept.1;
+                    pair[usize::from(o != Config::Plain)] = r.pps;
+                }
+                if pair[0] > 0.0 {
+                    ratios[i].push(pair[1] / pair[0]);
                 }
             }
         }
-        let plain = median(rates[0].clone());
         for (i, &c) in CONFIGS.iter().enumerate() {
             let m = median(rates[i].clone());
-            let ratio = if plain > 0.0 { m / plain } else { 0.0 };
+            let ratio = if i == 0 {
+                1.0
+            } else {
+                median(ratios[i].clone())
+            };
             let (written, dropped) = kept[i];
             let extra = if written + dropped > 0 {
                 format!(
@@ -214,7 +303,12 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let window = Duration::from_secs_f64(if quick { 0.3 } else { 1.0 });
-    let rounds = if quick { 2 } else { 3 };
+    let rounds = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1)?.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(if quick { 2 } else { 5 });
     println!(
         "ulan instrument cost, {}, Linux {}, {} CPUs, {}",
         text("date", &["+%Y-%m-%d"]),
@@ -225,9 +319,11 @@ fn main() {
         cpu_model()
     );
     println!(
-        "each trial as fast as the path takes frames, {:.1} s; median of {rounds} rounds; \
-         impairments set both ways on the receiving port; the capture is of that port, to a file\n\
-         (the capture writer runs under SCHED_IDLE)\n",
+        "each trial as fast as the path takes frames, {:.1} s; {rounds} rounds, each instrument \
+         beside a plain trial of its own (taking turns first);\n/plain is the median of those \
+         pairs' ratios, Mpps the median rate; the generator and the data plane pinned to one CPU \
+         each;\nimpairments set both ways on the receiving port; the capture is of that port, to \
+         a file (its writer runs under SCHED_IDLE)\n",
         window.as_secs_f64()
     );
     println!(
@@ -246,7 +342,15 @@ fn main() {
         }
     };
     let mut checks = Vec::new();
+    // `--kind vhost-user` (or stream): that path only.
+    let only = args
+        .iter()
+        .position(|a| a == "--kind")
+        .and_then(|i| args.get(i + 1));
     for kind in [PortKind::VhostUser, PortKind::Stream] {
+        if only.is_some_and(|k| k != kind.as_str()) {
+            continue;
+        }
         if let Err(e) = run_kind(&rt, kind, window, rounds, &mut checks) {
             println!("{:<11} failed: {e}", kind.as_str());
         }
