@@ -34,6 +34,14 @@ pub const STALLED_READER: Duration = Duration::from_secs(5);
 /// burst from idle fills at most the ring (1 MiB in 5 ms is 1.6 Gbit/s).
 const IDLE_POLL: Duration = Duration::from_millis(5);
 const BUSY_POLL: Duration = Duration::from_millis(2);
+/// While its ring overflows, the writer waits before each drain, twice as
+/// long each time up to this: a capture that is dropping frames is
+/// incomplete anyway, and on cores that forwarding keeps busy every byte
+/// the writer moves is taken from forwarding (its write() holds a core in
+/// these non-preemptive kernels even under SCHED_IDLE). 1 MiB per 32 ms
+/// is still 260 Mbit/s of capture. Once nothing is dropped it drains at
+/// once again.
+const OVERFLOW_BACKOFF_MAX: Duration = Duration::from_millis(32);
 /// The writer's largest single write, after which it hands the space
 /// back: these kernels do not preempt a thread inside write(), so a
 /// shorter write holds a core for less, and the producer gets room back
@@ -253,11 +261,20 @@ impl CaptureReader {
         self.stats.bytes.fetch_add(head.len() as u64, Relaxed);
         let mut interfaces: Vec<PortId> = Vec::new();
         let mut idle = false;
+        let mut backoff = Duration::ZERO;
+        let mut dropped = self.stats.dropped.load(Relaxed);
         loop {
             // Closed first: what it published before closing is then seen.
             let closed = self.ring.closed();
             let published = self.ring.published();
             let (frames, bytes) = self.drain(published, &mut sink, &names, &mut interfaces)?;
+            let now_dropped = self.stats.dropped.load(Relaxed);
+            backoff = if now_dropped != dropped {
+                (backoff * 2).clamp(BUSY_POLL, OVERFLOW_BACKOFF_MAX)
+            } else {
+                Duration::ZERO
+            };
+            dropped = now_dropped;
             if frames > 0 {
                 self.stats.bytes.fetch_add(bytes, Relaxed);
                 self.stats.frames.fetch_add(frames, Relaxed);
@@ -273,6 +290,8 @@ impl CaptureReader {
             }
             if frames == 0 {
                 std::thread::sleep(if idle { IDLE_POLL } else { BUSY_POLL });
+            } else if !backoff.is_zero() {
+                std::thread::sleep(backoff);
             }
         }
     }
