@@ -226,6 +226,27 @@ pub struct ImageStore {
     dir: PathBuf,
 }
 
+/// A scratch dir in the store, locked (flock) while this lives, so the
+/// store's sweep leaves it alone.
+#[derive(Debug)]
+pub(crate) struct Scratch {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// Holds the store's lock file (flock) while it lives.
 pub(crate) struct StoreLock(#[allow(dead_code)] File);
 
@@ -330,13 +351,67 @@ impl ImageStore {
     }
 
     /// A fresh scratch directory inside the store (same file system, so
-    /// the finished image is renamed into place atomically).
-    pub(crate) fn scratch(&self, name: &str) -> Result<PathBuf, ImageError> {
+    /// the finished image is renamed into place atomically), locked while
+    /// the returned guard lives. The scratch dirs of a build, import or
+    /// commit that was killed (Ctrl-C, a crash) are swept first: nobody
+    /// holds their lock any more.
+    pub(crate) fn scratch(&self, name: &str) -> Result<Scratch, ImageError> {
+        self.sweep_scratch();
         let tmp = self
             .dir
             .join(format!(".tmp-{name}-{}-{}", std::process::id(), now()));
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        Ok(tmp)
+        let lock = File::open(&tmp).map_err(io_err(&tmp))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(io_err(&tmp)(e));
+        }
+        Ok(Scratch {
+            path: tmp,
+            _lock: lock,
+        })
+    }
+
+    /// Removes the store's scratch (`.tmp-*`) and replaced (`.old-*`)
+    /// dirs that nobody holds locked and that are over a minute old (a
+    /// scratch dir is locked right after it is made: the age closes that
+    /// gap).
+    fn sweep_scratch(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if !(name.starts_with(".tmp-") || name.starts_with(".old-")) {
+                continue;
+            }
+            let path = e.path();
+            let old = e
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age.as_secs() >= 60);
+            let Ok(dir) = File::open(&path) else {
+                continue;
+            };
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on an fd we own; released when it is closed.
+            let free = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+            if free && old {
+                tracing::info!(
+                    "removing {}, left by an image build or import that did not finish",
+                    path.display()
+                );
+                if let Err(err) = std::fs::remove_dir_all(&path) {
+                    tracing::warn!("cannot remove {}: {err}", path.display());
+                }
+            }
+        }
     }
 
     /// Puts a finished scratch dir in place as `name`, replacing an older
@@ -1033,5 +1108,47 @@ kernel/net/core/failover.ko:
             .filter(|n| n.starts_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// What a killed import or build left in the store goes at the next
+    /// scratch; a scratch dir still held (another build going on) stays,
+    /// however old.
+    #[test]
+    fn scratch_dirs_nobody_holds_are_swept_at_the_next_scratch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path());
+        let held = store.scratch("busy").unwrap();
+        std::fs::write(held.join("part"), b"x").unwrap();
+        let left = dir.path().join(".tmp-gone-999999-1");
+        std::fs::create_dir_all(left.join("rootfs/etc")).unwrap();
+        let replaced = dir.path().join(".old-x-1");
+        std::fs::create_dir(&replaced).unwrap();
+        let young = dir.path().join(".tmp-young-999999-2");
+        std::fs::create_dir(&young).unwrap();
+        let image = dir.path().join("kept");
+        std::fs::create_dir(&image).unwrap();
+        // An hour ago, all but `young`.
+        let hour_ago = libc::timespec {
+            tv_sec: (now() as libc::time_t) - 3600,
+            tv_nsec: 0,
+        };
+        for p in [&*held, left.as_path(), replaced.as_path(), image.as_path()] {
+            let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: utimensat on a NUL-terminated path with two timespecs.
+            let r = unsafe {
+                libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [hour_ago, hour_ago].as_ptr(), 0)
+            };
+            assert_eq!(r, 0, "{}", p.display());
+        }
+        let next = store.scratch("next").unwrap();
+        assert!(!left.exists(), "a stale scratch dir stayed");
+        assert!(!replaced.exists(), "a stale .old dir stayed");
+        assert!(held.join("part").exists(), "a held scratch dir was swept");
+        assert!(
+            young.exists(),
+            "a scratch dir just made may not be locked yet"
+        );
+        assert!(image.exists());
+        assert!(next.is_dir());
     }
 }
