@@ -18,7 +18,7 @@ packages=(
     graphviz                     # dot parses ulan graph --format dot in the tests
     chromium chromium-driver     # the web page tests: headless Chromium over WebDriver
     crun                         # container nodes: the OCI runtime (rootless)
-    umoci skopeo                 # tests of `ulan image import`: third-party OCI/docker archives
+    umoci skopeo zstd            # tests of `ulan image import`: third-party OCI/docker archives, zstd layers
     uidmap                       # newuidmap/newgidmap: container nodes map /etc/subuid ranges
     btrfs-progs                  # mkfs.btrfs: the Btrfs snapshot-root test makes a loop-mounted Btrfs
 )

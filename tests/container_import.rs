@@ -1,5 +1,5 @@
 //! `ulan image import` against real files: OCI layouts, OCI archives and
-//! docker archives built here with the tar crate (plain and gzip layers,
+//! docker archives built here with the tar crate (plain, gzip and zstd layers,
 //! whiteouts, an opaque directory, links), the same images made by the
 //! third-party umoci and skopeo, hostile archives (each a clear error,
 //! nothing written outside the store, no scratch dir left), a byte-flipping
@@ -139,6 +139,8 @@ fn oci_manifest(parts: &Parts, files: &mut Files) -> Vec<u8> {
             files.insert(format!("blobs/sha256/{}", sha(stored)), stored.clone());
             let mt = if stored == tar {
                 "application/vnd.oci.image.layer.v1.tar"
+            } else if stored.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+                "application/vnd.oci.image.layer.v1.tar+zstd"
             } else {
                 "application/vnd.oci.image.layer.v1.tar+gzip"
             };
@@ -948,6 +950,108 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// zstd layers as the `zstd` tool writes them: one frame, and a stream
+/// of two frames with a skippable frame between (as zstd:chunked layers
+/// hold) decode to the same image as plain and gzip layers; a truncated
+/// or corrupt zstd layer is a clear error that leaves no image.
+#[test]
+fn zstd_layers_of_one_or_several_frames_import() {
+    if !tools_or_skip(
+        "zstd_layers_of_one_or_several_frames_import",
+        &[("zstd", "zstd")],
+    ) {
+        return;
+    }
+    let w = World::new();
+    let zstd = |name: &str, data: &[u8]| -> Vec<u8> {
+        let f = w.file(name, data);
+        let o = Command::new("zstd")
+            .args(["-q", "-c"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.stdout.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]));
+        o.stdout
+    };
+    let base = sample();
+    let (l1, l2) = (base.layers[0].1.clone(), base.layers[1].1.clone());
+    let cut = l2.len() / 3;
+    let mut several = zstd("l2a", &l2[..cut]);
+    // A skippable frame: magic 0x184D2A5?, length, then that many bytes.
+    several.extend(0x184D_2A53u32.to_le_bytes());
+    several.extend(5u32.to_le_bytes());
+    several.extend(b"skip!");
+    several.extend(zstd("l2b", &l2[cut..]));
+    let parts = Parts {
+        layers: vec![(zstd("l1", &l1), l1.clone()), (several, l2)],
+        config: base.config.clone(),
+    };
+    let dir = w.input("zstd-layout");
+    write_dir(&dir, &oci_files(&[("latest", &parts)]));
+    check_sample(&w.import(&dir, "zstd-layers").unwrap());
+    let whole = zstd("whole", &l1);
+    let mut flipped = whole.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0xff;
+    let mut bad_skip = whole.clone();
+    bad_skip.extend(0x184D_2A50u32.to_le_bytes());
+    bad_skip.extend(1000u32.to_le_bytes());
+    bad_skip.extend(b"short");
+    for (name, layer) in [
+        ("truncated", whole[..whole.len() / 2].to_vec()),
+        ("flipped", flipped),
+        ("short-skippable-frame", bad_skip),
+        ("magic-only", vec![0x28, 0xb5, 0x2f, 0xfd]),
+    ] {
+        let a = w.file(&format!("{name}.tar"), &oci_archive_of(&[layer]));
+        let e = w.import(&a, name).expect_err(name);
+        assert!(e.contains("zstd") || e.contains("hashes to"), "{name}: {e}");
+        assert!(w.store.get(name).is_err(), "{name}: an image was made");
+    }
+    // Mutated zstd layers with digests that match them, so the decoder
+    // itself meets the damage: an error or, where the damage is harmless,
+    // the right image; never a panic. Only the config's diff_id (of the
+    // original tar) is trusted.
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let opts = ImportOptions {
+        replace: true,
+        max_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let path = w.input("mz.tar");
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..500 {
+        let mut z = whole.clone();
+        if rand() % 4 == 0 {
+            z.truncate((rand() % z.len() as u64) as usize);
+        } else {
+            for _ in 0..1 + rand() % 3 {
+                let at = (rand() % z.len() as u64) as usize;
+                z[at] ^= 1 << (rand() % 8);
+            }
+        }
+        let mut m = Parts::new(vec![(l1.clone(), false)], json!({}));
+        m.layers = vec![(z, l1.clone())];
+        std::fs::write(&path, tar_files(&oci_files(&[("t", &m)]))).unwrap();
+        match w.import_with(&path, "mz", &opts) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert!(!e.is_empty());
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("mutated zstd layers: {ok} imported, {refused} refused");
+    assert!(refused > ok, "{ok} imported, {refused} refused");
+}
+
 /// busybox with a few applets, as a rootfs under `dir`.
 fn busybox_rootfs(dir: &Path) {
     std::fs::create_dir_all(dir.join("bin")).unwrap();
@@ -1059,6 +1163,32 @@ fn images_made_by_umoci_and_converted_by_skopeo_import() {
         assert_eq!(done.layers, 2, "{name}");
         check(&done.image);
     }
+    // skopeo recompressing the layers with zstd, as podman's zstd images.
+    let zlayout = w.input("skopeo-zstd");
+    run(Command::new("skopeo")
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-compress-format",
+            "zstd",
+            &src,
+        ])
+        .arg(format!("oci:{}:v1", zlayout.display()))
+        .env("HOME", w.tmp.path()));
+    let index = std::fs::read_to_string(zlayout.join("index.json")).unwrap();
+    let blobs = zlayout.join("blobs/sha256");
+    let manifest = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .find(|t| t.contains("tar+zstd"));
+    assert!(manifest.is_some(), "skopeo wrote no zstd layers: {index}");
+    let done = w
+        .import_with(&zlayout, "skopeo-zstd", &ImportOptions::default())
+        .unwrap();
+    assert_eq!(done.layers, 2);
+    check(&done.image);
     // The layout holds the three umoci manifests' blobs; --ref picks v1.
     let opts = ImportOptions {
         reference: Some("v1".into()),

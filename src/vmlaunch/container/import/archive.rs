@@ -352,10 +352,11 @@ impl<R: Read> Read for Hashing<'_, R> {
 
 pub(super) const TOO_BIG: &str = "the layers hold more bytes than the limit (see --max-size)";
 
-/// A layer's tar stream, decompressed when it is gzip.
+/// A layer's tar stream, decompressed when it is gzip or zstd.
 pub(super) enum Decoded<R: BufRead> {
     Plain(R),
     Gzip(flate2::bufread::MultiGzDecoder<R>),
+    Zstd(Box<ZstdFrames<R>>),
 }
 
 impl<R: BufRead> Read for Decoded<R> {
@@ -363,6 +364,7 @@ impl<R: BufRead> Read for Decoded<R> {
         match self {
             Decoded::Plain(r) => r.read(buf),
             Decoded::Gzip(r) => r.read(buf),
+            Decoded::Zstd(r) => r.read(buf),
         }
     }
 }
@@ -372,6 +374,80 @@ impl<R: BufRead> Decoded<R> {
         match self {
             Decoded::Plain(r) => r,
             Decoded::Gzip(r) => r.into_inner(),
+            Decoded::Zstd(r) => r.src,
+        }
+    }
+}
+
+/// A zstd stream decoded as it is read: one frame or several in a row
+/// (what `zstd` writes, and what zstd:chunked layers hold), skippable
+/// frames skipped. The decoder refuses a window over 100 MiB, so a
+/// hostile header cannot make it allocate more.
+pub(super) struct ZstdFrames<R: BufRead> {
+    src: R,
+    dec: ruzstd::FrameDecoder,
+    in_frame: bool,
+}
+
+impl<R: BufRead> ZstdFrames<R> {
+    pub(super) fn new(src: R) -> ZstdFrames<R> {
+        ZstdFrames {
+            src,
+            dec: ruzstd::FrameDecoder::new(),
+            in_frame: false,
+        }
+    }
+}
+
+fn corrupt_zstd(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("a corrupt zstd stream: {e}"),
+    )
+}
+
+impl<R: BufRead> Read for ZstdFrames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.in_frame {
+                let n = self.dec.read(buf)?;
+                if n > 0 {
+                    return Ok(n);
+                }
+                if self.dec.is_finished() {
+                    self.in_frame = false;
+                    continue;
+                }
+                // At least one block (or an error at a truncated one).
+                self.dec
+                    .decode_blocks(
+                        &mut self.src,
+                        ruzstd::BlockDecodingStrategy::UptoBytes(buf.len().max(64 << 10)),
+                    )
+                    .map_err(corrupt_zstd)?;
+                continue;
+            }
+            if self.src.fill_buf()?.is_empty() {
+                return Ok(0);
+            }
+            match self.dec.reset(&mut self.src) {
+                Ok(()) => self.in_frame = true,
+                Err(ruzstd::frame_decoder::FrameDecoderError::ReadFrameHeaderError(
+                    ruzstd::frame::ReadFrameHeaderError::SkipFrame { length, .. },
+                )) => {
+                    let skipped = io::copy(
+                        &mut (&mut self.src).take(u64::from(length)),
+                        &mut io::sink(),
+                    )?;
+                    if skipped != u64::from(length) {
+                        return Err(corrupt_zstd("a truncated skippable frame"));
+                    }
+                }
+                Err(e) => return Err(corrupt_zstd(e)),
+            }
         }
     }
 }

@@ -268,13 +268,6 @@ fn plan_oci(src: &Source, reference: Option<&str>) -> Result<Plan, ImportError> 
     let mut layers = Vec::new();
     for (i, l) in manifest.layers.iter().enumerate() {
         let hex = sha256_hex(&l.digest)?.to_string();
-        if l.media_type.contains("zstd") {
-            return Err(ImportError::Layer {
-                index: i + 1,
-                label: l.digest.clone(),
-                message: "zstd-compressed layers are not supported (gzip and plain tar are)".into(),
-            });
-        }
         layers.push(LayerRef {
             member: format!("blobs/sha256/{hex}"),
             label: l.digest.clone(),

@@ -9,8 +9,8 @@
 //! also checked for OCI images). JSON documents are read whole with a cap;
 //! layers stream through the check into the unpacker (unpack.rs), so a
 //! layer with a wrong digest is unpacked into the scratch dir first and
-//! then thrown away with it. Layers are plain tar or gzip (by content);
-//! zstd, bzip2 and xz layers are refused with a clear error.
+//! then thrown away with it. Layers are plain tar, gzip or zstd (by
+//! content); bzip2 and xz layers are refused with a clear error.
 //!
 //! The image is made in a scratch dir of the store and put in place only
 //! when whole: whatever fails, the scratch dir is removed.
@@ -151,9 +151,10 @@ fn apply_layer(
         let decoded = match compression(&head) {
             None => Decoded::Plain(buf),
             Some("gzip") => Decoded::Gzip(flate2::bufread::MultiGzDecoder::new(buf)),
+            Some("zstd") => Decoded::Zstd(Box::new(archive::ZstdFrames::new(buf))),
             Some(kind) => {
                 return Err(layer_err(format!(
-                    "{kind}-compressed layers are not supported (gzip and plain tar are)"
+                    "{kind}-compressed layers are not supported (plain tar, gzip and zstd are)"
                 )))
             }
         };
