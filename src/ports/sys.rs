@@ -11,6 +11,28 @@ use std::path::Path;
 use crate::wire::offload::Offload;
 use crate::wire::{check_frame_len, FrameError, MAX_FRAME_LEN};
 
+/// An exclusive flock on `fd`: true once held, false if another holds it
+/// and `wait` is false.
+pub fn flock_exclusive(fd: &impl AsRawFd, wait: bool) -> io::Result<bool> {
+    let op = if wait {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_EX | libc::LOCK_NB
+    };
+    loop {
+        // SAFETY: flock on an fd the caller owns.
+        if unsafe { libc::flock(fd.as_raw_fd(), op) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock => return Ok(false),
+            io::ErrorKind::Interrupted => continue,
+            _ => return Err(e),
+        }
+    }
+}
+
 /// Frames moved per recvmmsg/sendmmsg call.
 pub const BATCH: usize = 32;
 /// Receive buffer per frame: one more than the limit so a too-long datagram

@@ -231,7 +231,7 @@ pub struct ImageStore {
 #[derive(Debug)]
 pub(crate) struct Scratch {
     path: PathBuf,
-    _lock: File,
+    _lock: Option<File>,
 }
 
 impl std::ops::Deref for Scratch {
@@ -342,11 +342,8 @@ impl ImageStore {
             .write(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on an fd we own; blocks until other builders finish.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io_err(&path)(io::Error::last_os_error()));
-        }
+        // Blocks until other builders finish.
+        crate::ports::sys::flock_exclusive(&f, true).map_err(io_err(&path))?;
         Ok(StoreLock(f))
     }
 
@@ -356,19 +353,31 @@ impl ImageStore {
     /// commit that was killed (Ctrl-C, a crash) are swept first: nobody
     /// holds their lock any more.
     pub(crate) fn scratch(&self, name: &str) -> Result<Scratch, ImageError> {
+        std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
         self.sweep_scratch();
-        let tmp = self
-            .dir
-            .join(format!(".tmp-{name}-{}-{}", std::process::id(), now()));
-        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        let lock = File::open(&tmp).map_err(io_err(&tmp))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(io_err(&tmp)(e));
-        }
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let tmp = loop {
+            let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = self.dir.join(format!(
+                ".tmp-{name}-{}-{}-{seq}",
+                std::process::id(),
+                now()
+            ));
+            match std::fs::create_dir(&tmp) {
+                Ok(()) => break tmp,
+                // Someone else's (another process with our pid, in another
+                // pid namespace): never touched, another name taken.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err(&tmp)(e)),
+            }
+        };
+        // The lock only keeps the sweep away. Where a directory cannot be
+        // flocked (NFS emulates flock with POSIX locks, which need a
+        // writable fd) the dir goes unlocked, and the sweep, which cannot
+        // lock it either, leaves it alone.
+        let lock = File::open(&tmp)
+            .ok()
+            .filter(|f| crate::ports::sys::flock_exclusive(f, false).unwrap_or(false));
         Ok(Scratch {
             path: tmp,
             _lock: lock,
@@ -377,8 +386,8 @@ impl ImageStore {
 
     /// Removes the store's scratch (`.tmp-*`) and replaced (`.old-*`)
     /// dirs that nobody holds locked and that are over a minute old (a
-    /// scratch dir is locked right after it is made: the age closes that
-    /// gap).
+    /// scratch dir is locked right after it is made: young ones are not
+    /// even looked at, so a maker never finds its new dir locked).
     fn sweep_scratch(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
@@ -389,20 +398,20 @@ impl ImageStore {
             if !(name.starts_with(".tmp-") || name.starts_with(".old-")) {
                 continue;
             }
-            let path = e.path();
             let old = e
                 .metadata()
                 .ok()
                 .and_then(|m| m.modified().ok())
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age.as_secs() >= 60);
+            if !old {
+                continue;
+            }
+            let path = e.path();
             let Ok(dir) = File::open(&path) else {
                 continue;
             };
-            use std::os::fd::AsRawFd;
-            // SAFETY: flock on an fd we own; released when it is closed.
-            let free = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-            if free && old {
+            if crate::ports::sys::flock_exclusive(&dir, false).unwrap_or(false) {
                 tracing::info!(
                     "removing {}, left by an image build or import that did not finish",
                     path.display()
