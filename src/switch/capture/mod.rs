@@ -34,13 +34,14 @@ pub const STALLED_READER: Duration = Duration::from_secs(5);
 /// burst from idle fills at most the ring (1 MiB in 5 ms is 1.6 Gbit/s).
 const IDLE_POLL: Duration = Duration::from_millis(5);
 const BUSY_POLL: Duration = Duration::from_millis(2);
-/// While its ring overflows, the writer waits before each drain, twice as
-/// long each time up to this: a capture that is dropping frames is
-/// incomplete anyway, and on cores that forwarding keeps busy every byte
-/// the writer moves is taken from forwarding (its write() holds a core in
-/// these non-preemptive kernels even under SCHED_IDLE). 1 MiB per 32 ms
-/// is still 260 Mbit/s of capture. Once nothing is dropped it drains at
-/// once again.
+/// While its ring overflows hopelessly (it drops more than twice what it
+/// keeps), the writer waits before each drain, twice as long each time up
+/// to this: such a capture is incomplete anyway, and on cores that
+/// forwarding keeps busy every byte the writer moves is taken from
+/// forwarding (its write() holds a core in these non-preemptive kernels
+/// even under SCHED_IDLE). 1 MiB per 32 ms is still 260 Mbit/s of
+/// capture. When it keeps a third or more (a mild overload, or one its
+/// own waits caused), it drains at once again.
 const OVERFLOW_BACKOFF_MAX: Duration = Duration::from_millis(32);
 /// The writer's largest single write, after which it hands the space
 /// back: these kernels do not preempt a thread inside write(), so a
@@ -269,7 +270,10 @@ impl CaptureReader {
             let published = self.ring.published();
             let (frames, bytes) = self.drain(published, &mut sink, &names, &mut interfaces)?;
             let now_dropped = self.stats.dropped.load(Relaxed);
-            backoff = if now_dropped != dropped {
+            // Hopeless (it drops twice what it keeps): back off. A mild
+            // overload, which draining at once would keep up with, or one
+            // the back-off itself caused: drain at once again.
+            backoff = if now_dropped.saturating_sub(dropped) > 2 * frames {
                 (backoff * 2).clamp(BUSY_POLL, OVERFLOW_BACKOFF_MAX)
             } else {
                 Duration::ZERO
