@@ -277,7 +277,10 @@ fn gunzip(input: &Path, file: &File, scratch: &Path, max_bytes: u64) -> Result<F
 pub(super) fn compression(head: &[u8]) -> Option<&'static str> {
     if head.starts_with(&[0x1f, 0x8b]) {
         Some("gzip")
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+        // A zstd stream may open with a skippable frame (0x184D2A5?).
+        || (head.len() >= 4 && head[0] & 0xf0 == 0x50 && head[1..4] == [0x2a, 0x4d, 0x18])
+    {
         Some("zstd")
     } else if head.starts_with(b"BZh") {
         Some("bzip2")
@@ -418,6 +421,14 @@ impl<R: BufRead> Read for ZstdFrames<R> {
                     return Ok(n);
                 }
                 if self.dec.is_finished() {
+                    if let (Some(want), Some(got)) = (
+                        self.dec.get_checksum_from_data(),
+                        self.dec.get_calculated_checksum(),
+                    ) {
+                        if want != got {
+                            return Err(corrupt_zstd("a frame's checksum does not match"));
+                        }
+                    }
                     self.in_frame = false;
                     continue;
                 }
