@@ -3,7 +3,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -108,8 +107,7 @@ impl LabLock {
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(&path)
             .map_err(run_dir_err(&path))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if !crate::ports::sys::flock_exclusive(&file, false).unwrap_or(false) {
             let mut s = String::new();
             let _ = file.read_to_string(&mut s);
             return Err(DaemonError::AlreadyRunning {
@@ -208,6 +206,13 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     make_private_dir(&dir)?;
     let lock = LabLock::acquire(&opts.lab, &dir)?;
     remove_stale(&dir);
+    // Container limits: the daemon's delegated cgroup is made ready before
+    // it has any child (cgroup v2 hands controllers down only from a
+    // cgroup that holds no process).
+    match crate::vmlaunch::container::limits::prepare_daemon() {
+        Ok(d) => tracing::info!("container limits apply: {d:?}"),
+        Err(e) => tracing::info!("container limits will not apply: {e}"),
+    }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

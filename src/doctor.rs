@@ -178,15 +178,16 @@ pub fn check_container_limits() -> Check {
         Ok(Delegation::V2 { base }) => Check::ok(
             NAME,
             format!(
-                "the delegated cgroup v2 {}: container limits apply",
+                "this shell's cgroup v2 {} is delegated: container limits apply in a daemon \
+                 started from here",
                 base.display()
             ),
         ),
         Ok(Delegation::V1 { memory, .. }) => Check::ok(
             NAME,
             format!(
-                "cgroup v1 cgroups owned by this user ({} and the same in cpu and pids): \
-                 container limits apply",
+                "this shell's cgroup v1 cgroups are this user's ({} and the same in cpu and \
+                 pids): container limits apply in a daemon started from here",
                 memory.display()
             ),
         ),

@@ -19,9 +19,9 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use common::containers::{user_or_skip, wait_until, Daemon};
+use common::containers::{skip_unless_root_ci, user_or_skip, wait_until, Daemon};
 use common::unprivileged::TestUser;
-use ulan::vmlaunch::container::limits::{probe, Delegation};
+use ulan::vmlaunch::container::limits::{cgroup2_mount, probe, Delegation};
 
 #[test]
 fn a_container_without_a_delegated_cgroup_runs_and_says_its_limits_were_not_applied() {
@@ -51,6 +51,8 @@ fn a_container_without_a_delegated_cgroup_runs_and_says_its_limits_were_not_appl
 /// handed down; chowned to the user as systemd's `Delegate=yes` does.
 /// Removed when dropped (after the daemon is gone).
 struct Delegated {
+    /// The cgroups' name (the same in every hierarchy).
+    name: String,
     dirs: Vec<PathBuf>,
     procs: Vec<PathBuf>,
 }
@@ -75,6 +77,7 @@ impl Delegated {
             Err(why) => return Err(why),
         };
         let mut made = Delegated {
+            name: name.clone(),
             dirs: Vec::new(),
             procs: Vec::new(),
         };
@@ -153,19 +156,12 @@ fn limits_are_applied_and_enforced_in_a_cgroup_delegated_to_the_test_user() {
     let delegated = match Delegated::make(&user) {
         Ok(d) => d,
         Err(why) => {
-            // SAFETY: getuid cannot fail.
-            let root = unsafe { libc::getuid() } == 0;
-            assert!(
-                !(root && std::env::var_os("CI").is_some()),
-                "cannot make a delegated cgroup under CI: {why}"
-            );
-            ulan::testkit::skipped(format_args!(
+            return skip_unless_root_ci(&format!(
                 "container limit enforcement needs a delegated cgroup: {why}"
-            ));
-            return;
+            ))
         }
     };
-    let d = Daemon::start_in_cgroups(user, &delegated.procs);
+    let d = Daemon::start_in_cgroups(user, &delegated.procs, &delegated.name);
     d.add_sleeper(
         "l",
         &["--memory-mb", "64", "--pids-max", "40", "--cpus", "1"],
@@ -255,17 +251,28 @@ fn limits_are_applied_and_enforced_in_a_cgroup_delegated_to_the_test_user() {
     assert!(err.contains("fork"), "all forks succeeded: {out}{err}");
     assert!(counter(&pids, "pids.events", "max") >= 1);
 
-    // A stop removes the node's cgroups; a start makes them again.
+    // A stop removes the node's cgroups; a start makes new ones (each run
+    // its own, so a start never meets the last run's going away).
     d.ok(&["node", "stop", "l"]);
     wait_until("the cgroups removed", || {
         cgroups.iter().all(|c| !c.exists())
     });
     d.ok(&["node", "start", "l"]);
     wait_until("l running", || d.node("l")["state"] == "running");
-    assert!(cgroups.iter().all(|c| c.exists()));
+    let again: Vec<PathBuf> = d.node("l")["cgroups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| PathBuf::from(c.as_str().unwrap()))
+        .collect();
+    assert_eq!(again.len(), cgroups.len());
+    for c in &again {
+        assert!(c.exists() && !cgroups.contains(c), "{}", c.display());
+    }
+    assert_eq!(read(&with_file(&again, "pids.max"), "pids.max"), "40");
     d.ok(&["node", "stop", "l"]);
     wait_until("the cgroups removed again", || {
-        cgroups.iter().all(|c| !c.exists())
+        again.iter().all(|c| !c.exists())
     });
     drop(d);
     // The daemon's own dirs go with it (v1: `ulan-PID`; v2 leaves its
@@ -278,19 +285,6 @@ fn limits_are_applied_and_enforced_in_a_cgroup_delegated_to_the_test_user() {
             wait_until("the daemon's cgroup dir removed", || !p.exists());
         }
     }
-}
-
-/// The cgroup2 mount: /sys/fs/cgroup on a v2 host, /sys/fs/cgroup/unified
-/// on a hybrid one.
-fn cgroup2_mount() -> Option<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        if post.split_whitespace().next() != Some("cgroup2") {
-            return None;
-        }
-        Some(PathBuf::from(pre.split_whitespace().nth(4)?))
-    })
 }
 
 const V2_BASE: &str = "ULAN_TEST_V2_BASE";
@@ -349,15 +343,8 @@ fn v2_hand_down_as_the_test_user() {
 #[test]
 fn v2_the_daemon_moves_into_its_leaf_and_hands_controllers_down() {
     let Some(user) = user_or_skip() else { return };
-    let skip = |why: String| {
-        // SAFETY: getuid cannot fail.
-        let root = unsafe { libc::getuid() } == 0;
-        assert!(
-            !(root && std::env::var_os("CI").is_some()),
-            "cannot run under CI: {why}"
-        );
-        ulan::testkit::skipped(format_args!("the cgroup v2 delegation test needs {why}"));
-    };
+    let skip =
+        |why: String| skip_unless_root_ci(&format!("the cgroup v2 delegation test needs {why}"));
     // SAFETY: getuid cannot fail.
     if unsafe { libc::getuid() } != 0 {
         return skip("root, to make a cgroup delegated to the test user".into());

@@ -46,7 +46,8 @@ pub fn is_own(id: FileId) -> bool {
     claims().contains_key(&id)
 }
 
-/// A claim on a socket file the switch bound, held as long as the socket.
+/// A claim on a socket file: one the switch bound, held as long as the
+/// socket, or the client socket a port is connected to, held while it is.
 #[derive(Debug)]
 pub struct OwnSocket {
     id: Option<FileId>,

@@ -85,16 +85,22 @@ pub fn subid_user_or_skip() -> Option<SubidUser> {
     match got {
         Ok(s) => Some(s),
         Err(why) => {
-            // SAFETY: getuid cannot fail.
-            let root = unsafe { libc::getuid() } == 0;
-            assert!(
-                !(root && std::env::var_os("CI").is_some()),
-                "cannot run under CI: {why}"
-            );
-            ulan::testkit::skipped(format_args!("the subordinate id test needs {why}"));
+            skip_unless_root_ci(&format!("the subordinate id test needs {why}"));
             None
         }
     }
+}
+
+/// Skips loudly with `what`; a failure under CI as root, where the test
+/// can always make what it needs (accounts, cgroups, ranges).
+pub fn skip_unless_root_ci(what: &str) {
+    // SAFETY: getuid cannot fail.
+    let root = unsafe { libc::getuid() } == 0;
+    assert!(
+        !(root && std::env::var_os("CI").is_some()),
+        "cannot run under CI: {what}"
+    );
+    ulan::testkit::skipped(format_args!("{what}"));
 }
 
 pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -126,16 +132,21 @@ impl Daemon {
         Daemon(super::cli::Daemon::start(cli))
     }
 
-    /// The daemon moved, as soon as it exists, into the cgroups whose
-    /// `cgroup.procs` files are `procs` (written by this process: the test
-    /// runs as root, and cgroup v2 needs the mover to own the common
-    /// ancestor).
-    pub fn start_in_cgroups(user: TestUser, procs: &[PathBuf]) -> Daemon {
+    /// The daemon started in the cgroups whose `cgroup.procs` files are
+    /// `procs` (dirs named `marker`), as a user would start it in a
+    /// delegated scope: a shell as the user waits until this process (root:
+    /// cgroup v2 needs the mover to own the common ancestor) has moved it
+    /// there, then becomes the daemon, which finds itself in them from its
+    /// first instruction.
+    pub fn start_in_cgroups(user: TestUser, procs: &[PathBuf], marker: &str) -> Daemon {
         let cli = CliUser::as_account("ct", user);
+        let script = format!(
+            "until grep -q '{marker}' /proc/self/cgroup; do sleep 0.01; done; exec \"$0\" daemon"
+        );
         Daemon(super::cli::Daemon::start_then(
             cli,
-            env!("CARGO_BIN_EXE_ulan"),
-            &["daemon"],
+            "sh",
+            &["-c", &script, env!("CARGO_BIN_EXE_ulan")],
             |pid| {
                 for p in procs {
                     std::fs::write(p, pid.to_string())

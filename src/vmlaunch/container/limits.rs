@@ -5,12 +5,13 @@
 //!   user scope or unit with `Delegate=yes`). The daemon moves itself into
 //!   a leaf `ulan-daemon` (v2 allows no processes in a cgroup whose
 //!   controllers are handed down), turns memory, cpu and pids on for the
-//!   subtree, and each node run gets `node-PID-NAME` beside that leaf, with
+//!   subtree, and each node run gets `node-PID:LAB:NODE:RUN` beside that
+//!   leaf, with
 //!   `memory.max` (and `memory.swap.max` 0), `cpu.max`, `pids.max`.
 //! - cgroup v1 (and hybrid hosts, where v2 has no controllers): in each of
 //!   the memory, cpu and pids hierarchies the daemon's cgroup is owned by
 //!   the user (an admin made it and chowned it, v1's only delegation). Each
-//!   node run gets `ulan-PID/node-NAME` there, with
+//!   node run gets `ulan-PID/node-LAB:NODE:RUN` there, with
 //!   `memory.limit_in_bytes`, `cpu.cfs_quota_us`, `pids.max`.
 //!
 //! The daemon writes the limits before the holder starts; the holder joins
@@ -98,31 +99,80 @@ fn writable(p: &Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
-/// The cgroup v1 hierarchies' mount points by controller, from
-/// /proc/self/mountinfo text.
-fn v1_mounts(mountinfo: &str) -> Vec<(String, PathBuf)> {
+/// A cgroup file system mounted in this mount namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupMount {
+    /// cgroup2 (else a v1 hierarchy).
+    pub v2: bool,
+    /// A v1 hierarchy's controllers (of those limits need).
+    pub controllers: Vec<String>,
+    /// The cgroup mounted there (not `/` inside a container without a
+    /// cgroup namespace).
+    pub root: String,
+    pub point: PathBuf,
+}
+
+impl CgroupMount {
+    /// The directory of the cgroup at `path` (as /proc/self/cgroup names
+    /// it) under this mount, or None if the mount does not reach it.
+    fn dir_of(&self, path: &str) -> Option<PathBuf> {
+        let rel = if self.root == "/" {
+            path
+        } else {
+            let rest = path.strip_prefix(self.root.as_str())?;
+            if !(rest.is_empty() || rest.starts_with('/')) {
+                return None;
+            }
+            rest
+        };
+        Some(self.point.join(rel.trim_start_matches('/')))
+    }
+}
+
+/// The cgroup file systems in /proc/self/mountinfo text.
+fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
     let mut out = Vec::new();
     for line in mountinfo.lines() {
         let Some((pre, post)) = line.split_once(" - ") else {
             continue;
         };
         let mut post = post.split_whitespace();
-        if post.next() != Some("cgroup") {
-            continue;
-        }
-        let (Some(_src), Some(opts)) = (post.next(), post.next()) else {
+        let v2 = match post.next() {
+            Some("cgroup") => false,
+            Some("cgroup2") => true,
+            _ => continue,
+        };
+        let opts = post.nth(1).unwrap_or("");
+        let mut pre = pre.split_whitespace();
+        let (Some(root), Some(point)) = (pre.nth(3), pre.next()) else {
             continue;
         };
-        let Some(mount) = pre.split_whitespace().nth(4) else {
+        let controllers: Vec<String> = opts
+            .split(',')
+            .filter(|o| CONTROLLERS.contains(o))
+            .map(String::from)
+            .collect();
+        if !v2 && controllers.is_empty() {
             continue;
-        };
-        for o in opts.split(',') {
-            if CONTROLLERS.contains(&o) {
-                out.push((o.to_string(), PathBuf::from(unescape_mount(mount))));
-            }
         }
+        out.push(CgroupMount {
+            v2,
+            controllers,
+            root: unescape_mount(root),
+            point: PathBuf::from(unescape_mount(point)),
+        });
     }
     out
+}
+
+/// Where cgroup2 is mounted here: /sys/fs/cgroup on a v2 host,
+/// /sys/fs/cgroup/unified on a hybrid one.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    cgroup_mounts(&text)
+        .into_iter()
+        .find(|m| m.v2)
+        .map(|m| m.point)
 }
 
 /// Mountinfo escapes space, tab, newline and backslash as octal.
@@ -166,30 +216,42 @@ fn own_paths(cgroup: &str) -> (Vec<(String, String)>, Option<String>) {
     (v1, v2)
 }
 
-/// Finds this process's delegation, read-only (`ulan doctor` and the
-/// daemon alike): `Err` says why there is none.
+/// Finds this process's delegation, read-only: `Err` says why there is
+/// none. (`ulan doctor` asks for its own process, which is where a daemon
+/// started from the same shell would be.)
 pub fn probe() -> Result<Delegation, String> {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup")
         .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
-    let (v1, v2) = own_paths(&cgroup);
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mounts = v1_mounts(&mountinfo);
-    if mounts.is_empty() {
-        return probe_v2(v2.as_deref());
+    probe_in(&cgroup, &mountinfo)
+}
+
+fn probe_in(cgroup: &str, mountinfo: &str) -> Result<Delegation, String> {
+    let (v1, v2) = own_paths(cgroup);
+    let mounts = cgroup_mounts(mountinfo);
+    if !mounts.iter().any(|m| !m.v2) {
+        let Some(m) = mounts.iter().find(|m| m.v2) else {
+            return Err("no cgroup file system is mounted".into());
+        };
+        return probe_v2(m, v2.as_deref());
     }
     let mut dirs = Vec::new();
     let mut missing = Vec::new();
     for c in CONTROLLERS {
-        let mount = mounts.iter().find(|(m, _)| m == c).map(|(_, p)| p);
+        let mount = mounts.iter().find(|m| m.controllers.iter().any(|x| x == c));
         let own = v1.iter().find(|(m, _)| m == c).map(|(_, p)| p);
         match (mount, own) {
-            (Some(m), Some(p)) => dirs.push((c, m.join(p.trim_start_matches('/')))),
+            (Some(m), Some(p)) => match m.dir_of(p) {
+                Some(d) => dirs.push((c, d)),
+                None => missing.push(c),
+            },
             _ => missing.push(c),
         }
     }
     if !missing.is_empty() {
         return Err(format!(
-            "cgroup v1 is mounted, but without the {} controller(s)",
+            "cgroup v1 is mounted, but this process's cgroup of the {} controller(s) is not \
+             reachable here",
             missing.join(", ")
         ));
     }
@@ -205,7 +267,12 @@ pub fn probe() -> Result<Delegation, String> {
             not_ours.join(", ")
         ));
     }
-    let get = |c: &str| dirs.iter().find(|(m, _)| *m == c).unwrap().1.clone();
+    let get = |c: &str| {
+        dirs.iter()
+            .find(|(m, _)| *m == c)
+            .map(|(_, d)| d.clone())
+            .unwrap_or_default()
+    };
     Ok(Delegation::V1 {
         memory: get("memory"),
         cpu: get("cpu"),
@@ -213,11 +280,16 @@ pub fn probe() -> Result<Delegation, String> {
     })
 }
 
-fn probe_v2(path: Option<&str>) -> Result<Delegation, String> {
+fn probe_v2(mount: &CgroupMount, path: Option<&str>) -> Result<Delegation, String> {
     let Some(path) = path else {
         return Err("no cgroup v2 hierarchy (/proc/self/cgroup has no 0:: line)".into());
     };
-    let mut dir = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    let Some(mut dir) = mount.dir_of(path) else {
+        return Err(format!(
+            "this process's cgroup {path} is outside the cgroup2 mounted at {}",
+            mount.point.display()
+        ));
+    };
     // A daemon that has moved into its leaf: the delegation is the parent.
     if dir.file_name().is_some_and(|n| n == DAEMON_LEAF) {
         dir.pop();
@@ -241,12 +313,6 @@ fn probe_v2(path: Option<&str>) -> Result<Delegation, String> {
     Ok(Delegation::V2 { base: dir })
 }
 
-/// Why limits cannot be applied here, or `None` when there is a delegated
-/// cgroup.
-pub fn no_delegation_reason() -> Option<String> {
-    probe().err()
-}
-
 /// The node's warning when its limits were not applied.
 pub fn warning(why: &LimitsError) -> String {
     format!(
@@ -257,8 +323,10 @@ pub fn warning(why: &LimitsError) -> String {
 
 /// The daemon's delegation, made ready once: on v2 the daemon moves into
 /// its leaf and hands the controllers down; stale node cgroups an earlier
-/// daemon left are removed.
-fn prepared() -> Result<&'static Delegation, LimitsError> {
+/// daemon left are removed. `ulan daemon` calls it at start, before it
+/// starts any guest (a child left in the delegated cgroup would make v2
+/// refuse the hand-down); a node start only reads the result.
+pub fn prepare_daemon() -> Result<&'static Delegation, LimitsError> {
     static READY: OnceLock<Result<Delegation, String>> = OnceLock::new();
     READY
         .get_or_init(|| {
@@ -274,9 +342,9 @@ fn prepare(d: &Delegation) -> Result<(), LimitsError> {
     match d {
         Delegation::V2 { base } => {
             hand_down(base, &CONTROLLERS)?;
-            // Node cgroups of daemons that are gone (`node-PID-NAME`).
+            // Node cgroups of daemons that are gone (`node-PID:...`).
             sweep(base, |rest| {
-                rest.split_once('-')
+                rest.split_once(':')
                     .and_then(|(pid, _)| pid.parse::<u32>().ok())
                     .is_some_and(|pid| !alive(pid))
             });
@@ -290,22 +358,29 @@ fn prepare(d: &Delegation) -> Result<(), LimitsError> {
     Ok(())
 }
 
+/// Makes `dir`; one that is there already is fine.
+fn ensure_dir(dir: &Path) -> Result<(), LimitsError> {
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(io_err("cannot make", dir)(e)),
+        _ => Ok(()),
+    }
+}
+
 /// cgroup v2: moves this process into the leaf `ulan-daemon` of `base`
 /// and turns `controllers` on for `base`'s children (v2 refuses that while
-/// `base` itself holds processes).
+/// `base` itself holds processes). Where that is refused, the process goes
+/// back to `base` and the leaf is removed: nothing of ours is left in a
+/// cgroup that is not ours alone.
 pub fn hand_down(base: &Path, controllers: &[&str]) -> Result<(), LimitsError> {
     let leaf = base.join(DAEMON_LEAF);
-    match std::fs::create_dir(&leaf) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-            return Err(io_err("cannot make", &leaf)(e))
-        }
-        _ => {}
-    }
+    ensure_dir(&leaf)?;
     let procs = leaf.join("cgroup.procs");
     std::fs::write(&procs, "0").map_err(io_err("cannot move the daemon into", &procs))?;
     let control = base.join("cgroup.subtree_control");
     let on: Vec<String> = controllers.iter().map(|c| format!("+{c}")).collect();
     std::fs::write(&control, on.join(" ")).map_err(|e| {
+        let _ = std::fs::write(base.join("cgroup.procs"), "0");
+        let _ = std::fs::remove_dir(&leaf);
         LimitsError::NotDelegated(format!(
             "cannot hand the {} controllers down in {} ({e}): other processes share the \
              daemon's cgroup; start the daemon in a cgroup of its own",
@@ -366,17 +441,25 @@ pub struct NodeCgroup {
 }
 
 impl NodeCgroup {
-    /// Makes `node`'s cgroups in this daemon's delegation and writes
-    /// `limits`. `Err(NotDelegated)` where there is no delegation.
-    pub fn create(node: &str, limits: &Limits) -> Result<NodeCgroup, LimitsError> {
-        Self::create_in(prepared()?, node, limits)
+    /// Makes the cgroups of a run of `lab`'s `node` in this daemon's
+    /// delegation and writes `limits`. `Err(NotDelegated)` where there is
+    /// no delegation.
+    pub fn create(lab: &str, node: &str, limits: &Limits) -> Result<NodeCgroup, LimitsError> {
+        Self::create_in(prepare_daemon()?, lab, node, limits)
     }
 
+    /// Each run's cgroups have a name of their own
+    /// (`LAB:NODE:SEQUENCE`; names cannot hold a colon): a run starting
+    /// while the last one's cgroups are still going away never meets them,
+    /// nor do two labs of one process.
     pub fn create_in(
         d: &Delegation,
+        lab: &str,
         node: &str,
         limits: &Limits,
     ) -> Result<NodeCgroup, LimitsError> {
+        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = std::process::id();
         let quota = u64::from(limits.cpus) * CPU_PERIOD_US;
         let pids = limits
@@ -390,7 +473,7 @@ impl NodeCgroup {
             Delegation::V2 { base } => {
                 // Beside the daemon's leaf; the pid tells two daemons
                 // sharing a delegation apart.
-                let dir = made.make(base.join(format!("node-{pid}-{node}")), false)?;
+                let dir = made.make(base.join(format!("node-{pid}:{lab}:{node}:{run}")), false)?;
                 write(&dir, "memory.max", &limits.memory_bytes.to_string())?;
                 // No swap beyond the limit: over it, the kernel's OOM killer
                 // acts, as it would on a machine of that size without swap.
@@ -404,7 +487,7 @@ impl NodeCgroup {
                 pids: p,
             } => {
                 let own = format!("ulan-{pid}");
-                let leaf = format!("node-{node}");
+                let leaf = format!("node-{lab}:{node}:{run}");
                 let m = made.make(memory.join(&own).join(&leaf), true)?;
                 write(
                     &m,
@@ -426,19 +509,22 @@ impl NodeCgroup {
         Ok(made)
     }
 
-    /// Makes `dir` (and its parent, the daemon's `ulan-PID` on v1), fresh:
-    /// one an earlier run left empty is made again.
+    /// Makes `dir` (and its parent, the daemon's `ulan-PID` on v1, which
+    /// another node's end may remove meanwhile: made again then).
     fn make(&mut self, dir: PathBuf, with_parent: bool) -> Result<PathBuf, LimitsError> {
-        if let Some(parent) = dir.parent().filter(|_| with_parent) {
-            match std::fs::create_dir(parent) {
-                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                    return Err(io_err("cannot make", parent)(e))
+        let mut tries = 0;
+        loop {
+            if let Some(parent) = dir.parent().filter(|_| with_parent) {
+                ensure_dir(parent)?;
+            }
+            match std::fs::create_dir(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && with_parent && tries < 3 => {
+                    tries += 1
                 }
-                _ => {}
+                Err(e) => return Err(io_err("cannot make", &dir)(e)),
             }
         }
-        let _ = std::fs::remove_dir(&dir);
-        std::fs::create_dir(&dir).map_err(io_err("cannot make", &dir))?;
         let procs = dir.join("cgroup.procs");
         self.procs.push(
             CString::new(procs.as_os_str().as_bytes())
@@ -539,20 +625,66 @@ mod tests {
 
     #[test]
     fn v1_hierarchies_and_own_paths_are_read_from_proc() {
-        let m = v1_mounts(MOUNTINFO);
+        let m = cgroup_mounts(MOUNTINFO);
+        let v1: Vec<(Vec<String>, PathBuf)> = m
+            .iter()
+            .filter(|m| !m.v2)
+            .map(|m| (m.controllers.clone(), m.point.clone()))
+            .collect();
         assert_eq!(
-            m,
+            v1,
             vec![
-                ("cpu".into(), PathBuf::from("/sys/fs/cgroup/cpu")),
-                ("memory".into(), PathBuf::from("/sys/fs/cgroup/memory")),
-                ("pids".into(), PathBuf::from("/sys/fs/cgroup/pids here")),
+                (vec!["cpu".into()], PathBuf::from("/sys/fs/cgroup/cpu")),
+                (
+                    vec!["memory".into()],
+                    PathBuf::from("/sys/fs/cgroup/memory")
+                ),
+                (
+                    vec!["pids".into()],
+                    PathBuf::from("/sys/fs/cgroup/pids here")
+                ),
             ]
+        );
+        assert_eq!(
+            m.iter().find(|m| m.v2).map(|m| m.point.clone()),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         let (v1, v2) = own_paths("4:memory:/a/b\n2:cpu,cpuacct:/\n9:name=systemd:/\n0::/u\n");
         assert!(v1.contains(&("memory".into(), "/a/b".into())));
         assert!(v1.contains(&("cpu".into(), "/".into())));
         assert!(v1.contains(&("cpuacct".into(), "/".into())));
         assert_eq!(v2.as_deref(), Some("/u"));
+    }
+
+    /// Inside a container without a cgroup namespace a hierarchy is
+    /// mounted from the container's cgroup: its path is not joined twice.
+    #[test]
+    fn a_mount_of_a_cgroup_below_the_root_is_taken_into_account() {
+        let m = CgroupMount {
+            v2: false,
+            controllers: vec!["memory".into()],
+            root: "/docker/abc".into(),
+            point: "/sys/fs/cgroup/memory".into(),
+        };
+        assert_eq!(
+            m.dir_of("/docker/abc"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory"))
+        );
+        assert_eq!(
+            m.dir_of("/docker/abc/x"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/x"))
+        );
+        assert_eq!(m.dir_of("/docker/abcd"), None);
+        assert_eq!(m.dir_of("/other"), None);
+        // A hierarchy that does not reach this process's cgroup is a
+        // reason, not a wrong path.
+        let info = "1 0 0:1 /docker/abc /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
+                    2 0 0:2 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n\
+                    3 0 0:3 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n";
+        let e = probe_in("4:memory:/elsewhere\n2:cpu:/\n3:pids:/\n", info).unwrap_err();
+        assert!(e.contains("memory"), "{e}");
+        let e = probe_in("0::/u\n", "").unwrap_err();
+        assert!(e.contains("no cgroup"), "{e}");
     }
 
     #[test]
@@ -570,7 +702,8 @@ mod tests {
             ":::",
             "0::",
         ] {
-            let _ = v1_mounts(text);
+            let _ = cgroup_mounts(text);
+            let _ = probe_in(text, text);
             let _ = own_paths(text);
             let _ = unescape_mount(text);
         }
@@ -591,9 +724,21 @@ mod tests {
         let base = dir.path().join("v2");
         std::fs::create_dir(&base).unwrap();
         let v2 =
-            NodeCgroup::create_in(&Delegation::V2 { base: base.clone() }, "r1", &limits).unwrap();
+            NodeCgroup::create_in(&Delegation::V2 { base: base.clone() }, "lab", "r1", &limits)
+                .unwrap();
         let d = &v2.dirs()[0].clone();
-        assert_eq!(d, &base.join(format!("node-{}-r1", std::process::id())));
+        assert_eq!(d.parent(), Some(base.as_path()));
+        let name = d.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with(&format!("node-{}:lab:r1:", std::process::id())),
+            "{name}"
+        );
+        // The next run of the node has cgroups of its own, while the last
+        // run's may still be going away.
+        let next =
+            NodeCgroup::create_in(&Delegation::V2 { base: base.clone() }, "lab", "r1", &limits)
+                .unwrap();
+        assert_ne!(next.dirs()[0], *d);
         let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
         assert_eq!(read(d, "memory.max"), (64u64 << 20).to_string());
         assert_eq!(read(d, "cpu.max"), "200000 100000");
@@ -621,13 +766,20 @@ mod tests {
                 cpu: roots[1].clone(),
                 pids: roots[2].clone(),
             },
+            "lab",
             "r1",
             &unlimited,
         )
         .unwrap();
         let own = format!("ulan-{}", std::process::id());
-        let dirs: Vec<PathBuf> = roots.iter().map(|r| r.join(&own).join("node-r1")).collect();
-        assert_eq!(v1.dirs(), &dirs[..]);
+        let dirs: Vec<PathBuf> = v1.dirs().to_vec();
+        assert_eq!(dirs.len(), 3);
+        for (d, r) in dirs.iter().zip(&roots) {
+            assert_eq!(d.parent(), Some(r.join(&own).as_path()));
+            let name = d.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(name.starts_with("node-lab:r1:"), "{name}");
+        }
+
         assert_eq!(
             read(&dirs[0], "memory.limit_in_bytes"),
             (64u64 << 20).to_string()
@@ -637,14 +789,14 @@ mod tests {
         assert_eq!(read(&dirs[2], "pids.max"), "max");
         // Plain directories keep their files: emptied so the drop can
         // remove them, as the kernel's own would be.
-        for c in [&v2.dirs, &v1.dirs] {
+        for c in [&v2.dirs, &v1.dirs, &next.dirs] {
             for d in c.iter() {
                 for f in std::fs::read_dir(d).unwrap() {
                     std::fs::remove_file(f.unwrap().path()).unwrap();
                 }
             }
         }
-        drop((v1, v2));
+        drop((v1, v2, next));
         for d in dirs.iter().chain([d]) {
             assert!(!d.exists(), "{} left", d.display());
         }
@@ -657,6 +809,7 @@ mod tests {
         let base = dir.path().join("missing");
         let e = NodeCgroup::create_in(
             &Delegation::V2 { base: base.clone() },
+            "lab",
             "n",
             &Limits {
                 memory_bytes: 1 << 30,

@@ -272,8 +272,6 @@ impl Lab {
         }
     }
 
-    /// The holder's pid, crun's state dir and the container's id, for a
-    /// running container node.
     /// A running container's crun pid, crun state dir, container id and
     /// the `cgroup.procs` files its processes belong in.
     pub(super) fn container_handle(

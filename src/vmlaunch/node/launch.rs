@@ -138,7 +138,7 @@ impl Lab {
                     message: format!("cannot find the ulan binary for the holder: {e}"),
                 })?;
                 use crate::vmlaunch::container::limits;
-                match limits::NodeCgroup::create(name, &limits::Limits::of(&spec)) {
+                match limits::NodeCgroup::create(self.name(), name, &limits::Limits::of(&spec)) {
                     Ok(c) => cgroup = Some(std::sync::Arc::new(c)),
                     Err(e) => {
                         tracing::warn!(node = name, "container limits not applied: {e}");

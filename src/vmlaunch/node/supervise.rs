@@ -439,9 +439,10 @@ pub(super) async fn supervise(
         (state, reason, st.cgroup.take())
     };
     // Its processes are gone with the holder: the cgroups go too (the
-    // kernel may take a moment to let them, hence off the runtime).
+    // kernel may take a moment to let them, hence off the runtime), before
+    // anyone waiting for the end is told.
     if let Some(c) = cgroup {
-        tokio::task::spawn_blocking(move || drop(c));
+        let _ = tokio::task::spawn_blocking(move || drop(c)).await;
     }
     if state == NodeState::Crashed {
         tracing::warn!(node = %name, "node crashed: {reason}");
