@@ -111,6 +111,8 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 struct Bystanders {
     stop: Arc<AtomicBool>,
     received: Arc<AtomicU64>,
+    /// Frames received each way (a -> b, b -> a).
+    each: Arc<[AtomicU64; 2]>,
     thread: Option<JoinHandle<Result<(u64, u64), String>>>,
 }
 
@@ -118,7 +120,8 @@ impl Bystanders {
     fn start(mut a: VhostFrontend, mut b: VhostFrontend) -> Bystanders {
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicU64::new(0));
-        let (s, r) = (stop.clone(), received.clone());
+        let each = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let (s, r, e) = (stop.clone(), received.clone(), each.clone());
         let thread = std::thread::spawn(move || {
             let mut sent = [0u32; 2];
             let mut got = [0u32; 2];
@@ -149,6 +152,7 @@ impl Bystanders {
                                 }
                                 got[i] = seq + 1;
                                 r.fetch_add(1, Ordering::SeqCst);
+                                e[i].fetch_add(1, Ordering::SeqCst);
                             }
                         }
                     });
@@ -174,6 +178,7 @@ impl Bystanders {
         Bystanders {
             stop,
             received,
+            each,
             thread: Some(thread),
         }
     }
@@ -187,8 +192,13 @@ impl Bystanders {
         );
     }
 
-    /// Stops them; every frame each sent has arrived.
+    /// Stops them once each has moved over 100 frames (a short test on a
+    /// loaded machine may end sooner: the count is about flow, not speed);
+    /// every frame each sent has arrived.
     fn finish(mut self) -> (u64, u64) {
+        wait_for("the bystanders to move over 100 frames each way", || {
+            self.each.iter().all(|n| n.load(Ordering::SeqCst) > 100)
+        });
         self.stop.store(true, Ordering::SeqCst);
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(Ok(sent))) => sent,
